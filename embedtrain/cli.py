@@ -1,0 +1,69 @@
+"""The `embedtrain` command line."""
+
+import sys
+
+import click
+
+from embedtrain.config import ConfigError
+
+
+def fail(message):
+    click.echo(f"embedtrain: error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Train bidirectional Llama embedding models with DeepSpeed, and export them."""
+
+
+@main.command()
+@click.option("--config", "recipe", required=True, metavar="RECIPE_OR_PATH",
+              help="A shipped recipe (tiny, llama3_2_1b, llama_embed_nemotron_8b) or a YAML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set train.lr=1e-5 --set deepspeed.bf16.enabled=false.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder (checkpoints, TensorBoard, resolved config). Default: train.output_dir.")
+def train(recipe, overrides, output_dir):
+    """Train an embedding model.
+
+    \b
+    Single process:  embedtrain train --config tiny --output-dir runs/tiny
+    Multi-rank:      deepspeed --num_gpus 8 launch/train.py --config llama3_2_1b --set data.path=/data/nemotron
+    """
+    from embedtrain.config import load_config
+    from embedtrain.data.nemotron import DataError
+
+    try:
+        config = load_config(recipe, overrides, output_dir)
+        from embedtrain.train.loop import train as run_training
+
+        run_training(config)
+    except (ConfigError, DataError) as err:
+        fail(str(err))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Weight dtype of the exported safetensors.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(checkpoint, out, dtype, overwrite):
+    """Export a run (its latest checkpoint) or a checkpoint step folder to a Hugging Face folder.
+
+    \b
+    Example:  embedtrain export runs/tiny exported/tiny
+    Load it:  AutoModel.from_pretrained("exported/tiny", trust_remote_code=True)
+    """
+    from embedtrain.export import export_checkpoint
+
+    try:
+        path = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))
+    click.echo(f"exported to {path}")
+
+
+if __name__ == "__main__":
+    main()

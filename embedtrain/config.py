@@ -1,0 +1,350 @@
+"""The typed config tree. A run's config = a YAML recipe, then `--set a.b=c` overrides on top.
+
+Every key is declared here with its type and default; an unknown key or a wrong type is an error
+that names the key (with a did-you-mean). One owner per setting: ZeRO stage, offload, precision and
+gradient clipping live in the DeepSpeed JSON named by `deepspeed.config`; `deepspeed.<key>=value`
+overrides a key of that JSON. Everything else lives here.
+"""
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+ASSET_PREFIX = "assets:"
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local checkpoint folder; "assets:NAME" is a folder shipped with embedtrain
+    pooling: str = "avg"  # avg | cls | last | weighted_avg
+    normalize: bool = True
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    padding_side: str = "right"  # right | left (the 8B release pads left)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder of subsets in the embed-nemotron-dataset-v1 layout
+    subsets: list[str] | None = None  # None: every subset folder under path
+    query_max_length: int = 512
+    passage_max_length: int = 512
+    query_prefix: str | None = None  # None: the subset's query_instruction
+    passage_prefix: str | None = None  # None: the subset's passage_instruction
+    pad_to_multiple_of: int = 8
+
+
+@dataclass
+class LossConfig:
+    negatives: str = "group"  # group | local | global
+    hard_negatives: int = 4
+    temperature: float = 0.02
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.01  # not applied to norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 128  # queries per optimizer step, over all ranks
+    micro_batch_size: int = 1  # queries per rank per forward
+    max_steps: int = 1000
+    lr: float = 2e-6
+    seed: int = 0
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    activation_checkpointing: bool = True
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between console lines and TensorBoard points
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # {"config": "zero3.json", ...keys of that JSON to override}
+    deepspeed: dict = field(default_factory=lambda: {"config": "zero3.json"})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A bad recipe, override or DeepSpeed JSON; the message names the key or file."""
+
+
+CHOICES = {
+    "model.pooling": ("avg", "cls", "last", "weighted_avg"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.padding_side": ("right", "left"),
+    "loss.negatives": ("group", "local", "global"),
+    "optim.schedule": ("linear", "cosine", "constant"),
+}
+
+# Top-level keys of a DeepSpeed config that embedtrain lets a recipe or --set touch.
+DEEPSPEED_KEYS = (
+    "config", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "bf16", "fp16", "zero_optimization", "gradient_clipping", "steps_per_print", "wall_clock_breakdown",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer",
+    "data_types", "checkpoint", "flops_profiler", "comms_logger", "zero_force_ds_cpu_optimizer",
+)
+
+
+def did_you_mean(word, options):
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value, annotation, key):
+    """Check (and gently convert) a value against a dataclass field type; errors name the key."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _apply(config, key, value):
+    """Set dotted `key` (e.g. "train.lr" or "deepspeed.bf16.enabled") on the config tree."""
+    parts = key.split(".")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if parts[0] not in sections:
+        raise ConfigError(f"unknown config section {parts[0]!r} in {key!r}{did_you_mean(parts[0], sections)}")
+    if parts[0] == "deepspeed":
+        if len(parts) < 2:
+            if not isinstance(value, dict):
+                raise ConfigError("deepspeed: expected a mapping")
+            for sub_key, sub_value in value.items():
+                _apply(config, f"deepspeed.{sub_key}", sub_value)
+            return
+        if parts[1] not in DEEPSPEED_KEYS:
+            raise ConfigError(f"unknown DeepSpeed key {key!r}{did_you_mean(parts[1], DEEPSPEED_KEYS)}")
+        node = config.deepspeed
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is not a mapping")
+        node[parts[-1]] = value
+        return
+    section = getattr(config, parts[0])
+    if len(parts) == 1:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings")
+        for sub_key, sub_value in value.items():
+            _apply(config, f"{key}.{sub_key}", sub_value)
+        return
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if len(parts) != 2 or parts[1] not in fields:
+        raise ConfigError(f"unknown config key {key!r}{did_you_mean(parts[1], fields)}")
+    hints = typing.get_type_hints(type(section))
+    value = _coerce(value, hints[parts[1]], key)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    setattr(section, parts[1], value)
+
+
+def recipe_path(recipe_or_path):
+    """A shipped recipe name (tiny, llama3_2_1b, ...) or a path to a YAML file."""
+    path = Path(recipe_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        return path
+    shipped = RECIPES_DIR / f"{recipe_or_path}.yaml"
+    if not shipped.is_file():
+        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ConfigError(f"no recipe named {recipe_or_path!r}{did_you_mean(recipe_or_path, names)}; "
+                          f"shipped recipes: {', '.join(names)}")
+    return shipped
+
+
+def parse_override(text):
+    """'a.b=c' -> ('a.b', c) with c parsed as YAML (so 1e-5, true, [1, 2] get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_path(value):
+    """'assets:NAME' -> the folder shipped in embedtrain/assets; other paths as given."""
+    if value.startswith(ASSET_PREFIX):
+        return str(ASSETS_DIR / value[len(ASSET_PREFIX):])
+    return value
+
+
+def load_config(recipe_or_path, overrides=(), output_dir=None):
+    """Build the config: defaults < recipe YAML < --set overrides < --output-dir."""
+    path = recipe_path(recipe_or_path)
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections at the top level")
+    config = Config()
+    for section, values in recipe.items():
+        _apply(config, section, values)
+    for text in overrides:
+        _apply(config, *parse_override(text))
+    if output_dir is not None:
+        config.train.output_dir = str(output_dir)
+    config.model.path = resolve_path(config.model.path)
+    config.data.path = resolve_path(config.data.path)
+    validate(config)
+    return config
+
+
+def validate(config):
+    """Checks that need more than one field; each error names the keys involved."""
+    if not config.model.path:
+        raise ConfigError("model.path is not set (a local Llama checkpoint folder)")
+    if not config.data.path:
+        raise ConfigError("data.path is not set (a folder of subsets in the embed-nemotron-dataset-v1 layout)")
+    positive = {
+        "train.global_batch_size": config.train.global_batch_size,
+        "train.micro_batch_size": config.train.micro_batch_size,
+        "train.max_steps": config.train.max_steps,
+        "loss.temperature": config.loss.temperature,
+        "data.query_max_length": config.data.query_max_length,
+        "data.passage_max_length": config.data.passage_max_length,
+        "logging.every": config.logging.every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if config.loss.hard_negatives < 0:
+        raise ConfigError(f"loss.hard_negatives must be >= 0, got {config.loss.hard_negatives}")
+    if config.loss.negatives == "group" and config.loss.hard_negatives == 0:
+        raise ConfigError("loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)")
+
+
+def batch_layout(config, world_size):
+    """(micro_batch, accumulation_steps) with micro x accumulation x world == global, or an error."""
+    micro, total = config.train.micro_batch_size, config.train.global_batch_size
+    if total % (micro * world_size) != 0:
+        raise ConfigError(
+            f"train.global_batch_size={total} is not divisible by train.micro_batch_size={micro} x "
+            f"world size {world_size}; micro x accumulation x world must equal the global batch"
+        )
+    return micro, total // (micro * world_size)
+
+
+def deepspeed_config_path(name):
+    path = Path(name)
+    for candidate in (path, DS_CONFIGS_DIR / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"deepspeed.config: {name} not found (looked in . and {DS_CONFIGS_DIR})")
+
+
+def _merge(base, overrides):
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _resolve_auto(node, values, where="deepspeed"):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _resolve_auto(value, values, f"{where}.{key}")
+        elif value == "auto":
+            if key not in values:
+                raise ConfigError(f"{where}.{key}: 'auto' has no value that embedtrain can fill in")
+            node[key] = values[key]
+
+
+def deepspeed_config(config, world_size):
+    """The DeepSpeed JSON with recipe overrides merged and "auto" values filled from the recipe."""
+    path = deepspeed_config_path(config.deepspeed.get("config", "zero3.json"))
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from err
+    _merge(ds, {k: v for k, v in config.deepspeed.items() if k != "config"})
+    micro, accumulation = batch_layout(config, world_size)
+    _resolve_auto(ds, {
+        "train_batch_size": config.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+    })
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    if ds.get("optimizer") or ds.get("scheduler"):
+        raise ConfigError(f"{path}: optimizer and scheduler belong to the recipe (optim.*, train.lr), not the DeepSpeed JSON")
+    return ds
+
+
+def precision_dtype(ds_config):
+    """The parameter dtype the DeepSpeed config asks for (the only owner of precision)."""
+    import torch
+
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32

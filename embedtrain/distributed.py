@@ -1,0 +1,133 @@
+"""All distributed code lives here: process-group start-up, rank helpers and the cross-rank
+gathers used by the `global` negative pool.
+
+Gradient semantics of `gather_with_grad`: every rank's loss is the mean over its own queries and
+DeepSpeed averages gradients over ranks, so the optimised objective is the mean over all queries of
+the global batch. A passage on rank r is scored by the queries of every rank, so its gradient is
+the SUM over ranks of d(loss_rank)/d(passage): the backward all-reduces (sums) the gradient of the
+gathered pool and hands each rank its own slice. That equals the 1-rank gradient exactly.
+"""
+
+import datetime
+import os
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes=30):
+    """Join the process group the launcher described (deepspeed, torchrun, srun), or make a
+    1-process group when started as a plain command. Returns (rank, world_size, local_rank)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    _disable_deepspeed_shm_build()
+    # DeepSpeed 0.19 calls a torch API that torch 2.13 deprecates, once per step: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated.*", category=FutureWarning)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _disable_deepspeed_shm_build():
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~35 s, needs gcc) the first
+    time it wraps the process group. On CPU we run on gloo and do not need it; on GPU it is unused."""
+    import importlib
+
+    # importlib: `import deepspeed.comm.torch as m` binds the real torch (deepspeed.comm re-exports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_sizes(length, device, group=None):
+    """Every rank's first-dimension size (ranks may hold uneven batches)."""
+    size = torch.tensor([length], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    return [int(s.item()) for s in sizes]
+
+
+def _gather_uneven(tensor, sizes, group):
+    """all_gather of tensors whose first dimensions differ: pad to the largest, gather, trim."""
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        ctx.rank = dist.get_rank(group)
+        return _gather_uneven(tensor, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad_pool):
+        grad_pool = grad_pool.contiguous()
+        dist.all_reduce(grad_pool, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad_pool[start : start + ctx.sizes[ctx.rank]], None, None
+
+
+def gather_with_grad(tensor, group=None):
+    """Concatenate every rank's `tensor` (first dims may differ) in rank order, keeping gradient.
+
+    Returns (pool, offset): `pool` is the concatenation, `offset` where this rank's rows start.
+    With one process it is the identity.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensor, 0
+    sizes = gather_sizes(tensor.shape[0], tensor.device, group)
+    offset = sum(sizes[: dist.get_rank(group)])
+    return _GatherWithGrad.apply(tensor, sizes, group), offset
+
+
+def gather_no_grad(tensor, group=None):
+    """Concatenate every rank's `tensor` in rank order, without gradient (ids, hashes)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensor
+    sizes = gather_sizes(tensor.shape[0], tensor.device, group)
+    return _gather_uneven(tensor, sizes, group)
+
+
+def all_reduce_mean(value, device):
+    """Mean of a python float over ranks (for logging)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()

@@ -1,0 +1,76 @@
+"""Contrastive losses as pure functions of embeddings. No distributed code here: the caller hands
+in the passage pool (its own passages, or every rank's, gathered with gradient).
+
+Shapes: Q queries, G = 1 + k passages per query (positive first, then k hard negatives),
+P = Q * G local passages, N passages in the pool, D embedding dims.
+"""
+
+import torch
+import torch.nn.functional as F
+
+NEGATIVE_POOLS = ("group", "local", "global")
+
+
+def scores(queries_QD, passages_ND, temperature):
+    """cos(q, p) / tau in fp32. Inputs are unit vectors; bf16 here would quantise logits at tau 0.02."""
+    return queries_QD.float() @ passages_ND.float().T / temperature
+
+
+def group_info_nce(queries_QD, passages_PD, temperature):
+    """InfoNCE over each query's own group only (the llama-embed-nemotron-8b recipe, arXiv 2511.07025):
+
+        loss_i = -log( exp(s(q_i, p_i0)) / sum_j exp(s(q_i, p_ij)) ),  j over the G passages of query i.
+
+    queries_QD: (Q, D); passages_PD: (Q*G, D) grouped per query, positive first. Returns
+    (loss: mean over queries, logits_QG).
+    """
+    q = queries_QD.float()
+    groups_QGD = passages_PD.float().view(q.shape[0], -1, q.shape[-1])
+    logits_QG = torch.einsum("qd,qgd->qg", q, groups_QGD) / temperature
+    targets_Q = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits_QG, targets_Q), logits_QG
+
+
+def pooled_info_nce(queries_QD, pool_ND, targets_Q, temperature, masked_QN=None):
+    """InfoNCE of each query against a shared pool of passages (in-batch negatives):
+
+        loss_i = -log( exp(s(q_i, p_t(i))) / sum_{n not masked} exp(s(q_i, p_n)) ),
+
+    where t(i) = targets_Q[i] is the index of query i's positive in the pool. The pool holds every
+    query's own positive and hard negatives, so the group terms are included. masked_QN (bool) drops
+    pool entries that must not count as negatives (copies of the query's own positive).
+    Returns (loss: mean over the Q queries, logits_QN).
+    """
+    logits_QN = scores(queries_QD, pool_ND, temperature)
+    if masked_QN is not None:
+        logits_QN = logits_QN.masked_fill(masked_QN, float("-inf"))
+    return F.cross_entropy(logits_QN, targets_Q), logits_QN
+
+
+def positive_targets(num_queries, passages_per_query, pool_offset=0, device=None):
+    """Pool index of each query's positive: this rank's passages start at `pool_offset`."""
+    return pool_offset + torch.arange(num_queries, device=device) * passages_per_query
+
+
+def duplicate_positive_mask(positive_hash_Q, pool_hash_N, targets_Q):
+    """True where a pool passage has the same content as the query's positive but is not it.
+
+    Hashes are of (corpus, text), so `d_17` of two subsets never collides while the same text
+    under two ids does.
+    """
+    same_QN = positive_hash_Q[:, None] == pool_hash_N[None, :]
+    same_QN[torch.arange(len(targets_Q), device=targets_Q.device), targets_Q] = False
+    return same_QN
+
+
+def group_accuracy(queries_QD, passages_PD):
+    """Fraction of queries whose positive outscores their own hard negatives (in-group accuracy@1),
+    plus the mean positive and hardest-negative cosine."""
+    with torch.no_grad():
+        q = queries_QD.float()
+        cos_QG = torch.einsum("qd,qgd->qg", q, passages_PD.float().view(q.shape[0], -1, q.shape[-1]))
+        stats = {"accuracy": (cos_QG.argmax(dim=-1) == 0).float().mean(), "sim_positive": cos_QG[:, 0].mean()}
+        if cos_QG.shape[1] > 1:
+            stats["sim_hardest_negative"] = cos_QG[:, 1:].max(dim=-1).values.mean()
+        stats["embedding_std"] = q.std(dim=0).mean()
+        return stats

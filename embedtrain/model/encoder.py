@@ -1,0 +1,103 @@
+"""BiEncoder: a token batch -> L2-normalised fp32 embeddings; plus loading any Llama checkpoint."""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedtrain.model.bidirectional import LlamaBidirectionalConfig, LlamaBidirectionalModel
+from embedtrain.model.pooling import POOLING_MODES, pool
+
+LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
+
+
+class BiEncoder(nn.Module):
+    """Shared-weight encoder for queries and passages.
+
+    forward(input_ids_BL, attention_mask_BL) -> embeddings_BD, fp32, unit length when `normalize`.
+    """
+
+    def __init__(self, backbone, pooling="avg", normalize=True):
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"model.pooling: unknown mode {pooling!r}; expected one of {', '.join(POOLING_MODES)}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def forward(self, input_ids, attention_mask):
+        hidden_BLD = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        embeddings_BD = pool(hidden_BLD, attention_mask, self.pooling)
+        return F.normalize(embeddings_BD, dim=-1) if self.normalize else embeddings_BD
+
+
+def read_llama_config(path):
+    """The checkpoint's config as a LlamaBidirectionalConfig; errors name the path and the problem."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model.path: {path} is not a model folder (no config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model.path: {config_file} is not valid JSON: {err}") from err
+    model_type = raw.get("model_type")
+    if model_type not in LLAMA_MODEL_TYPES:
+        raise ValueError(
+            f"model.path: {path} is not a Llama checkpoint (config.json model_type={model_type!r}; "
+            f"expected one of {', '.join(LLAMA_MODEL_TYPES)})"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"model.path: {path} has a config.json but no weights (*.safetensors or *.bin)")
+    for key in ("auto_map", "architectures", "transformers_version", "dtype", "torch_dtype"):
+        raw.pop(key, None)
+    return LlamaBidirectionalConfig(**raw)
+
+
+def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling=None):
+    """Load a Llama checkpoint folder (LlamaForCausalLM, LlamaModel or an embedtrain export) as a
+    bidirectional backbone. Missing backbone weights are an error, not a random init."""
+    config = read_llama_config(path)
+    if pooling is not None:
+        config.pooling = pooling
+    model, info = LlamaBidirectionalModel.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+    )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"model.path: {path} lacks backbone weights: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return model
+
+
+@torch.no_grad()
+def attention_is_bidirectional(backbone, vocab_size=None, length=8):
+    """True when changing the last token changes the first token's output state.
+
+    A causal model cannot pass: its first position never sees later tokens. Runs on whatever
+    device the backbone's embeddings live on; under ZeRO-3 every rank must call it together.
+    """
+    vocab_size = vocab_size or backbone.config.vocab_size
+    device = backbone.embed_tokens.weight.device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (1, length), generator=generator).to(device)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab_size
+    mask = torch.ones_like(ids)
+    was_training = backbone.training
+    backbone.eval()
+    first = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0].float()
+    first_changed = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[0, 0].float()
+    backbone.train(was_training)
+    return not torch.allclose(first, first_changed, rtol=0, atol=1e-6)
+
+
+def check_bidirectional(backbone):
+    """Start-up self-check: fail loudly rather than train a silently causal model."""
+    if not attention_is_bidirectional(backbone):
+        raise RuntimeError(
+            "attention is causal: changing the last token did not change the first token's output. "
+            "The bidirectional mask was not applied (transformers version or attention backend?)."
+        )

@@ -1,0 +1,74 @@
+"""Build the DeepSpeed engine: model (partitioned at load time under ZeRO-3), activation
+checkpointing, AdamW with no decay on norms and biases, the LR schedule."""
+
+import math
+
+import deepspeed
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+
+from embedtrain.config import precision_dtype
+from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
+
+
+def enable_activation_checkpointing(backbone, use_reentrant=False):
+    """Checkpoint every decoder layer. Non-reentrant only in training: reentrant checkpointing with
+    ZeRO-3 and two encoder forwards before one backward gives silently wrong gradients
+    (NOTES.md section 5); `use_reentrant` exists so a test can show it."""
+    kwargs = {"use_reentrant": use_reentrant}
+    enable = getattr(backbone, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups: matrices decay; norms (1-D) and biases do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 params are flattened placeholders
+        (no_decay if len(shape) < 2 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step, warmup_steps, max_steps, schedule, min_ratio):
+    """Linear warm-up from 0 to 1 over `warmup_steps`, then linear/cosine decay to `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * (1 - progress)
+
+
+def build_encoder(config, dtype, use_reentrant=False):
+    backbone = load_backbone(config.model.path, dtype=dtype, attn_implementation=config.model.attn_implementation,
+                             pooling=config.model.pooling)
+    backbone.config.temperature = config.loss.temperature
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(backbone, use_reentrant=use_reentrant)
+    return BiEncoder(backbone, config.model.pooling, config.model.normalize)
+
+
+def build_engine(config, ds_config, use_reentrant=False):
+    """deepspeed.initialize on the encoder. Under ZeRO-3 the weights are partitioned while they
+    load: HfDeepSpeedConfig must stay alive during from_pretrained (zero.Init directly crashed)."""
+    dtype = precision_dtype(ds_config)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (kept alive on purpose)
+    encoder = build_encoder(config, dtype, use_reentrant)
+    optimizer = torch.optim.AdamW(parameter_groups(encoder, config.optim.weight_decay), lr=config.train.lr,
+                                  betas=tuple(config.optim.betas), eps=config.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+        step, config.optim.warmup_steps, config.train.max_steps, config.optim.schedule, config.optim.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    check_bidirectional(engine.module.backbone)
+    del hf_ds_config
+    engine.train()  # from_pretrained leaves the model in eval mode, which also disables checkpointing
+    return engine

@@ -1,0 +1,138 @@
+"""The training loop: stream -> collate -> encoder -> loss -> DeepSpeed step, with logging and
+checkpoints."""
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from embedtrain import distributed
+from embedtrain.config import batch_layout, deepspeed_config
+from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.nemotron import load_examples
+from embedtrain.data.stream import StepStream
+from embedtrain.losses import (duplicate_positive_mask, group_accuracy, group_info_nce, pooled_info_nce,
+                               positive_targets)
+from embedtrain.train.checkpoint import save_checkpoint, write_base_model
+from embedtrain.train.engine import build_engine
+
+
+def contrastive_loss(encoder, batch, loss_config, device):
+    """Encode one micro-batch and return (loss, stats). Queries and passages share the encoder
+    (a DeepSpeed engine or a plain BiEncoder)."""
+    queries_QD = encoder(batch["query_ids"].to(device), batch["query_mask"].to(device))
+    passages_PD = encoder(batch["passage_ids"].to(device), batch["passage_mask"].to(device))
+    per_query = passages_PD.shape[0] // queries_QD.shape[0]
+    stats = group_accuracy(queries_QD, passages_PD)
+    if loss_config.negatives == "group":
+        loss, _ = group_info_nce(queries_QD, passages_PD, loss_config.temperature)
+        return loss, stats
+    pool_hash_N = batch["passage_hash"].to(device)
+    if loss_config.negatives == "global":
+        pool_ND, offset = distributed.gather_with_grad(passages_PD)
+        pool_hash_N = distributed.gather_no_grad(pool_hash_N)
+    else:
+        pool_ND, offset = passages_PD, 0
+    targets_Q = positive_targets(queries_QD.shape[0], per_query, offset, device)
+    masked_QN = duplicate_positive_mask(batch["positive_hash"].to(device), pool_hash_N, targets_Q)
+    loss, _ = pooled_info_nce(queries_QD, pool_ND, targets_Q, loss_config.temperature, masked_QN)
+    stats["masked_fraction"] = masked_QN.float().mean()
+    stats["negatives_per_query"] = torch.tensor(pool_ND.shape[0] - 1.0) - masked_QN.float().sum(-1).mean()
+    return loss, stats
+
+
+def seed_everything(seed, rank):
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def train(config, on_step=None):
+    """Run training as configured. Returns the engine (tests inspect it). `on_step(step, stats)`
+    is called on every rank after each optimizer step."""
+    rank, world, _ = distributed.init_distributed()
+    ds_config = deepspeed_config(config, world)
+    micro, accumulation = batch_layout(config, world)
+    seed_everything(config.train.seed, rank)
+    # Data first: bad input must fail before the model is loaded and GPUs spin.
+    examples, subsets = load_examples(config.data.path, config.data.subsets, config.loss.hard_negatives)
+    tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
+    collator = Collator(tokenizer, config.data, subsets)
+    stream = StepStream(examples, config.train.global_batch_size, micro, config.train.seed, rank, world)
+
+    run_dir = Path(config.train.output_dir)
+    config_dict = config.to_dict()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    engine = build_engine(config, ds_config)
+    if rank == 0:
+        write_base_model(run_dir, engine.module.backbone.config, tokenizer)
+    writer = make_writer(config, run_dir) if rank == 0 else None
+    if rank == 0:
+        print(f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
+              f"accumulation {accumulation} x world {world}; {len(examples)} examples from "
+              f"{len(subsets)} subset(s); ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}",
+              flush=True)
+
+    window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
+    for step in range(config.train.max_steps):
+        step_stats = {}
+        for micro_examples in stream.micro_batches(step):
+            batch = collator(micro_examples)
+            loss, stats = contrastive_loss(engine, batch, config.loss, engine.device)
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.item() / accumulation
+            window["tokens"] += batch["query_ids"].numel() + batch["passage_ids"].numel()
+            window["real_tokens"] += int(batch["query_mask"].sum() + batch["passage_mask"].sum())
+            for key, value in stats.items():
+                step_stats[key] = step_stats.get(key, 0.0) + float(value) / accumulation
+        window["steps"] += 1
+        step_stats["loss"] = window["loss"] / window["steps"]
+        if on_step is not None:
+            on_step(step, step_stats)
+        if (step + 1) % config.logging.every == 0 or step + 1 == config.train.max_steps:
+            log_window(engine, writer, step, step_stats, window)
+            window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
+        if config.train.save_every and (step + 1) % config.train.save_every == 0 and step + 1 < config.train.max_steps:
+            save_checkpoint(engine, run_dir, step + 1, stream.state(step + 1), config_dict)
+    save_checkpoint(engine, run_dir, config.train.max_steps, stream.state(config.train.max_steps), config_dict)
+    if writer is not None:
+        writer.close()
+    return engine
+
+
+def make_writer(config, run_dir):
+    if not config.logging.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def log_window(engine, writer, step, step_stats, window):
+    """Console line and TensorBoard scalars; all ranks join the reductions, rank 0 writes."""
+    elapsed = time.perf_counter() - window["start"]
+    device = engine.device
+    loss = distributed.all_reduce_mean(window["loss"] / window["steps"], device)
+    tokens_per_s = distributed.all_reduce_mean(window["tokens"], device) * distributed.world_size() / elapsed
+    real_fraction = window["real_tokens"] / max(1, window["tokens"])
+    grad_norm = engine.get_global_grad_norm()
+    scalars = {"train/loss": loss, "train/lr": engine.get_lr()[0], "perf/tokens_per_s": tokens_per_s,
+               "perf/padding_efficiency": real_fraction}
+    if grad_norm is not None:
+        scalars["train/grad_norm"] = float(grad_norm)
+    for key, value in step_stats.items():
+        if key != "loss":
+            scalars[f"train/{key}"] = distributed.all_reduce_mean(value, device)
+    if distributed.is_main_process():
+        print(f"[embedtrain] step {step + 1}: loss {loss:.4f}  acc {scalars.get('train/accuracy', 0):.3f}  "
+              f"lr {scalars['train/lr']:.2e}  {tokens_per_s:,.0f} tok/s", flush=True)
+        if writer is not None:
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, step + 1)
+            writer.flush()

@@ -1,0 +1,93 @@
+"""Gradient parity worker: W-rank DeepSpeed gradients vs a plain 1-process PyTorch step.
+
+    torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global
+    python tests/workers/grad_parity.py --out r.json --reentrant      # 1 rank, reentrant checkpointing
+
+Every rank runs DeepSpeed on its share of global batch 0 and reads the full gradient of every
+parameter before the optimizer step; every rank also runs the plain reference on the whole global
+batch (micro-batch W x B, no DeepSpeed, no checkpointing). Rank 0 writes the worst relative error.
+"""
+
+import argparse
+import json
+import tempfile
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from embedtrain import distributed
+from embedtrain.config import deepspeed_config, load_config
+from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.nemotron import load_examples
+from embedtrain.data.stream import StepStream
+from embedtrain.train.engine import build_encoder, build_engine
+from embedtrain.train.loop import contrastive_loss
+
+
+def detached_gather(tensor, group=None):
+    """The scheme the test must reject: gather without grad, put the local slice back."""
+    pool = distributed.gather_no_grad(tensor.detach(), group)
+    sizes = distributed.gather_sizes(tensor.shape[0], tensor.device, group)
+    offset = sum(sizes[: distributed.rank()])
+    return torch.cat([pool[:offset], tensor, pool[offset + tensor.shape[0]:]]), offset
+
+
+def relative_errors(grads, reference):
+    errors = {}
+    for name, ref in reference.items():
+        errors[name] = float((grads[name] - ref).norm() / ref.norm().clamp(min=1e-12))
+    return errors
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--negatives", default="group")
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--stage", type=int, default=3)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--reentrant", action="store_true")
+    parser.add_argument("--detached", action="store_true")
+    args = parser.parse_args()
+
+    rank, world, _ = distributed.init_distributed()
+    global_batch = world * args.micro * args.accumulation
+    overrides = [f"train.micro_batch_size={args.micro}", f"train.global_batch_size={global_batch}",
+                 f"loss.negatives={args.negatives}", "deepspeed.bf16.enabled=false",
+                 f"deepspeed.zero_optimization.stage={args.stage}",
+                 f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}"]
+    config = load_config("tiny", overrides, output_dir=tempfile.mkdtemp())
+    torch.manual_seed(0)
+    examples, subsets = load_examples(config.data.path, None, config.loss.hard_negatives)
+    collator = Collator(load_tokenizer(config.model.path), config.data, subsets)
+    if args.detached:
+        distributed.gather_with_grad = detached_gather
+
+    engine = build_engine(config, deepspeed_config(config, world), use_reentrant=args.reentrant)
+    losses = []
+    for micro in StepStream(examples, global_batch, args.micro, 0, rank, world).micro_batches(0):
+        loss, _ = contrastive_loss(engine, collator(micro), config.loss, engine.device)
+        engine.backward(loss)
+        losses.append(loss.item())
+    grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
+    ds_loss = distributed.all_reduce_mean(sum(losses) / len(losses), engine.device)
+
+    config.train.activation_checkpointing = False
+    config.loss.negatives = "local" if args.negatives == "global" else args.negatives
+    reference = build_encoder(config, torch.float32)
+    ref_loss = 0.0
+    for micro in StepStream(examples, global_batch, world * args.micro, 0, 0, 1).micro_batches(0):
+        loss, _ = contrastive_loss(reference, collator(micro), config.loss, "cpu")
+        (loss / args.accumulation).backward()
+        ref_loss += loss.item() / args.accumulation
+    errors = relative_errors(grads, {n: p.grad for n, p in reference.named_parameters()})
+    if rank == 0:
+        worst = max(errors, key=errors.get)
+        with open(args.out, "w") as f:
+            json.dump({"ds_loss": ds_loss, "ref_loss": ref_loss, "max_rel_error": errors[worst],
+                       "worst_param": worst, "world": world}, f)
+
+
+if __name__ == "__main__":
+    main()
