@@ -26,6 +26,6 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "sentence-transformers"]},
+    extras_require={"test": ["pytest", "sentence-transformers"]},
     entry_points={"console_scripts": ["embedtrain=embedtrain.cli:main"]},
 )

@@ -33,13 +33,14 @@ def train(recipe, overrides, output_dir):
     """
     from embedtrain.config import load_config
     from embedtrain.data.nemotron import DataError
+    from embedtrain.model.encoder import ModelError
 
     try:
         config = load_config(recipe, overrides, output_dir)
         from embedtrain.train.loop import train as run_training
 
         run_training(config)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ModelError) as err:
         fail(str(err))
 
 

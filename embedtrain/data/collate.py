@@ -5,6 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from embedtrain.data.nemotron import content_hash
+from embedtrain.model.encoder import ModelError
 
 
 def load_tokenizer(path, padding_side="right"):
@@ -12,7 +13,7 @@ def load_tokenizer(path, padding_side="right"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"model.path: the tokenizer in {path} has neither a pad nor an eos token")
+            raise ModelError(f"model.path: the tokenizer in {path} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer

@@ -13,6 +13,10 @@ from embedtrain.model.pooling import POOLING_MODES, pool
 LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
 
 
+class ModelError(ValueError):
+    """A model folder that is not a usable Llama checkpoint; the message names the path."""
+
+
 class BiEncoder(nn.Module):
     """Shared-weight encoder for queries and passages.
 
@@ -38,19 +42,19 @@ def read_llama_config(path):
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"model.path: {path} is not a model folder (no config.json)")
+        raise ModelError(f"model.path: {path} is not a model folder (no config.json)")
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"model.path: {config_file} is not valid JSON: {err}") from err
+        raise ModelError(f"model.path: {config_file} is not valid JSON: {err}") from err
     model_type = raw.get("model_type")
     if model_type not in LLAMA_MODEL_TYPES:
-        raise ValueError(
+        raise ModelError(
             f"model.path: {path} is not a Llama checkpoint (config.json model_type={model_type!r}; "
             f"expected one of {', '.join(LLAMA_MODEL_TYPES)})"
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ValueError(f"model.path: {path} has a config.json but no weights (*.safetensors or *.bin)")
+        raise ModelError(f"model.path: {path} has a config.json but no weights (*.safetensors or *.bin)")
     for key in ("auto_map", "architectures", "transformers_version", "dtype", "torch_dtype"):
         raw.pop(key, None)
     return LlamaBidirectionalConfig(**raw)
@@ -67,7 +71,7 @@ def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling
     )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise ValueError(f"model.path: {path} lacks backbone weights: {', '.join(missing[:5])}"
+        raise ModelError(f"model.path: {path} lacks backbone weights: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return model
 

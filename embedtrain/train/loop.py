@@ -16,6 +16,7 @@ from embedtrain.data.nemotron import load_examples
 from embedtrain.data.stream import StepStream
 from embedtrain.losses import (duplicate_positive_mask, group_accuracy, group_info_nce, pooled_info_nce,
                                positive_targets)
+from embedtrain.model.encoder import read_llama_config
 from embedtrain.train.checkpoint import save_checkpoint, write_base_model
 from embedtrain.train.engine import build_engine
 
@@ -57,7 +58,8 @@ def train(config, on_step=None):
     ds_config = deepspeed_config(config, world)
     micro, accumulation = batch_layout(config, world)
     seed_everything(config.train.seed, rank)
-    # Data first: bad input must fail before the model is loaded and GPUs spin.
+    # Bad input must fail before the model is loaded and GPUs spin: the model folder, then the data.
+    read_llama_config(config.model.path)
     examples, subsets = load_examples(config.data.path, config.data.subsets, config.loss.hard_negatives)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
     collator = Collator(tokenizer, config.data, subsets)

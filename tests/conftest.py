@@ -1,0 +1,51 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "embedtrain" / "assets"
+WORKERS = REPO / "tests" / "workers"
+
+
+def worker_env(threads=1):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
+               TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_ranks(args, nproc=1, timeout=300, check=True):
+    """Run `args` (a script and its arguments) on `nproc` CPU ranks (torchrun + gloo), with a timeout."""
+    if nproc == 1:
+        command = [sys.executable, *map(str, args)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def run_worker(name, out, *args, nproc=1, timeout=300, check=True):
+    result = run_ranks([WORKERS / name, "--out", out, *args], nproc=nproc, timeout=timeout, check=check)
+    if Path(out).exists():
+        return json.loads(Path(out).read_text()), result
+    return None, result
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return ASSETS / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def demo_data():
+    return ASSETS / "demo-data"

@@ -1,0 +1,80 @@
+"""The commands a user types: the tiny recipe trains and the loss falls, export loads in
+transformers, and bad input stops before training with a message that names the culprit."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, worker_env
+from embedtrain.model import BiEncoder, load_backbone
+from test_training import embed_with_transformers
+
+
+def embedtrain(*args, timeout=400):
+    return subprocess.run([sys.executable, "-m", "embedtrain.cli", *map(str, args)], cwd=REPO,
+                          env=worker_env(threads=2), capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_recipe_trains_then_exports(tmp_path):
+    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-4000:]
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", run.stdout)]
+    assert len(losses) == 10
+    assert losses[-1] < 0.6 * losses[0], losses  # the loss visibly falls
+
+    exported = embedtrain("export", tmp_path / "run", tmp_path / "out")
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    again = embedtrain("export", tmp_path / "run", tmp_path / "out")
+    assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
+
+    texts = ["Instruct: Given a claim, retrieve documents\nQuery: Shilin Linlofo is a chemist.", "d"]
+    from_transformers, _ = embed_with_transformers(tmp_path / "out", texts)
+    native = BiEncoder(load_backbone(tmp_path / "out")).eval()
+    from embedtrain.data.collate import load_tokenizer
+
+    batch = load_tokenizer(tmp_path / "out")(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(native(batch["input_ids"], batch["attention_mask"]), from_transformers,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.lrr=1"], "unknown config key 'train.lrr' \\(did you mean 'lr'\\?\\)"),
+    (["--set", "model.path=/nonexistent"], "model.path: /nonexistent is not a model folder"),
+    (["--set", "data.path=/nonexistent"], "data.path: /nonexistent is not a folder"),
+])
+def test_bad_input_stops_before_training(tmp_path, args, message):
+    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", *args)
+    assert run.returncode == 2
+    assert re.search(message, run.stderr), run.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dataset_missing_a_column_stops_before_training(tmp_path, demo_data):
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    path = data / "SciFact" / "corpus.parquet"
+    pq.write_table(pq.read_table(path).drop(["text"]), path)
+    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set", f"data.path={data}")
+    assert run.returncode == 2 and "SciFact" in run.stderr and "lacks column(s) text" in run.stderr
+
+
+def test_a_non_llama_model_stops_before_training(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run",
+                     "--set", f"model.path={tmp_path / 'bert'}")
+    assert run.returncode == 2 and "is not a Llama checkpoint (config.json model_type='bert'" in run.stderr
+
+
+@pytest.mark.parametrize("command, example", [("train", "embedtrain train --config tiny"),
+                                              ("export", "embedtrain export runs/tiny")])
+def test_help_has_examples(command, example):
+    run = embedtrain(command, "--help")
+    assert run.returncode == 0 and example in run.stdout

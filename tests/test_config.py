@@ -1,0 +1,88 @@
+"""Every shipped recipe and ds_config loads and validates; bad keys and values fail by name."""
+
+import json
+
+import pytest
+
+from embedtrain.config import (DS_CONFIGS_DIR, RECIPES_DIR, ConfigError, batch_layout, deepspeed_config,
+                               load_config)
+
+PATHS = ["model.path=/models/x", "data.path=/data/x"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_shipped_recipe_loads(recipe):
+    config = load_config(recipe, PATHS)
+    micro, accumulation = batch_layout(config, 1)
+    assert micro * accumulation == config.train.global_batch_size
+    assert deepspeed_config(config, 1)["train_batch_size"] == config.train.global_batch_size
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DS_CONFIGS_DIR.glob("*.json")))
+def test_every_ds_config_resolves(name):
+    config = load_config("tiny", [f"deepspeed.config={name}"])
+    ds = deepspeed_config(config, 2)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == ds["train_batch_size"]
+
+
+def test_recipe_values_from_the_notes():
+    eight_b = load_config("llama_embed_nemotron_8b", PATHS)
+    assert (eight_b.loss.temperature, eight_b.train.lr, eight_b.train.global_batch_size) == (0.02, 2e-6, 128)
+    assert (eight_b.loss.negatives, eight_b.loss.hard_negatives, eight_b.model.pooling) == ("group", 4, "avg")
+    one_b = load_config("llama3_2_1b", PATHS)
+    assert (one_b.train.lr, one_b.data.query_prefix, one_b.data.passage_prefix) == (5e-6, "query:", "passage:")
+
+
+def test_overrides_are_typed():
+    config = load_config("tiny", ["train.lr=1e-5", "train.max_steps=7", "data.subsets=[FEVER]",
+                                  "deepspeed.bf16.enabled=false", "loss.negatives=local"])
+    assert config.train.lr == 1e-5 and config.train.max_steps == 7 and config.data.subsets == ["FEVER"]
+    assert deepspeed_config(config, 1)["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=1e-5", "unknown config key 'train.learning_rate'"),
+    ("train.lrr=1e-5", "did you mean 'lr'"),
+    ("trian.lr=1e-5", "unknown config section 'trian'.*did you mean 'train'"),
+    ("train.max_steps=ten", "train.max_steps: expected an integer"),
+    ("model.pooling=max", "model.pooling: 'max' is not one of avg, cls, last, weighted_avg"),
+    ("loss.negatives=everything", "loss.negatives: 'everything' is not one of group, local, global"),
+    ("deepspeed.bf17.enabled=true", "unknown DeepSpeed key.*did you mean 'bf16'"),
+    ("train.global_batch_size=-4", "train.global_batch_size must be positive"),
+    ("train.lr", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_batch_sizes_must_divide():
+    config = load_config("tiny", ["train.global_batch_size=16", "train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="global_batch_size=16 is not divisible by train.micro_batch_size=3"):
+        batch_layout(config, 1)
+    config = load_config("tiny", ["train.global_batch_size=16", "train.micro_batch_size=8"])
+    assert batch_layout(config, 2) == (8, 1)
+    with pytest.raises(ConfigError, match="world size 4"):
+        batch_layout(config, 4)
+
+
+def test_unknown_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no recipe named 'tinny'.*did you mean 'tiny'"):
+        load_config("tinny")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochs'"):
+        load_config(str(unknown), PATHS)
+
+
+def test_optimizer_in_ds_json_is_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
+    config = load_config("tiny", [f"deepspeed.config={ds}"])
+    with pytest.raises(ConfigError, match="optimizer and scheduler belong to the recipe"):
+        deepspeed_config(config, 1)
