@@ -47,6 +47,8 @@ class LossConfig:
     negatives: str = "group"  # group | local | global
     hard_negatives: int = 4
     temperature: float = 0.02
+    query_negatives: bool = False  # local/global pools: other queries are negatives too
+    gather_group_size: int = 0  # global pool: ranks per gather group (e.g. GPUs per node); 0 = world
 
 
 @dataclass

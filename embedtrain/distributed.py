@@ -53,12 +53,26 @@ def _disable_deepspeed_shm_build():
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+def rank(group=None):
+    return dist.get_rank(group) if dist.is_initialized() else 0
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+def world_size(group=None):
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def negatives_group(group_size):
+    """The process group whose passages form the `global` pool: the whole world (size 0), or
+    consecutive blocks of `group_size` ranks (e.g. the GPUs of one node). Every rank must call it."""
+    world = world_size()
+    if group_size in (0, world):
+        return None
+    if group_size < 0 or world % group_size:
+        from embedtrain.config import ConfigError
+
+        raise ConfigError(f"loss.gather_group_size={group_size} must divide the world size {world}")
+    group, _ = dist.new_subgroups(group_size=group_size)
+    return group
 
 
 def is_main_process():

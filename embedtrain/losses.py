@@ -72,5 +72,5 @@ def group_accuracy(queries_QD, passages_PD):
         stats = {"accuracy": (cos_QG.argmax(dim=-1) == 0).float().mean(), "sim_positive": cos_QG[:, 0].mean()}
         if cos_QG.shape[1] > 1:
             stats["sim_hardest_negative"] = cos_QG[:, 1:].max(dim=-1).values.mean()
-        stats["embedding_std"] = q.std(dim=0).mean()
+        stats["embedding_std"] = q.std(dim=0, correction=0).mean()
         return stats

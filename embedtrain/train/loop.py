@@ -14,35 +14,10 @@ from embedtrain.config import batch_layout, deepspeed_config
 from embedtrain.data.collate import Collator, load_tokenizer
 from embedtrain.data.nemotron import load_examples
 from embedtrain.data.stream import StepStream
-from embedtrain.losses import (duplicate_positive_mask, group_accuracy, group_info_nce, pooled_info_nce,
-                               positive_targets)
 from embedtrain.model.encoder import read_llama_config
 from embedtrain.train.checkpoint import save_checkpoint, write_base_model
 from embedtrain.train.engine import build_engine
-
-
-def contrastive_loss(encoder, batch, loss_config, device):
-    """Encode one micro-batch and return (loss, stats). Queries and passages share the encoder
-    (a DeepSpeed engine or a plain BiEncoder)."""
-    queries_QD = encoder(batch["query_ids"].to(device), batch["query_mask"].to(device))
-    passages_PD = encoder(batch["passage_ids"].to(device), batch["passage_mask"].to(device))
-    per_query = passages_PD.shape[0] // queries_QD.shape[0]
-    stats = group_accuracy(queries_QD, passages_PD)
-    if loss_config.negatives == "group":
-        loss, _ = group_info_nce(queries_QD, passages_PD, loss_config.temperature)
-        return loss, stats
-    pool_hash_N = batch["passage_hash"].to(device)
-    if loss_config.negatives == "global":
-        pool_ND, offset = distributed.gather_with_grad(passages_PD)
-        pool_hash_N = distributed.gather_no_grad(pool_hash_N)
-    else:
-        pool_ND, offset = passages_PD, 0
-    targets_Q = positive_targets(queries_QD.shape[0], per_query, offset, device)
-    masked_QN = duplicate_positive_mask(batch["positive_hash"].to(device), pool_hash_N, targets_Q)
-    loss, _ = pooled_info_nce(queries_QD, pool_ND, targets_Q, loss_config.temperature, masked_QN)
-    stats["masked_fraction"] = masked_QN.float().mean()
-    stats["negatives_per_query"] = torch.tensor(pool_ND.shape[0] - 1.0) - masked_QN.float().sum(-1).mean()
-    return loss, stats
+from embedtrain.train.step import contrastive_loss
 
 
 def seed_everything(seed, rank):
@@ -52,8 +27,8 @@ def seed_everything(seed, rank):
 
 
 def train(config, on_step=None):
-    """Run training as configured. Returns the engine (tests inspect it). `on_step(step, stats)`
-    is called on every rank after each optimizer step."""
+    """Run training as configured. Returns the engine (tests inspect it). `on_step(step, stats,
+    examples)` is called on every rank after each optimizer step with that rank's examples."""
     rank, world, _ = distributed.init_distributed()
     ds_config = deepspeed_config(config, world)
     micro, accumulation = batch_layout(config, world)
@@ -70,6 +45,7 @@ def train(config, on_step=None):
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config)
     if rank == 0:
         write_base_model(run_dir, engine.module.backbone.config, tokenizer)
@@ -83,9 +59,10 @@ def train(config, on_step=None):
     window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
     for step in range(config.train.max_steps):
         step_stats = {}
-        for micro_examples in stream.micro_batches(step):
+        micro_batches = stream.micro_batches(step)
+        for micro_examples in micro_batches:
             batch = collator(micro_examples)
-            loss, stats = contrastive_loss(engine, batch, config.loss, engine.device)
+            loss, stats = contrastive_loss(engine, batch, config.loss, engine.device, group)
             engine.backward(loss)
             engine.step()
             window["loss"] += loss.item() / accumulation
@@ -96,7 +73,7 @@ def train(config, on_step=None):
         window["steps"] += 1
         step_stats["loss"] = window["loss"] / window["steps"]
         if on_step is not None:
-            on_step(step, step_stats)
+            on_step(step, step_stats, micro_batches)
         if (step + 1) % config.logging.every == 0 or step + 1 == config.train.max_steps:
             log_window(engine, writer, step, step_stats, window)
             window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}

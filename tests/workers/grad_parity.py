@@ -21,7 +21,7 @@ from embedtrain.data.collate import Collator, load_tokenizer
 from embedtrain.data.nemotron import load_examples
 from embedtrain.data.stream import StepStream
 from embedtrain.train.engine import build_encoder, build_engine
-from embedtrain.train.loop import contrastive_loss
+from embedtrain.train.step import contrastive_loss
 
 
 def detached_gather(tensor, group=None):
@@ -49,12 +49,14 @@ def main():
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--reentrant", action="store_true")
     parser.add_argument("--detached", action="store_true")
+    parser.add_argument("--query-negatives", action="store_true")
     args = parser.parse_args()
 
     rank, world, _ = distributed.init_distributed()
     global_batch = world * args.micro * args.accumulation
     overrides = [f"train.micro_batch_size={args.micro}", f"train.global_batch_size={global_batch}",
-                 f"loss.negatives={args.negatives}", "deepspeed.bf16.enabled=false",
+                 f"loss.negatives={args.negatives}", f"loss.query_negatives={str(args.query_negatives).lower()}",
+                 "deepspeed.bf16.enabled=false",
                  f"deepspeed.zero_optimization.stage={args.stage}",
                  f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}"]
     config = load_config("tiny", overrides, output_dir=tempfile.mkdtemp())

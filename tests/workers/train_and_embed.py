@@ -11,6 +11,7 @@ import json
 import math
 
 import torch
+import torch.distributed as dist
 
 from embedtrain.config import load_config
 from embedtrain.data.collate import load_tokenizer
@@ -29,8 +30,16 @@ def main():
     args = parser.parse_args()
     config = load_config("tiny", [f"train.max_steps={args.steps}", "train.save_every=2", "logging.every=1",
                                   *args.overrides], output_dir=args.run_dir)
-    losses = []
-    engine = train(config, on_step=lambda step, stats: losses.append(stats["loss"]))
+    losses, batches = [], []
+
+    def record(step, stats, micro_batches):
+        losses.append(stats["loss"])
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, [[e.query for e in micro] for micro in micro_batches])
+        # global order: micro-batch m of rank 0, of rank 1, ...; then micro-batch m + 1
+        batches.append([q for m in range(len(every_rank[0])) for ranks in every_rank for q in ranks[m]])
+
+    engine = train(config, on_step=record)
     world = engine.world_size
     partitioned = all(p.ds_tensor.numel() <= math.ceil(p.ds_numel / world) for p in engine.module.parameters())
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
@@ -40,7 +49,7 @@ def main():
         embeddings = engine(batch["input_ids"], batch["attention_mask"])
     if engine.global_rank == 0:
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "world": world, "partitioned": partitioned,
+            json.dump({"losses": losses, "batches": batches, "world": world, "partitioned": partitioned,
                        "texts": TEXTS, "embeddings": embeddings.tolist()}, f)
 
 
