@@ -37,11 +37,39 @@ def train(recipe, overrides, output_dir):
 
     try:
         config = load_config(recipe, overrides, output_dir)
+        from embedtrain import distributed
         from embedtrain.train.loop import train as run_training
 
         run_training(config)
+        distributed.shutdown()
     except (ConfigError, DataError, ModelError) as err:
         fail(str(err))
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--subset", "subsets", multiple=True, help="Prepare only this subset (repeatable). Default: all.")
+@click.option("--skip-bad-rows", is_flag=True,
+              help="Leave out bad rows instead of failing; each one is listed in OUT/skipped_rows.jsonl.")
+@click.option("--workers", type=int, default=None, help="Parallel processes (one subset each). Default: cores.")
+@click.option("--shard-mb", type=int, default=256, show_default=True, help="Target size of one Arrow shard.")
+def prepare(src, out, subsets, skip_bad_rows, workers, shard_mb):
+    """Validate a local copy of nvidia/embed-nemotron-dataset-v1 and write Arrow shards + manifest.
+
+    \b
+    Example:  embedtrain prepare /data/embed-nemotron-dataset-v1 /data/prepared
+    Then:     embedtrain train --config llama3_2_1b --set data.path=/data/prepared ...
+    """
+    from embedtrain.data.nemotron import DataError
+    from embedtrain.data.prepare import prepare as run_prepare
+
+    try:
+        manifest = run_prepare(src, out, subsets or None, skip_bad_rows, workers, shard_mb)
+    except DataError as err:
+        fail(str(err))
+    total = sum(s["num_queries"] for s in manifest["subsets"].values())
+    click.echo(f"prepared {total:,} queries from {len(manifest['subsets'])} subset(s) into {out}")
 
 
 @main.command()

@@ -40,6 +40,12 @@ class DataConfig:
     query_prefix: str | None = None  # None: the subset's query_instruction
     passage_prefix: str | None = None  # None: the subset's passage_instruction
     pad_to_multiple_of: int = 8
+    mixing: str = "proportional"  # proportional | temperature | single_subset
+    mixing_temperature: float = 1.0  # temperature/single_subset: P(subset) ~ n^(1/T)
+    subset_weights: dict | None = None  # explicit {subset: weight}, instead of the temperature rule
+    length_bucketing: bool = False  # sort each global batch by length before cutting micro-batches
+    num_workers: int = 1  # DataLoader worker processes per rank
+    prepared_path: str | None = None  # where a raw data.path is prepared; default <run>/prepared
 
 
 @dataclass
@@ -104,6 +110,7 @@ CHOICES = {
     "model.padding_side": ("right", "left"),
     "loss.negatives": ("group", "local", "global"),
     "optim.schedule": ("linear", "cosine", "constant"),
+    "data.mixing": ("proportional", "temperature", "single_subset"),
 }
 
 # Top-level keys of a DeepSpeed config that embedtrain lets a recipe or --set touch.
@@ -275,6 +282,10 @@ def validate(config):
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {config.data.num_workers}")
+    if config.loss.gather_group_size < 0:
+        raise ConfigError(f"loss.gather_group_size must be >= 0, got {config.loss.gather_group_size}")
     if config.loss.hard_negatives < 0:
         raise ConfigError(f"loss.hard_negatives must be >= 0, got {config.loss.hard_negatives}")
     if config.loss.negatives == "group" and config.loss.hard_negatives == 0:

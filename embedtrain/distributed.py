@@ -79,6 +79,32 @@ def is_main_process():
     return rank() == 0
 
 
+def run_on_main(function):
+    """Run `function` on rank 0 only; every rank then returns its result or raises its error (so a
+    failure on rank 0 stops all ranks instead of leaving them waiting in a collective)."""
+    outcome = (None, None)
+    if rank() == 0:
+        try:
+            outcome = (function(), None)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            outcome = (None, err)
+    if world_size() > 1:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def shutdown():
+    """Leave the process group cleanly: all ranks meet, then the group is destroyed (a process
+    that exits with live gloo threads can abort with 'terminate called without an active exception')."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

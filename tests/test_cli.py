@@ -78,3 +78,20 @@ def test_a_non_llama_model_stops_before_training(tmp_path):
 def test_help_has_examples(command, example):
     run = embedtrain(command, "--help")
     assert run.returncode == 0 and example in run.stdout
+
+
+def test_prepare_command_reports_bad_rows_and_exits_nonzero(tmp_path, demo_data):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    path = data / "SciFact" / "queries.parquet"
+    table_rows = pq.read_table(path).to_pylist()
+    table_rows[4]["pos_doc"] = []
+    pq.write_table(pa.Table.from_pylist(table_rows, schema=pq.read_schema(path)), path)
+    run = embedtrain("prepare", data, tmp_path / "out")
+    assert run.returncode == 2 and "SciFact: " in run.stderr and "row 4: empty pos_doc" in run.stderr
+    run = embedtrain("prepare", data, tmp_path / "out", "--skip-bad-rows")
+    assert run.returncode == 0 and "prepared 999 queries from 3 subset(s)" in run.stdout
+    assert (tmp_path / "out" / "skipped_rows.jsonl").read_text().count("\n") == 1

@@ -1,4 +1,4 @@
-"""The dataset reader, collation and the (step, rank) batch order."""
+"""prepare -> shards -> stream -> collate on data in the real layout."""
 
 import json
 import shutil
@@ -6,11 +6,14 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from embedtrain.config import load_config
 from embedtrain.data.collate import Collator, load_tokenizer
-from embedtrain.data.nemotron import DataError, load_examples
-from embedtrain.data.stream import StepStream, global_batch
+from embedtrain.data.nemotron import DataError
+from embedtrain.data.prepare import prepare
+from embedtrain.data.shards import PreparedDataset
+from embedtrain.data.stream import Sampler, StepBatches, rank_micro_batches
 
 
 @pytest.fixture
@@ -19,105 +22,192 @@ def data_copy(tmp_path, demo_data):
     return tmp_path / "data"
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, demo_data):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(demo_data, out)
+    return PreparedDataset(out)
+
+
 def rows(path):
     return pq.read_table(path).to_pylist()
 
 
-def rewrite(path, table_rows, schema=None):
-    pq.write_table(pa.Table.from_pylist(table_rows, schema=schema or pq.read_schema(path)), path)
+def rewrite(path, table_rows):
+    pq.write_table(pa.Table.from_pylist(table_rows, schema=pq.read_schema(path)), path)
 
 
-def test_examples_resolve_texts_through_their_own_corpus(demo_data):
-    examples, subsets = load_examples(demo_data, hard_negatives=4)
-    assert set(subsets) == {"FEVER", "SciFact", "SyntheticClassificationData"}
-    corpora = {name: {r["id"]: r["text"] for r in rows(demo_data / name / "corpus.parquet")} for name in subsets}
+def test_round_trip_texts_equal_the_source(prepared, demo_data):
+    assert len(prepared) == 1000
+    corpora = {n: {r["id"]: r["text"] for r in rows(demo_data / n / "corpus.parquet")} for n in prepared.names}
     assert corpora["FEVER"]["d_17"] != corpora["SciFact"]["d_17"]  # ids repeat across subsets
-    by_subset = {}
-    for example in examples:
-        by_subset.setdefault(example.subset, []).append(example)
-    for name in subsets:
-        for query, example in zip(rows(demo_data / name / "queries.parquet"), by_subset[name]):
+    index = 0
+    for name in prepared.names:
+        for query in rows(demo_data / name / "queries.parquet"):
+            example = prepared.example(index, hard_negatives=6)
             negatives = [d["id"] for d in query["neg_doc"]]
-            expected_ids = [query["pos_doc"][0]["id"]] + [negatives[i % len(negatives)] for i in range(4)]
-            assert example.query == query["question"]
-            assert example.passages == [corpora[name][i] for i in expected_ids]
+            expected = [query["pos_doc"][0]["id"]] + [negatives[i % len(negatives)] for i in range(6)]
+            assert (example.subset, example.question_id, example.query) == (name, query["question_id"],
+                                                                            query["question"])
+            assert example.passages == [corpora[name][i] for i in expected]
+            index += 1
 
 
-def test_selecting_subsets(demo_data):
-    examples, subsets = load_examples(demo_data, ["SciFact"], hard_negatives=1)
-    assert set(subsets) == {"SciFact"} and {e.subset for e in examples} == {"SciFact"}
-    with pytest.raises(DataError, match="data.subsets: MSMARCO not found"):
-        load_examples(demo_data, ["MSMARCO"])
+def test_an_epoch_with_two_ranks_and_two_workers_covers_every_query_once(prepared):
+    global_batch, micro, steps = 40, 10, 25  # 25 x 40 = 1000 queries = one epoch
+    sampler = Sampler(prepared.subset_sizes(), global_batch, seed=3)
+    seen = []
+    for rank in range(2):
+        batches = StepBatches(prepared, sampler, lambda micro_examples: len(micro_examples), rank, 2, micro, 1, 0, steps)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2)
+        steps_seen = []
+        for step, sizes, examples in loader:
+            steps_seen.append(step)
+            assert sizes == [micro, micro]
+            seen += [(e.subset, e.question_id) for micro_examples in examples for e in micro_examples]
+        assert steps_seen == list(range(steps))
+    assert len(seen) == len(set(seen)) == 1000
 
 
-def test_missing_file_is_named(data_copy):
+def batches_from(prepared, sampler, rank, world, micro, start, stop):
+    stream = StepBatches(prepared, sampler, lambda m: None, rank, world, micro, 0, start, stop)
+    return {step: [[e.question_id + e.subset for e in m] for m in examples] for step, _, examples in stream}
+
+
+@pytest.mark.parametrize("mode", ["proportional", "temperature", "single_subset"])
+def test_resume_at_any_step_gives_the_same_stream_also_from_two_ranks_to_one(prepared, mode):
+    def sampler():
+        return Sampler(prepared.subset_sizes(), 16, seed=5, mode=mode, temperature=2.0)
+
+    uninterrupted = [batches_from(prepared, sampler(), r, 2, 8, 0, 40) for r in range(2)]
+    for resume_at in (7, 33):
+        resumed_one_rank = batches_from(prepared, sampler(), 0, 1, 16, resume_at, 40)  # a fresh process
+        for step in range(resume_at, 40):
+            assert resumed_one_rank[step][0] == uninterrupted[0][step][0] + uninterrupted[1][step][0]
+
+
+def test_weighted_mixing_follows_the_weights(prepared):
+    sampler = Sampler(prepared.subset_sizes(), 100, seed=0, mode="temperature", weights=[1.0, 0.0, 1.0])
+    subsets = [prepared.locate(i)[0] for step in range(20) for i in sampler.global_batch(step)]
+    assert "SciFact" not in subsets
+    assert 0.4 < subsets.count("FEVER") / len(subsets) < 0.6
+    single = Sampler(prepared.subset_sizes(), 16, seed=0, mode="single_subset")
+    for step in range(10):
+        assert len({prepared.locate(i)[0] for i in single.global_batch(step)}) == 1
+
+
+def test_length_bucketing_keeps_the_batch_and_cuts_padding(prepared, tiny_llama):
+    config = load_config("tiny")
+    collator = Collator(load_tokenizer(tiny_llama), config.data, prepared.info)
+    sampler = Sampler(prepared.subset_sizes(), 64, seed=1)
+
+    def padding_and_ids(bucketing):
+        stream = StepBatches(prepared, sampler, collator, 0, 1, 8, 1, 0, 3, length_bucketing=bucketing)
+        padded = real = 0
+        ids = []
+        for _, micro_batches, examples in stream:
+            ids.append(sorted(e.question_id + e.subset for m in examples for e in m))
+            for batch in micro_batches:
+                padded += batch["passage_ids"].numel() + batch["query_ids"].numel()
+                real += int(batch["passage_mask"].sum() + batch["query_mask"].sum())
+        return real / padded, ids
+
+    plain_efficiency, plain_ids = padding_and_ids(False)
+    bucketed_efficiency, bucketed_ids = padding_and_ids(True)
+    assert bucketed_ids == plain_ids and bucketed_efficiency > plain_efficiency
+
+
+def test_rerun_skips_finished_subsets(tmp_path, demo_data, capsys):
+    prepare(demo_data, tmp_path / "out")
+    before = (tmp_path / "out" / "FEVER" / "queries-00000.arrow").stat().st_mtime_ns
+    prepare(demo_data, tmp_path / "out")
+    assert "FEVER: already prepared from the same files, skipped" in capsys.readouterr().out
+    assert (tmp_path / "out" / "FEVER" / "queries-00000.arrow").stat().st_mtime_ns == before
+
+
+def test_missing_file_and_column_are_named(data_copy, tmp_path):
     (data_copy / "SciFact" / "corpus.parquet").unlink()
-    with pytest.raises(DataError, match="SciFact: missing .*SciFact/corpus.parquet"):
-        load_examples(data_copy)
-
-
-def test_missing_column_is_named(data_copy):
     path = data_copy / "FEVER" / "queries.parquet"
     pq.write_table(pq.read_table(path).drop(["neg_doc"]), path)
-    with pytest.raises(DataError, match="FEVER: .*queries.parquet lacks column\\(s\\) neg_doc"):
-        load_examples(data_copy)
+    with pytest.raises(DataError) as err:
+        prepare(data_copy, tmp_path / "out")
+    assert "SciFact: missing" in str(err.value) and "SciFact/corpus.parquet" in str(err.value)
+    assert "FEVER: " in str(err.value) and "queries.parquet lacks column(s) neg_doc" in str(err.value)
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda r: r[3].update(pos_doc=[{"id": "d_99999"}]), "row 3: doc id\\(s\\) d_99999 not in corpus 'FEVER'"),
-    (lambda r: r[5].update(pos_doc=[]), "row 5: empty pos_doc"),
-    (lambda r: r[7].update(question_id=r[6]["question_id"]), "row 7: duplicate question_id"),
-    (lambda r: r[2].update(question="  "), "row 2: empty question"),
-])
-def test_bad_rows_are_named(data_copy, corrupt, message):
-    path = data_copy / "FEVER" / "queries.parquet"
-    table_rows = rows(path)
-    corrupt(table_rows)
-    rewrite(path, table_rows)
-    with pytest.raises(DataError, match=message):
-        load_examples(data_copy)
+def corrupt_everything(data):
+    """One of each kind of bad row, in FEVER."""
+    queries = data / "FEVER" / "queries.parquet"
+    table_rows = rows(queries)
+    table_rows[3]["pos_doc"] = [{"id": "d_99999"}]
+    table_rows[5]["pos_doc"] = []
+    table_rows[7]["question_id"] = table_rows[6]["question_id"]
+    table_rows[2]["question"] = "  "
+    rewrite(queries, table_rows)
+    corpus = data / "FEVER" / "corpus.parquet"
+    table = pq.read_table(corpus)
+    texts = [t.encode() for t in table.column("text").to_pylist()]
+    texts[10], texts[11] = b"", b"caf\xe9 in latin-1"
+    pq.write_table(pa.table({"id": table.column("id"), "text": pa.array(texts, pa.binary())}), corpus)
+    return table.column("id")[10].as_py(), table.column("id")[11].as_py()
 
 
-def test_ids_only_subsets_are_listed(data_copy):
+def test_bad_rows_fail_with_subset_file_and_row(data_copy, tmp_path):
+    corrupt_everything(data_copy)
+    with pytest.raises(DataError) as err:
+        prepare(data_copy, tmp_path / "out")
+    message = str(err.value)
+    for expected in ["queries.parquet row 3: doc id(s) d_99999 not in corpus 'FEVER'", "row 5: empty pos_doc",
+                     "row 7: duplicate question_id", "row 2: empty question", "corpus.parquet row 10: empty text",
+                     "corpus.parquet row 11: text is not valid UTF-8", "--skip-bad-rows"]:
+        assert expected in message, expected
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_skip_bad_rows_reports_every_skipped_row(data_copy, tmp_path):
+    empty_id, latin_id = corrupt_everything(data_copy)
+    referencing = {q["question_id"] for q in rows(data_copy / "FEVER" / "queries.parquet")
+                   if {d["id"] for d in q["pos_doc"] + q["neg_doc"]} & {empty_id, latin_id}}
+    manifest = prepare(data_copy, tmp_path / "out", skip_bad_rows=True)
+    report = [json.loads(line) for line in (tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()]
+    assert {(r["file"].split("/")[-1], r["row"]) for r in report} >= {
+        ("queries.parquet", 2), ("queries.parquet", 3), ("queries.parquet", 5), ("queries.parquet", 7),
+        ("corpus.parquet", 10), ("corpus.parquet", 11)}
+    skipped_queries = {r["question_id"] for r in report if "question_id" in r}
+    assert referencing <= skipped_queries  # queries whose docs were dropped are reported, not lost
+    assert manifest["subsets"]["FEVER"]["num_queries"] == 400 - len(skipped_queries)
+    assert manifest["subsets"]["FEVER"]["skipped_rows"] == len(report)
+
+
+def test_ids_only_subsets_are_listed(data_copy, tmp_path):
     path = data_copy / "SciFact" / "dataset_metadata.json"
-    meta = json.loads(path.read_text())
-    path.write_text(json.dumps({**meta, "ids_only": True}))
-    with pytest.raises(DataError, match="ids_only=true .*: SciFact"):
-        load_examples(data_copy)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ids_only": True}))
+    with pytest.raises(DataError, match="ids_only .*: SciFact"):
+        prepare(data_copy, tmp_path / "out")
 
 
-def test_collate_prompts_and_padding(demo_data, tiny_llama):
-    examples, subsets = load_examples(demo_data, ["FEVER"], hard_negatives=2)
+def test_collate_prompts_and_padding(prepared, tiny_llama):
     tokenizer = load_tokenizer(tiny_llama)
     assert tokenizer.pad_token == tokenizer.eos_token
     config = load_config("tiny")
-    batch = Collator(tokenizer, config.data, subsets)(examples[:3])
+    examples = [prepared.example(i, 2) for i in range(3)]
+    batch = Collator(tokenizer, config.data, prepared.info)(examples)
     assert batch["query_ids"].shape[0] == 3 and batch["passage_ids"].shape[0] == 9
     assert batch["query_ids"].shape[1] % 8 == 0 and batch["passage_ids"].shape[1] % 8 == 0
-    instruction = subsets["FEVER"].query_instruction
-    first_query = tokenizer.decode(batch["query_ids"][0], skip_special_tokens=True)
-    assert first_query == f"{instruction} {examples[0].query}"
+    instruction = prepared.info["FEVER"]["query_instruction"]
+    assert tokenizer.decode(batch["query_ids"][0], skip_special_tokens=True) == f"{instruction} {examples[0].query}"
     config.data.query_prefix, config.data.passage_prefix = "query:", "passage:"
-    batch = Collator(tokenizer, config.data, subsets)(examples[:1])
+    batch = Collator(tokenizer, config.data, prepared.info)(examples[:1])
     assert tokenizer.decode(batch["query_ids"][0], skip_special_tokens=True) == f"query: {examples[0].query}"
     assert tokenizer.decode(batch["passage_ids"][0], skip_special_tokens=True) == f"passage: {examples[0].passages[0]}"
     assert batch["positive_hash"][0] == batch["passage_hash"][0]
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_batch_order_does_not_depend_on_world_size(accumulation):
-    examples = list(range(50))
-    micro = 3
-    for step in range(6):
-        one_rank = StepStream(examples, 4 * micro * accumulation, 4 * micro, 7, 0, 1).micro_batches(step)
-        for world in (2, 4):
-            ranks = [StepStream(examples, 4 * micro * accumulation, 4 * micro // world, 7, r, world).micro_batches(step)
-                     for r in range(world)]
-            for m, global_micro in enumerate(one_rank):
-                assert sum((ranks[r][m] for r in range(world)), []) == global_micro
-
-
-def test_epochs_cover_every_example_once():
-    seen = sum((global_batch(10, 5, 3, step) for step in range(2)), [])
-    assert sorted(seen) == list(range(10))
-    assert global_batch(10, 5, 3, 2) != global_batch(10, 5, 3, 0)  # a new permutation next epoch
+def test_global_micro_batches_do_not_depend_on_world_size(accumulation):
+    indices = list(range(4 * 3 * accumulation))
+    one_rank = rank_micro_batches(indices, 0, 1, 12)
+    for world in (2, 4):
+        ranks = [rank_micro_batches(indices, r, world, 12 // world) for r in range(world)]
+        for m, global_micro in enumerate(one_rank):
+            assert sum((ranks[r][m] for r in range(world)), []) == global_micro

@@ -31,12 +31,13 @@ class Collator:
     """
 
     def __init__(self, tokenizer, data_config, subsets):
+        """`subsets`: name -> {"query_instruction", "passage_instruction"} (the prepared manifest's)."""
         self.tokenizer = tokenizer
         self.config = data_config
         self.query_prompts = {name: data_config.query_prefix if data_config.query_prefix is not None
-                              else info.query_instruction for name, info in subsets.items()}
+                              else info["query_instruction"] for name, info in subsets.items()}
         self.passage_prompts = {name: data_config.passage_prefix if data_config.passage_prefix is not None
-                                else info.passage_instruction for name, info in subsets.items()}
+                                else info["passage_instruction"] for name, info in subsets.items()}
 
     def tokenize(self, texts, max_length):
         return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True,

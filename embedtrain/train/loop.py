@@ -10,14 +10,41 @@ import torch
 import yaml
 
 from embedtrain import distributed
-from embedtrain.config import batch_layout, deepspeed_config
+from embedtrain.config import ConfigError, batch_layout, deepspeed_config
 from embedtrain.data.collate import Collator, load_tokenizer
-from embedtrain.data.nemotron import load_examples
-from embedtrain.data.stream import StepStream
+from embedtrain.data.prepare import prepare
+from embedtrain.data.shards import MANIFEST, PreparedDataset
+from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.model.encoder import read_llama_config
 from embedtrain.train.checkpoint import save_checkpoint, write_base_model
 from embedtrain.train.engine import build_engine
 from embedtrain.train.step import contrastive_loss
+
+
+def open_dataset(data_config, run_dir):
+    """The prepared dataset at data.path; a raw dataset folder is prepared first, on rank 0, into
+    data.prepared_path (default <run>/prepared). Large datasets: run `embedtrain prepare` once."""
+    path = Path(data_config.path)
+    if not (path / MANIFEST).is_file():
+        target = Path(data_config.prepared_path or Path(run_dir) / "prepared")
+        distributed.run_on_main(lambda: prepare(path, target, data_config.subsets))
+        path = target
+    return PreparedDataset(path, data_config.subsets)
+
+
+def make_sampler(config, dataset):
+    weights = None
+    if config.data.subset_weights is not None:
+        unknown = sorted(set(config.data.subset_weights) - set(dataset.names))
+        if unknown:
+            raise ConfigError(f"data.subset_weights names unknown subset(s) {', '.join(unknown)}; "
+                              f"training subsets: {', '.join(dataset.names)}")
+        weights = [float(config.data.subset_weights.get(name, 0.0)) for name in dataset.names]
+    try:
+        return Sampler(dataset.subset_sizes(), config.train.global_batch_size, config.train.seed,
+                       config.data.mixing, config.data.mixing_temperature, weights)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def seed_everything(seed, rank):
@@ -35,12 +62,11 @@ def train(config, on_step=None):
     seed_everything(config.train.seed, rank)
     # Bad input must fail before the model is loaded and GPUs spin: the model folder, then the data.
     read_llama_config(config.model.path)
-    examples, subsets = load_examples(config.data.path, config.data.subsets, config.loss.hard_negatives)
-    tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
-    collator = Collator(tokenizer, config.data, subsets)
-    stream = StepStream(examples, config.train.global_batch_size, micro, config.train.seed, rank, world)
-
     run_dir = Path(config.train.output_dir)
+    dataset = open_dataset(config.data, run_dir)
+    sampler = make_sampler(config, dataset)
+    tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
+    collator = Collator(tokenizer, config.data, dataset.info)
     config_dict = config.to_dict()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,34 +78,36 @@ def train(config, on_step=None):
     writer = make_writer(config, run_dir) if rank == 0 else None
     if rank == 0:
         print(f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
-              f"accumulation {accumulation} x world {world}; {len(examples)} examples from "
-              f"{len(subsets)} subset(s); ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}",
+              f"accumulation {accumulation} x world {world}; {len(dataset)} queries from "
+              f"{len(dataset.names)} subset(s); ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}",
               flush=True)
 
     window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
-    for step in range(config.train.max_steps):
-        step_stats = {}
-        micro_batches = stream.micro_batches(step)
-        for micro_examples in micro_batches:
-            batch = collator(micro_examples)
+    batches = StepBatches(dataset, sampler, collator, rank, world, micro, config.loss.hard_negatives,
+                          start=0, stop=config.train.max_steps, length_bucketing=config.data.length_bucketing)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.num_workers)
+    for step, micro_batches, examples in loader:
+        step_stats = {"loss": 0.0}
+        for batch in micro_batches:
             loss, stats = contrastive_loss(engine, batch, config.loss, engine.device, group)
             engine.backward(loss)
             engine.step()
-            window["loss"] += loss.item() / accumulation
+            step_stats["loss"] += loss.item() / accumulation
             window["tokens"] += batch["query_ids"].numel() + batch["passage_ids"].numel()
             window["real_tokens"] += int(batch["query_mask"].sum() + batch["passage_mask"].sum())
             for key, value in stats.items():
                 step_stats[key] = step_stats.get(key, 0.0) + float(value) / accumulation
         window["steps"] += 1
-        step_stats["loss"] = window["loss"] / window["steps"]
+        window["loss"] += step_stats["loss"]
         if on_step is not None:
-            on_step(step, step_stats, micro_batches)
+            on_step(step, step_stats, examples)
         if (step + 1) % config.logging.every == 0 or step + 1 == config.train.max_steps:
             log_window(engine, writer, step, step_stats, window)
             window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
         if config.train.save_every and (step + 1) % config.train.save_every == 0 and step + 1 < config.train.max_steps:
-            save_checkpoint(engine, run_dir, step + 1, stream.state(step + 1), config_dict)
-    save_checkpoint(engine, run_dir, config.train.max_steps, stream.state(config.train.max_steps), config_dict)
+            save_checkpoint(engine, run_dir, step + 1, stream_state(step + 1, sampler, dataset), config_dict)
+    save_checkpoint(engine, run_dir, config.train.max_steps, stream_state(config.train.max_steps, sampler, dataset),
+                    config_dict)
     if writer is not None:
         writer.close()
     return engine

@@ -63,3 +63,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    distributed.shutdown()

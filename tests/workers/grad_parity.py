@@ -10,7 +10,7 @@ batch (micro-batch W x B, no DeepSpeed, no checkpointing). Rank 0 writes the wor
 
 import argparse
 import json
-import tempfile
+from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_grad
@@ -18,9 +18,9 @@ from deepspeed.utils import safe_get_full_grad
 from embedtrain import distributed
 from embedtrain.config import deepspeed_config, load_config
 from embedtrain.data.collate import Collator, load_tokenizer
-from embedtrain.data.nemotron import load_examples
-from embedtrain.data.stream import StepStream
+from embedtrain.data.stream import Sampler, rank_micro_batches
 from embedtrain.train.engine import build_encoder, build_engine
+from embedtrain.train.loop import open_dataset
 from embedtrain.train.step import contrastive_loss
 
 
@@ -59,17 +59,23 @@ def main():
                  "deepspeed.bf16.enabled=false",
                  f"deepspeed.zero_optimization.stage={args.stage}",
                  f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}"]
-    config = load_config("tiny", overrides, output_dir=tempfile.mkdtemp())
+    # one folder for all ranks: rank 0 prepares the demo data there, every rank reads it
+    config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
     torch.manual_seed(0)
-    examples, subsets = load_examples(config.data.path, None, config.loss.hard_negatives)
-    collator = Collator(load_tokenizer(config.model.path), config.data, subsets)
+    dataset = open_dataset(config.data, config.train.output_dir)
+    collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info)
+    indices = Sampler(dataset.subset_sizes(), global_batch, 0).global_batch(0)
+
+    def micro_batches(rank_, world_, micro_):
+        return [collator([dataset.example(i, config.loss.hard_negatives) for i in micro])
+                for micro in rank_micro_batches(indices, rank_, world_, micro_)]
     if args.detached:
         distributed.gather_with_grad = detached_gather
 
     engine = build_engine(config, deepspeed_config(config, world), use_reentrant=args.reentrant)
     losses = []
-    for micro in StepStream(examples, global_batch, args.micro, 0, rank, world).micro_batches(0):
-        loss, _ = contrastive_loss(engine, collator(micro), config.loss, engine.device)
+    for batch in micro_batches(rank, world, args.micro):
+        loss, _ = contrastive_loss(engine, batch, config.loss, engine.device)
         engine.backward(loss)
         losses.append(loss.item())
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
@@ -79,8 +85,8 @@ def main():
     config.loss.negatives = "local" if args.negatives == "global" else args.negatives
     reference = build_encoder(config, torch.float32)
     ref_loss = 0.0
-    for micro in StepStream(examples, global_batch, world * args.micro, 0, 0, 1).micro_batches(0):
-        loss, _ = contrastive_loss(reference, collator(micro), config.loss, "cpu")
+    for batch in micro_batches(0, 1, world * args.micro):
+        loss, _ = contrastive_loss(reference, batch, config.loss, "cpu")
         (loss / args.accumulation).backward()
         ref_loss += loss.item() / args.accumulation
     errors = relative_errors(grads, {n: p.grad for n, p in reference.named_parameters()})
@@ -93,3 +99,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    distributed.shutdown()

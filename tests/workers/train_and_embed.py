@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from embedtrain import distributed
 from embedtrain.config import load_config
 from embedtrain.data.collate import load_tokenizer
 from embedtrain.train.loop import train
@@ -55,3 +56,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    distributed.shutdown()

@@ -1,0 +1,208 @@
+"""`embedtrain prepare SRC OUT`: validate a local copy of embed-nemotron-dataset-v1, resolve doc ids
+to rows of their corpus, and write Arrow IPC shards plus a manifest (embedtrain.data.shards).
+
+Every problem is reported with subset, file and row. By default any problem fails the run (after
+listing all of them); with `skip_bad_rows` the offending rows are left out and each one is written
+to OUT/skipped_rows.jsonl. Subsets are prepared in parallel processes; a subset whose shards were
+completed for the same source files is skipped when prepare is run again.
+"""
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from embedtrain.data.nemotron import (CORPUS_COLUMNS, METADATA_KEYS, QUERY_COLUMNS, DataError, read_metadata,
+                                      subset_folders)
+from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded
+
+DONE = "done.json"
+
+
+def fingerprint(folder):
+    """What a finished subset was built from: file names, sizes and modification times."""
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def structural_problems(folder):
+    """Missing files and columns: problems that stop a subset before any row is read."""
+    problems = []
+    for name, columns in (("queries.parquet", QUERY_COLUMNS), ("corpus.parquet", CORPUS_COLUMNS)):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{folder.name}: missing {path}")
+            continue
+        have = pq.read_schema(path).names
+        absent = [c for c in columns if c not in have]
+        if absent:
+            problems.append(f"{folder.name}: {path} lacks column(s) {', '.join(absent)} (has {', '.join(have)})")
+    return problems
+
+
+def bad_text_rows(column):
+    """Row -> reason for null, empty or non-UTF-8 values of a text column (vectorised when clean)."""
+    column = column.combine_chunks()
+    bad = {}
+    if pa.types.is_string(column.type):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            column = column.cast(pa.binary())
+    if pa.types.is_binary(column.type):
+        decoded = []
+        for row, value in enumerate(column.to_pylist()):
+            try:
+                decoded.append(None if value is None else value.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad[row] = "text is not valid UTF-8"
+                decoded.append("x")
+        column = pa.array(decoded, pa.string())
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True)
+    for row in pc.indices_nonzero(empty).to_pylist():
+        bad.setdefault(row, "empty text")
+    return bad, column
+
+
+def read_corpus(folder, subset):
+    """(table of valid rows, id -> row, problems): bad rows are reported and left out."""
+    path = folder / "corpus.parquet"
+    table = pq.read_table(path, columns=list(CORPUS_COLUMNS))
+    bad, text = bad_text_rows(table.column("text"))
+    ids = table.column("id").to_pylist()
+    problems, keep, id_to_row = [], [], {}
+    for row, doc_id in enumerate(ids):
+        reason = bad.get(row) or ("duplicate doc id " + repr(doc_id) if doc_id in id_to_row else None)
+        if reason:
+            problems.append({"subset": subset, "file": str(path), "row": row, "id": doc_id, "reason": reason})
+            continue
+        id_to_row[doc_id] = len(keep)
+        keep.append(row)
+    indices = pa.array(keep, pa.int64())
+    valid = pa.table({"id": table.column("id").take(indices), "text": text.take(indices)}, schema=CORPUS_SCHEMA)
+    return valid, id_to_row, problems
+
+
+def resolve_queries(folder, subset, corpus_ids, texts_by_corpus):
+    """Query rows with doc ids resolved to corpus rows; problems name subset, file and row."""
+    path = folder / "queries.parquet"
+    rows = pq.read_table(path, columns=list(QUERY_COLUMNS)).to_pylist()
+    resolved, problems, seen = [], [], set()
+    for row, q in enumerate(tqdm(rows, desc=f"{subset} queries", unit="q", leave=False, disable=len(rows) < 50_000)):
+        def bad(reason):
+            problems.append({"subset": subset, "file": str(path), "row": row, "question_id": q["question_id"],
+                             "reason": reason})
+        if q["question_id"] in seen:
+            bad(f"duplicate question_id {q['question_id']!r}")
+            continue
+        seen.add(q["question_id"])
+        id_to_row = corpus_ids.get(q["corpus_id"])
+        if id_to_row is None:
+            bad(f"corpus_id {q['corpus_id']!r} names no corpus in the source")
+            continue
+        if not isinstance(q["question"], str) or not q["question"].strip():
+            bad("empty question")
+            continue
+        if not q["pos_doc"]:
+            bad("empty pos_doc")
+            continue
+        doc_ids = [q["pos_doc"][0]["id"]] + [d["id"] for d in q["neg_doc"] or []]
+        dangling = [d for d in doc_ids if d not in id_to_row]
+        if dangling:
+            bad(f"doc id(s) {', '.join(dangling)} not in corpus {q['corpus_id']!r} (missing or bad rows)")
+            continue
+        rows_ = [id_to_row[d] for d in doc_ids]
+        resolved.append({"question_id": q["question_id"], "question": q["question"], "corpus": q["corpus_id"],
+                         "pos": rows_[0], "negs": rows_[1:],
+                         "length": len(q["question"]) + len(texts_by_corpus[q["corpus_id"]](rows_[0]))})
+    return pa.Table.from_pylist(resolved, schema=QUERY_SCHEMA), problems
+
+
+def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes):
+    """One subset, in its own process. Returns (manifest entry or None, problems)."""
+    folder, target = Path(folder), Path(out) / Path(folder).name
+    meta = read_metadata(folder)
+    corpora, corpus_ids, problems = {}, {}, []
+    for corpus_id, corpus_folder in corpus_folders.items():
+        if corpus_folder == folder or corpus_id == meta["corpus_id"]:
+            table, ids, bad = read_corpus(corpus_folder, Path(corpus_folder).name)
+            corpora[corpus_id], corpus_ids[corpus_id] = table, ids
+            problems += bad if corpus_folder == folder else []
+    # queries may name another subset's corpus: its ids are read on demand
+    for corpus_id in set(pq.read_table(folder / "queries.parquet", columns=["corpus_id"]).column(0).to_pylist()):
+        if corpus_id not in corpora and corpus_id in corpus_folders:
+            corpora[corpus_id], corpus_ids[corpus_id], _ = read_corpus(corpus_folders[corpus_id], corpus_id)
+    texts = {cid: (lambda table: lambda row: table.column("text")[row].as_py())(t) for cid, t in corpora.items()}
+    queries, query_problems = resolve_queries(folder, folder.name, corpus_ids, texts)
+    problems += query_problems
+    if problems and not skip_bad_rows:
+        return None, problems
+    target.mkdir(parents=True, exist_ok=True)
+    entry = {key: meta[key] for key in METADATA_KEYS if key != "ids_only"}
+    entry.update(task_type=meta.get("task_type", ""), num_queries=queries.num_rows,
+                 num_docs=corpora[meta["corpus_id"]].num_rows, skipped_rows=len(problems),
+                 corpus_shards=write_sharded(target, "corpus", corpora[meta["corpus_id"]], shard_bytes),
+                 query_shards=write_sharded(target, "queries", queries, shard_bytes))
+    (target / DONE).write_text(json.dumps({"entry": entry, "source": fingerprint(folder)}, indent=2))
+    return entry, problems
+
+
+def finished_entry(folder, out):
+    done = Path(out) / Path(folder).name / DONE
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("source") == fingerprint(folder):
+            return record["entry"]
+    return None
+
+
+def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=256):
+    """Prepare every (or the named) subset of `src` into `out`; returns the manifest."""
+    folders = subset_folders(src, subsets)
+    metas = {f: read_metadata(f) for f in folders}
+    ids_only = [f.name for f, m in metas.items() if m["ids_only"]]
+    if ids_only:
+        raise DataError("these subsets are ids_only (their text is not redistributed) and must be rebuilt from "
+                        f"their original source first: {', '.join(ids_only)}; exclude them with --subset")
+    problems = [p for f in folders for p in structural_problems(f)]
+    if problems:
+        raise DataError("cannot prepare:\n  " + "\n  ".join(problems))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus_folders = {m["corpus_id"]: f for f, m in metas.items()}
+    entries, todo = {}, []
+    for folder in folders:
+        entry = finished_entry(folder, out)
+        if entry is not None:
+            entries[folder.name] = entry
+            print(f"[embedtrain] {folder.name}: already prepared from the same files, skipped")
+        else:
+            todo.append(folder)
+    workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+    all_problems = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(prepare_subset, f, out, corpus_folders, skip_bad_rows, shard_mb << 20): f for f in todo}
+        for future in tqdm(futures, desc="subsets", unit="subset", disable=not todo):
+            entry, found = future.result()
+            all_problems += found
+            if entry is not None:
+                entries[futures[future].name] = entry
+    if all_problems and not skip_bad_rows:
+        listing = "\n  ".join(f"{p['subset']}: {p['file']} row {p['row']}: {p['reason']}" for p in all_problems[:50])
+        more = f"\n  ... and {len(all_problems) - 50} more" if len(all_problems) > 50 else ""
+        raise DataError(f"{len(all_problems)} bad row(s); fix them or pass --skip-bad-rows:\n  {listing}{more}")
+    if all_problems:
+        with open(out / "skipped_rows.jsonl", "a") as f:
+            for problem in all_problems:
+                f.write(json.dumps(problem) + "\n")
+        print(f"[embedtrain] skipped {len(all_problems)} bad row(s); each is listed in {out / 'skipped_rows.jsonl'}")
+    manifest = {"format": FORMAT, "source": str(Path(src).resolve()),
+                "subsets": {f.name: entries[f.name] for f in folders}}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest

@@ -1,0 +1,147 @@
+"""Arrow IPC shards: the prepared form of the dataset, and its memory-mapped reader.
+
+Layout of a prepared folder:
+    manifest.json                 subsets, instructions, row counts, shard files and sha256
+    <subset>/corpus-00000.arrow   id, text                          (row r = doc r of the subset)
+    <subset>/queries-00000.arrow  question_id, question, corpus, pos, negs, length
+        corpus: the corpus_id the doc rows refer to; pos: doc row of pos_doc[0];
+        negs: doc rows of neg_doc in stored (ranked) order; length: chars of question + positive.
+
+Every shard is one record batch, so a memory-mapped read is zero-copy and row access is O(1).
+Readers open files lazily, so DataLoader workers each map their own view after fork.
+"""
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from embedtrain.data.nemotron import DataError, Example
+
+MANIFEST = "manifest.json"
+FORMAT = "embedtrain-shards-v1"
+QUERY_SCHEMA = pa.schema([("question_id", pa.string()), ("question", pa.string()), ("corpus", pa.string()),
+                          ("pos", pa.int64()), ("negs", pa.list_(pa.int64())), ("length", pa.int64())])
+CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
+
+
+def sha256_of(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(path, table):
+    """Write one single-batch IPC file atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_batch(table.combine_chunks().to_batches()[0] if table.num_rows else
+                           pa.RecordBatch.from_pylist([], schema=table.schema))
+    os.replace(tmp, path)
+    return {"file": path.name, "rows": table.num_rows, "sha256": sha256_of(path)}
+
+
+def write_sharded(folder, prefix, table, shard_bytes):
+    """Split `table` into shards of about `shard_bytes` and write them; returns their entries."""
+    rows_per_shard = max(1, int(table.num_rows * shard_bytes / max(1, table.nbytes))) if table.num_rows else 1
+    entries = []
+    for index, start in enumerate(range(0, max(1, table.num_rows), rows_per_shard)):
+        entries.append(write_shard(Path(folder) / f"{prefix}-{index:05d}.arrow", table.slice(start, rows_per_shard)))
+    return entries
+
+
+def read_manifest(folder):
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{folder} is not a prepared dataset (no {MANIFEST}); run `embedtrain prepare`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+class ShardedTable:
+    """Rows of a list of shards, addressed by one index; shards are memory-mapped on first use."""
+
+    def __init__(self, folder, entries):
+        self.paths = [Path(folder) / e["file"] for e in entries]
+        self.starts = [0]
+        for entry in entries:
+            self.starts.append(self.starts[-1] + entry["rows"])
+        self.batches = [None] * len(entries)
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def batch(self, shard):
+        if self.batches[shard] is None:
+            reader = pa.ipc.open_file(pa.memory_map(str(self.paths[shard]), "r"))
+            self.batches[shard] = reader.get_batch(0) if reader.num_record_batches else None
+        return self.batches[shard]
+
+    def locate(self, row):
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} outside 0..{len(self) - 1}")
+        shard = bisect.bisect_right(self.starts, row) - 1
+        return self.batch(shard), row - self.starts[shard]
+
+    def value(self, row, column):
+        batch, offset = self.locate(row)
+        return batch.column(column)[offset].as_py()
+
+
+class PreparedDataset:
+    """A prepared folder as one index space of queries (subsets in manifest order)."""
+
+    def __init__(self, folder, subsets=None):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        available = self.manifest["subsets"]
+        names = list(subsets) if subsets else list(available)
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise DataError(f"data.subsets: {', '.join(missing)} not in {self.folder / MANIFEST}; "
+                             f"available: {', '.join(available)}")
+        self.names = names
+        self.info = {n: available[n] for n in names}
+        self.queries = {n: ShardedTable(self.folder / n, available[n]["query_shards"]) for n in names}
+        # corpora are keyed by corpus_id: a query's doc rows resolve in the corpus its row names
+        self.corpora = {meta["corpus_id"]: ShardedTable(self.folder / name, meta["corpus_shards"])
+                        for name, meta in available.items()}
+        self.starts = [0]
+        for name in names:
+            self.starts.append(self.starts[-1] + len(self.queries[name]))
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def subset_sizes(self):
+        return [len(self.queries[n]) for n in self.names]
+
+    def locate(self, index):
+        position = bisect.bisect_right(self.starts, index) - 1
+        return self.names[position], index - self.starts[position]
+
+    def length(self, index):
+        name, row = self.locate(index)
+        return self.queries[name].value(row, "length")
+
+    def example(self, index, hard_negatives):
+        name, row = self.locate(index)
+        batch, offset = self.queries[name].locate(row)
+        corpus = self.corpora[batch.column("corpus")[offset].as_py()]
+        negatives = batch.column("negs")[offset].as_py()
+        doc_rows = [batch.column("pos")[offset].as_py()]
+        if hard_negatives:
+            if not negatives:
+                raise DataError(f"{name}: question_id {batch.column('question_id')[offset].as_py()!r} has no "
+                                f"neg_doc but loss.hard_negatives={hard_negatives}")
+            doc_rows += [negatives[i % len(negatives)] for i in range(hard_negatives)]
+        return Example(name, batch.column("question")[offset].as_py(), [corpus.value(r, "text") for r in doc_rows],
+                       batch.column("question_id")[offset].as_py())
