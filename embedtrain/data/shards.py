@@ -8,12 +8,15 @@ Layout of a prepared folder:
         negs: doc rows of neg_doc in stored (ranked) order; length: chars of question + positive.
 
 Every shard is one record batch, so a memory-mapped read is zero-copy and row access is O(1).
-Readers open files lazily, so DataLoader workers each map their own view after fork.
+Readers open files lazily, so DataLoader workers each map their own view after fork. Mappings are
+advised random access (no read-ahead), and `release()` drops the pages a process has touched
+(they stay in the page cache), so a reader's RSS does not grow with the dataset it has read.
 """
 
 import bisect
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -75,15 +78,25 @@ class ShardedTable:
         for entry in entries:
             self.starts.append(self.starts[-1] + entry["rows"])
         self.batches = [None] * len(entries)
+        self.mappings = []
 
     def __len__(self):
         return self.starts[-1]
 
     def batch(self, shard):
         if self.batches[shard] is None:
-            reader = pa.ipc.open_file(pa.memory_map(str(self.paths[shard]), "r"))
+            with open(self.paths[shard], "rb") as f:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapping.madvise(mmap.MADV_RANDOM)
+            reader = pa.ipc.open_file(pa.py_buffer(mapping))
             self.batches[shard] = reader.get_batch(0) if reader.num_record_batches else None
+            self.mappings.append(mapping)
         return self.batches[shard]
+
+    def release(self):
+        """Unmap the touched pages of every shard (read-only mappings: later reads fault them back in)."""
+        for mapping in self.mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def locate(self, row):
         if not 0 <= row < len(self):
@@ -120,6 +133,10 @@ class PreparedDataset:
 
     def __len__(self):
         return self.starts[-1]
+
+    def release(self):
+        for table in [*self.queries.values(), *self.corpora.values()]:
+            table.release()
 
     def subset_sizes(self):
         return [len(self.queries[n]) for n in self.names]

@@ -146,6 +146,7 @@ class StepBatches(torch.utils.data.IterableDataset):
         for step in range(self.start + worker, self.stop, workers):
             examples = [[self.dataset.example(i, self.hard_negatives) for i in micro]
                         for micro in self.micro_batch_indices(step)]
+            self.dataset.release()  # keep RSS independent of how much of the dataset was read
             yield step, [self.collator(micro) for micro in examples], examples
 
 
