@@ -78,7 +78,8 @@ def prepare(src, out, subsets, skip_bad_rows, workers, shard_mb):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Weight dtype of the exported safetensors.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(checkpoint, out, dtype, overwrite):
+@click.option("--max-shard-gb", type=float, default=5.0, show_default=True, help="Largest safetensors shard.")
+def export(checkpoint, out, dtype, overwrite, max_shard_gb):
     """Export a run (its latest checkpoint) or a checkpoint step folder to a Hugging Face folder.
 
     \b
@@ -86,12 +87,38 @@ def export(checkpoint, out, dtype, overwrite):
     Load it:  AutoModel.from_pretrained("exported/tiny", trust_remote_code=True)
     """
     from embedtrain.export import export_checkpoint
+    from embedtrain.train.checkpoint import CheckpointError
 
     try:
-        path = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite)
-    except (ValueError, FileExistsError) as err:
+        path = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite, max_shard_gb=max_shard_gb)
+    except (CheckpointError, FileExistsError) as err:
         fail(str(err))
     click.echo(f"exported to {path}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help=".txt (one text per line) or .jsonl (a \"text\" field per line).")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help=".npy (float32 matrix) or .parquet (text, embedding).")
+@click.option("--prompt", type=click.Choice(["query", "document"]), default=None,
+              help="Prepend the model's prompt of this name (config_sentence_transformers.json).")
+@click.option("--dim", type=int, default=None, help="Keep the first K dims and re-normalise (Matryoshka).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+def encode(model, input_path, output_path, prompt, dim, batch_size):
+    """Embed texts with an exported model, in input order.
+
+    \b
+    Example:  embedtrain encode exported/tiny --input queries.txt --output q.npy --prompt query
+    """
+    from embedtrain.encode import EncodeError, encode_file
+
+    try:
+        embeddings = encode_file(model, input_path, output_path, prompt, dim, batch_size)
+    except (EncodeError, ValueError) as err:
+        fail(str(err))
+    click.echo(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}")
 
 
 if __name__ == "__main__":

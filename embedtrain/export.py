@@ -1,20 +1,31 @@
-"""ZeRO checkpoint -> Hugging Face folder in the format of NVIDIA's released embedding models:
-safetensors backbone weights (no lm_head), config.json with model_type llama_bidirec, auto_map,
-pooling and temperature, the modeling file next to the weights, and the tokenizer with its pad
-token and padding side."""
+"""ZeRO checkpoint -> Hugging Face folder in the format of NVIDIA's released embedding models.
+
+Written: sharded safetensors (backbone keys only, no lm_head) with an index when more than one
+shard; config.json with model_type llama_bidirec, auto_map, pooling and temperature; the modeling
+file next to the weights; the tokenizer with its pad token and padding side; sentence-transformers
+files (Transformer -> Pooling -> Normalize, the recipe's prompts, cosine similarity); a model card.
+
+ZeRO-3 checkpoints are consolidated as a stream: every rank's fp32 partition file is memory-mapped
+and each parameter is assembled from its W slices, then written; peak host memory is about one
+safetensors shard plus one parameter, never the whole model.
+"""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
-from embedtrain.train.checkpoint import resolve_checkpoint
+from embedtrain.train.checkpoint import CheckpointError, load_checkpoint_file, resolve_checkpoint
 
 MODELING_FILE = "llama_bidirectional_model.py"
 BACKBONE_PREFIX = "backbone."
+ST_POOLING = {"avg": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+              "last": "pooling_mode_lasttoken", "weighted_avg": "pooling_mode_weightedmean_tokens"}
 
 
 def hf_config_dict(model_config):
@@ -34,45 +45,170 @@ def hf_config_dict(model_config):
     return config
 
 
-def load_consolidated_state(checkpoint_root, tag):
-    """fp32 backbone weights from the ZeRO partitions of every rank, with the `backbone.` prefix
-    of the training module removed."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    folder = Path(checkpoint_root) / tag
-    if not any(folder.glob("*model_states.pt")):
-        raise ValueError(f"{folder} holds no DeepSpeed model states (*model_states.pt): incomplete checkpoint?")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
-    backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-    if not backbone:
-        raise ValueError(f"{folder}: no '{BACKBONE_PREFIX}*' weights in the checkpoint (not an embedtrain run?)")
-    return backbone
+def rank_files(folder, kind):
+    """Per-rank files of one checkpoint, in rank order; a missing rank is an error."""
+    files = sorted(Path(folder).glob(f"*_{kind}_states.pt"), key=lambda p: int(p.name.split("_")[3]))
+    if not files:
+        raise CheckpointError(f"{folder} holds no DeepSpeed {kind} states (*_{kind}_states.pt): incomplete checkpoint?")
+    return files
 
 
-def export_checkpoint(source, out, dtype="float32", overwrite=False):
+def zero3_parameters(folder):
+    """Yield (name, fp32 tensor) for every trained parameter of a ZeRO-3 checkpoint, one at a time.
+
+    Each rank's optimizer file holds, per parameter group, the concatenation of its slice of every
+    parameter (ceil(numel / W) elements each, the last rank's slice padded). Files are memory-mapped.
+    """
+    model_states = load_checkpoint_file(rank_files(folder, "model")[0])
+    world = model_states["dp_world_size"]
+    optim_files = rank_files(folder, "optim")
+    if len(optim_files) != world:
+        raise CheckpointError(f"{folder}: {len(optim_files)} optimizer partition file(s) for a {world}-rank run: "
+                              "partial checkpoint")
+    flat_groups = [load_checkpoint_file(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]
+    for group, shapes in enumerate(model_states["param_shapes"]):
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            pieces = [flat_groups[rank][group].narrow(0, offset, part) for rank in range(world)]
+            yield name, torch.cat(pieces)[:numel].view(shape)
+            offset += part
+
+
+def checkpoint_parameters(folder):
+    """(name, fp32 tensor) of the backbone, streamed for ZeRO-3, in memory for other stages."""
+    stage = load_checkpoint_file(rank_files(folder, "model")[0])["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        items = zero3_parameters(folder)
+    else:  # ZeRO 0-2: DeepSpeed's own consolidation, which holds the model in memory once
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        items = get_fp32_state_dict_from_zero_checkpoint(str(Path(folder).parent), tag=Path(folder).name).items()
+    found = False
+    for name, tensor in items:
+        if name.startswith(BACKBONE_PREFIX):
+            found = True
+            yield name[len(BACKBONE_PREFIX):], tensor
+    if not found:
+        raise CheckpointError(f"{folder}: no '{BACKBONE_PREFIX}*' weights in the checkpoint (not an embedtrain run?)")
+
+
+def write_shards(named_tensors, folder, dtype, max_shard_bytes):
+    """Write safetensors shards of at most `max_shard_bytes` as tensors arrive; index if several."""
+    shards, current, size, weight_map = [], {}, 0, {}
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"shard-{len(shards):05d}.tmp"
+            save_file(current, str(folder / name), metadata={"format": "pt"})
+            shards.append((name, list(current)))
+            current, size = {}, 0
+
+    total = 0
+    for name, tensor in named_tensors:
+        tensor = tensor.to(dtype).contiguous()
+        if size and size + tensor.nbytes > max_shard_bytes:
+            flush()
+        current[name] = tensor
+        size += tensor.nbytes
+        total += tensor.nbytes
+    flush()
+    for index, (tmp, names) in enumerate(shards):
+        final = "model.safetensors" if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        (folder / tmp).rename(folder / final)
+        weight_map.update({n: final for n in names})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return total
+
+
+def sentence_transformers_files(folder, config, prompts, max_seq_length):
+    """modules.json (Transformer -> Pooling -> Normalize) and each module's config."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    pooling = {mode: False for mode in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                                        "pooling_mode_lasttoken")}
+    pooling[ST_POOLING[config["pooling"]]] = True
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": config["hidden_size"], **pooling, "include_prompt": True}, indent=2) + "\n")
+    (folder / "2_Normalize").mkdir()
+    (folder / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2) + "\n")
+    st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
+                 "model_type": "SentenceTransformer"}
+    if config.get("matryoshka_dims"):
+        st_config["matryoshka_dims"] = config["matryoshka_dims"]
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
+
+
+def model_card(config, run_config, step, prompts):
+    data, train, loss = run_config.get("data", {}), run_config.get("train", {}), run_config.get("loss", {})
+    return f"""---
+library_name: transformers
+tags: [sentence-transformers, feature-extraction, embedding, embedtrain]
+pipeline_tag: feature-extraction
+---
+# Bidirectional Llama embedding model
+
+Trained with embedtrain from `{run_config.get('model', {}).get('path', '?')}` for {step} steps.
+
+- Architecture: Llama, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, bidirectional attention
+- Pooling: `{config['pooling']}`, L2-normalised; similarity: cosine
+- Data: `{data.get('path', '?')}`, subsets {data.get('subsets') or 'all'}
+- Loss: InfoNCE, negatives `{loss.get('negatives')}`, {loss.get('hard_negatives')} hard negatives, temperature {loss.get('temperature')}
+- Optimisation: lr {train.get('lr')}, global batch {train.get('global_batch_size')}, seed {train.get('seed')}
+- Prompts: query `{prompts['query']!r}`, document `{prompts['document']!r}`
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("PATH", trust_remote_code=True)
+queries = model.encode(["..."], prompt_name="query")
+documents = model.encode(["..."], prompt_name="document")
+```
+"""
+
+
+def export_checkpoint(source, out, dtype="float32", overwrite=False, max_shard_gb=5.0):
     checkpoint_root, tag = resolve_checkpoint(source)
     step_folder = checkpoint_root / tag
     base = step_folder / "base_model"
     if not (base / "config.json").is_file():
-        raise ValueError(f"{step_folder} lacks base_model/config.json: not a complete embedtrain checkpoint")
+        raise CheckpointError(f"{step_folder} lacks base_model/config.json: not a complete embedtrain checkpoint")
     out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    state = load_consolidated_state(checkpoint_root, tag)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.to(torch_dtype).contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    try:
+        write_export(step_folder, base, tmp, dtype, max_shard_gb)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the folder appears complete or not at all
+    return out
+
+
+def write_export(step_folder, base, tmp, dtype, max_shard_gb):
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    write_shards(checkpoint_parameters(step_folder), tmp, torch_dtype, int(max_shard_gb * 2**30))
     config = hf_config_dict(json.loads((base / "config.json").read_text()))
     config["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
+    prompts = json.loads((base / "prompts.json").read_text())
     for item in base.iterdir():
-        if item.name != "config.json":
+        if item.name not in ("config.json", "prompts.json"):
             shutil.copy(item, tmp / item.name)
-    tmp.rename(out)  # the folder appears complete or not at all
-    return out
+    run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
+    sentence_transformers_files(tmp, config, prompts, run_config["data"]["passage_max_length"])
+    (tmp / "README.md").write_text(model_card(config, run_config, int(step_folder.name.split("_")[-1]), prompts))

@@ -39,6 +39,13 @@ class Collator:
         self.passage_prompts = {name: data_config.passage_prefix if data_config.passage_prefix is not None
                                 else info["passage_instruction"] for name, info in subsets.items()}
 
+    def prompts(self):
+        """The sentence-transformers prompts of this run: the first subset's (or the configured)
+        instruction plus the one-space joiner, for queries and for documents."""
+        first = next(iter(self.query_prompts))
+        query, document = self.query_prompts[first], self.passage_prompts[first]
+        return {"query": f"{query} " if query else "", "document": f"{document} " if document else ""}
+
     def tokenize(self, texts, max_length):
         return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True,
                               pad_to_multiple_of=self.config.pad_to_multiple_of, return_tensors="pt")

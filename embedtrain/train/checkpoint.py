@@ -12,11 +12,12 @@ import torch
 import yaml
 
 
-def write_base_model(run_dir, backbone_config, tokenizer):
-    """<run>/base_model: the backbone config and tokenizer, copied into every checkpoint so that an
-    export needs nothing but the checkpoint folder."""
+def write_base_model(run_dir, backbone_config, tokenizer, prompts):
+    """<run>/base_model: the backbone config, tokenizer and prompts, copied into every checkpoint
+    so that an export needs nothing but the checkpoint folder."""
     folder = Path(run_dir) / "base_model"
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
     config = backbone_config.to_dict()
     for key in ("auto_map", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
         config.pop(key, None)
@@ -36,8 +37,32 @@ def checkpoint_root(run_dir):
     return Path(run_dir) / "checkpoints"
 
 
+class CheckpointError(ValueError):
+    """A partial, corrupt or foreign checkpoint; the message names the file."""
+
+
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as plain lists and tensors, so that checkpoints load with weights_only=True."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
+
+
+def safe_globals():
+    """The non-tensor classes DeepSpeed pickles into its checkpoint files; nothing else may load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, ZeroStageEnum]
+
+
+def load_checkpoint_file(path):
+    """torch.load with weights_only=True (plus DeepSpeed's two classes), memory-mapped."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
+        raise CheckpointError(f"cannot read checkpoint file {path}: {err}") from err
 
 
 def save_checkpoint(engine, run_dir, step, stream_state, config_dict):
@@ -63,5 +88,5 @@ def resolve_checkpoint(path):
         return path, tag
     if path.is_dir() and path.name.startswith("step_"):
         return path.parent, path.name
-    raise ValueError(f"{path} is not a run folder, a checkpoints folder or a checkpoint step folder "
+    raise CheckpointError(f"{path} is not a run folder, a checkpoints folder or a checkpoint step folder "
                      "(no checkpoints/, no latest file, not step_<N>)")

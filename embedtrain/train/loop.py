@@ -74,7 +74,7 @@ def train(config, on_step=None):
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config)
     if rank == 0:
-        write_base_model(run_dir, engine.module.backbone.config, tokenizer)
+        write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.prompts())
     writer = make_writer(config, run_dir) if rank == 0 else None
     if rank == 0:
         print(f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
