@@ -121,5 +121,39 @@ def encode(model, input_path, output_path, prompt, dim, batch_size):
     click.echo(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}")
 
 
+@main.command()
+@click.option("--config", "recipe", required=True, metavar="RECIPE_OR_PATH", help="Recipe name or YAML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config overrides, as for train.")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--gpus-per-node", type=int, default=8, show_default=True)
+@click.option("--gpu-memory", type=float, default=80.0, show_default=True, help="GiB per GPU.")
+@click.option("--mfu", type=float, default=0.40, show_default=True, help="Assumed model FLOPs utilisation.")
+@click.option("--peak-tflops", type=float, default=989.0, show_default=True, help="Dense bf16 peak per GPU.")
+@click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
+              help="Model shape when model.path is not a local checkpoint.")
+def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape):
+    """Per-GPU memory and step time of a recipe on N nodes x G GPUs; recommends micro-batch,
+    accumulation, checkpointing and offload.
+
+    \b
+    Example:  embedtrain plan --config llama_embed_nemotron_8b --nodes 8 --gpus-per-node 8
+    """
+    from embedtrain.config import load_config, recipe_path
+    from embedtrain.plan import format_plan, plan as run_plan
+
+    try:
+        config = load_config(recipe, [*_placeholder_paths(overrides), *overrides])
+        result = run_plan(config, recipe_path(recipe).stem, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape)
+    except (ConfigError, ValueError) as err:
+        fail(str(err))
+    click.echo(format_plan(result))
+
+
+def _placeholder_paths(overrides):
+    """plan needs no data and, with a known shape, no checkpoint: fill unset paths."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [f"{key}=unset" for key in ("model.path", "data.path") if key not in given]
+
+
 if __name__ == "__main__":
     main()

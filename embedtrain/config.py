@@ -349,7 +349,20 @@ def deepspeed_config(config, world_size):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ConfigError(f"{path}: optimizer and scheduler belong to the recipe (optim.*, train.lr), not the DeepSpeed JSON")
+    validate_with_deepspeed(ds, path)
     return ds
+
+
+def validate_with_deepspeed(ds, path):
+    """DeepSpeed's own schema check (it forbids unknown ZeRO keys), before any process group or GPU.
+    train_batch_size is left out: DeepSpeed would check it against the world size of this process,
+    and batch_layout checks it against the real one."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
+    except Exception as err:  # noqa: BLE001 - pydantic and assertion errors alike
+        raise ConfigError(f"deepspeed.config {path} (with overrides) is rejected by DeepSpeed: {err}") from err
 
 
 def precision_dtype(ds_config):

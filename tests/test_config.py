@@ -80,6 +80,12 @@ def test_unknown_recipe_and_bad_yaml(tmp_path):
         load_config(str(unknown), PATHS)
 
 
+def test_deepspeed_rejects_a_mistyped_zero_key():
+    config = load_config("tiny", ["deepspeed.zero_optimization.stage3_prefetch_bucket_sizee=3"])
+    with pytest.raises(ConfigError, match="(?s)rejected by DeepSpeed.*stage3_prefetch_bucket_sizee"):
+        deepspeed_config(config, 1)
+
+
 def test_optimizer_in_ds_json_is_refused(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))

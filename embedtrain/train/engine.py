@@ -62,8 +62,15 @@ def build_engine(config, ds_config, use_reentrant=False):
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (kept alive on purpose)
     encoder = build_encoder(config, dtype, use_reentrant)
-    optimizer = torch.optim.AdamW(parameter_groups(encoder, config.optim.weight_decay), lr=config.train.lr,
-                                  betas=tuple(config.optim.betas), eps=config.optim.eps)
+    groups = parameter_groups(encoder, config.optim.weight_decay)
+    adam = dict(lr=config.train.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
+    if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        # an offloaded optimizer steps on the host: DeepSpeed's vectorised CPU Adam (JIT-built once)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
+    else:
+        optimizer = torch.optim.AdamW(groups, **adam)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
         step, config.optim.warmup_steps, config.train.max_steps, config.optim.schedule, config.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
