@@ -9,6 +9,7 @@ Memory per GPU under ZeRO-3 with bf16 (bytes):
                  layer are kept and one layer is recomputed at a time;
   gather buffers the global pool: W x B x G x D fp32 embeddings, forward and gradient;
   reserve        2 GiB (CUDA context, NCCL) and 10 % fragmentation.
+An option fits when its total is at most 90 % of the GPU's memory (headroom for allocator peaks).
 Step time = model FLOPs of the step (6 x non-embedding params + 12 x layers x hidden x L per
 token; x 4/3 with checkpointing for the recomputed forward) / (GPUs x peak x MFU).
 """
@@ -110,7 +111,7 @@ def plan(config, recipe_name, nodes, gpus_per_node, gpu_memory_gib=80.0, mfu=0.4
                                 "checkpointing": checkpointing, "offload": offload,
                                 "memory_gib": sum(parts.values()) / GIB,
                                 "parts_gib": {k: v / GIB for k, v in parts.items()}, "step_seconds": seconds,
-                                "fits": sum(parts.values()) <= gpu_memory_gib * GIB})
+                                "fits": sum(parts.values()) <= 0.9 * gpu_memory_gib * GIB})
                 micro *= 2
     fitting = [o for o in options if o["fits"]]
     best = min(fitting, key=lambda o: (o["step_seconds"], -o["micro_batch"])) if fitting else None

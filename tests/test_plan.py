@@ -39,7 +39,7 @@ def test_recommendation_fits_and_prefers_speed():
     config = load_config("llama_embed_nemotron_8b", ["model.path=unset", "data.path=unset"])
     result = plan(config, "llama_embed_nemotron_8b", 1, 8)
     best = result["best"]
-    assert best["fits"] and best["memory_gib"] <= 80
+    assert best["fits"] and best["memory_gib"] <= 0.9 * 80
     assert all(o["step_seconds"] >= best["step_seconds"] for o in result["options"] if o["fits"])
     tight = plan(config, "llama_embed_nemotron_8b", 1, 8, gpu_memory_gib=12)["best"]
     assert tight["offload"] != "none" or tight["checkpointing"]
