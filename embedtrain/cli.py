@@ -24,7 +24,10 @@ def main():
               help="Override a config key, e.g. --set train.lr=1e-5 --set deepspeed.bf16.enabled=false.")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Run folder (checkpoints, TensorBoard, resolved config). Default: train.output_dir.")
-def train(recipe, overrides, output_dir):
+@click.option("--resume", default=None, metavar="auto|never|PATH",
+              help="auto (default): continue from the run folder's newest complete checkpoint if there is one; "
+                   "never: start fresh (refused if the run folder has checkpoints); PATH: a run or step folder.")
+def train(recipe, overrides, output_dir, resume):
     """Train an embedding model.
 
     \b
@@ -34,15 +37,16 @@ def train(recipe, overrides, output_dir):
     from embedtrain.config import load_config
     from embedtrain.data.nemotron import DataError
     from embedtrain.model.encoder import ModelError
+    from embedtrain.train.checkpoint import CheckpointError
 
     try:
-        config = load_config(recipe, overrides, output_dir)
+        config = load_config(recipe, [*overrides, *([f"train.resume={resume}"] if resume else [])], output_dir)
         from embedtrain import distributed
         from embedtrain.train.loop import train as run_training
 
         run_training(config)
         distributed.shutdown()
-    except (ConfigError, DataError, ModelError) as err:
+    except (ConfigError, DataError, ModelError, CheckpointError) as err:
         fail(str(err))
 
 

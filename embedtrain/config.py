@@ -75,6 +75,8 @@ class TrainConfig:
     lr: float = 2e-6
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: all
+    resume: str = "auto"  # auto: from <output_dir>/checkpoints if any | never | a run or step folder
     activation_checkpointing: bool = True
     output_dir: str = "runs/default"
 

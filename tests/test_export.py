@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 from conftest import REPO, worker_env
 from embedtrain.export import export_checkpoint
 from embedtrain.model.encoder import attention_is_bidirectional
-from embedtrain.train.checkpoint import CheckpointError
+from embedtrain.train.checkpoint import CheckpointError, load_checkpoint_file
 from test_cli import embedtrain
 
 QUERIES = ["Shilin Linlofo is a chemist.", "Which material did Dorbra Ostmorven use?"]
@@ -138,14 +138,17 @@ def test_partial_and_corrupt_checkpoints_fail_clearly(trained, tmp_path):
     shutil.copytree(trained / "run", broken)
     step = broken / "checkpoints" / "step_4"
     (step / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
-    with pytest.raises(CheckpointError, match="no DeepSpeed optim states"):
+    with pytest.raises(CheckpointError, match="step_4 is incomplete or damaged: .*optim_states.pt is missing"):
         export_checkpoint(broken, tmp_path / "out")
     model_states = step / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     model_states.write_bytes(model_states.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="cannot read checkpoint file .*step_4/zero_pp_rank_0_mp_rank_00_model"):
+    (step / "complete.json").unlink()  # an unlisted, corrupt file: the loader itself names it
+    with pytest.raises(CheckpointError, match="no complete.json"):
         export_checkpoint(broken, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint file .*step_4/zero_pp_rank_0_mp_rank_00_model"):
+        load_checkpoint_file(model_states)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     run = embedtrain("export", broken, tmp_path / "out2")
-    assert run.returncode == 2 and "cannot read checkpoint file" in run.stderr
+    assert run.returncode == 2 and "incomplete or damaged" in run.stderr
     run = embedtrain("export", tmp_path, tmp_path / "out3")
     assert run.returncode == 2 and "is not a run folder" in run.stderr

@@ -48,6 +48,35 @@ def rng_state():
             "torch": torch.get_rng_state()}
 
 
+def restore_rng(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
+def resume_checkpoint(resume, run_dir):
+    """The checkpoint folder to resume from, or None. `resume` is auto, never, or a path."""
+    if resume == "never":
+        if find_resume_checkpoint(run_dir, log=lambda _: None) is not None:
+            raise CheckpointError(f"{run_dir} already holds checkpoints and train.resume=never: choose another "
+                                  "--output-dir, or --resume auto to continue")
+        return None
+    if resume == "auto":
+        return find_resume_checkpoint(run_dir)
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():
+        found = find_resume_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"train.resume: {path} holds no complete checkpoint")
+        return found
+    problem = checkpoint_problem(path) if path.is_dir() else f"{path} is not a folder"
+    if problem is not None:
+        raise CheckpointError(f"train.resume: {problem}")
+    return path
+
+
 def safe_globals():
     """The non-tensor classes DeepSpeed pickles into its checkpoint files; nothing else may load."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -65,28 +94,112 @@ def load_checkpoint_file(path):
         raise CheckpointError(f"cannot read checkpoint file {path}: {err}") from err
 
 
-def save_checkpoint(engine, run_dir, step, stream_state, config_dict):
-    """Every rank calls this (ZeRO shards are per rank)."""
+def save_checkpoint(engine, run_dir, step, stream_state, config_dict, keep=0):
+    """Every rank calls this (ZeRO shards are per rank). Atomic: DeepSpeed writes step_N.partial/,
+    rank 0 then writes complete.json (every file and its size), renames the folder to step_N and
+    only then points `latest` at it. A crash at any moment leaves the previous checkpoint intact."""
+    root = checkpoint_root(run_dir)
     tag = f"step_{step}"
-    engine.save_checkpoint(str(checkpoint_root(run_dir)), tag=tag,
-                           client_state={"step": step, "stream": stream_state, "rng": rng_state()})
-    folder = checkpoint_root(run_dir) / tag
+    try:
+        engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False,
+                               client_state={"step": step, "stream": stream_state, "rng": rng_state()})
+    except OSError as err:  # disk full, quota, permissions: say so, leave the last good checkpoint alone
+        shutil.rmtree(root / (tag + PARTIAL), ignore_errors=True)
+        latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else "none"
+        raise CheckpointError(f"saving checkpoint {tag} under {root} failed: {err}; the newest complete "
+                              f"checkpoint ({latest}) is intact") from err
+    torch.distributed.barrier()
     if engine.global_rank == 0:
-        (folder / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        (folder / "stream.json").write_text(json.dumps(stream_state, indent=2))
-        shutil.copytree(Path(run_dir) / "base_model", folder / "base_model", dirs_exist_ok=True)
-    return folder
+        publish_checkpoint(root, tag, run_dir, stream_state, config_dict)
+        prune_checkpoints(root, keep)
+    torch.distributed.barrier()
+    return root / tag
+
+
+PARTIAL = ".partial"
+
+
+def publish_checkpoint(root, tag, run_dir, stream_state, config_dict):
+    """Rank 0, after every rank wrote: add our files, record the inventory, rename, move `latest`."""
+    folder = root / (tag + PARTIAL)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    (folder / "stream.json").write_text(json.dumps(stream_state, indent=2))
+    shutil.copytree(Path(run_dir) / "base_model", folder / "base_model", dirs_exist_ok=True)
+    inventory = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / "complete.json").write_text(json.dumps(inventory, indent=2))
+    final = root / tag
+    if final.exists():  # a re-save of the same step (resumed run): replace it
+        shutil.rmtree(final)
+    folder.rename(final)
+    write_latest(root, tag)
+
+
+def write_latest(root, tag):
+    tmp = root / "latest.tmp"
+    tmp.write_text(tag + "\n")
+    tmp.replace(root / "latest")
+
+
+def prune_checkpoints(root, keep):
+    """Keep the newest `keep` complete checkpoints (0: all); partial folders of crashed saves go too."""
+    for partial in root.glob(f"step_*{PARTIAL}"):
+        shutil.rmtree(partial, ignore_errors=True)
+    if keep > 0:
+        steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_problem(folder):
+    """None if `folder` is a complete checkpoint, else what is wrong with it."""
+    inventory_file = folder / "complete.json"
+    if not inventory_file.is_file():
+        return f"{folder} has no complete.json (the save did not finish)"
+    try:
+        inventory = json.loads(inventory_file.read_text())
+    except json.JSONDecodeError:
+        return f"{inventory_file} is not valid JSON"
+    for name, size in inventory.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def find_resume_checkpoint(run_dir, log=print):
+    """The newest complete checkpoint of a run: `latest` if it checks out, else (with a warning)
+    the newest older one that does. None when the run has none."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)),
+                        key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    if latest:
+        candidates.sort(key=lambda p: p.name != latest)  # try `latest` first
+    for folder in candidates:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log(f"[embedtrain] warning: skipping checkpoint {folder.name}: {problem}")
+    return None
 
 
 def resolve_checkpoint(path):
-    """A run folder, a checkpoints folder or a step folder -> (checkpoints root, tag)."""
+    """For export: a run folder (the checkpoint `latest` names), its checkpoints folder, or a step
+    folder -> (checkpoints root, tag). Strict: an incomplete or damaged checkpoint is an error."""
     path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
-        return path, tag
-    if path.is_dir() and path.name.startswith("step_"):
-        return path.parent, path.name
-    raise CheckpointError(f"{path} is not a run folder, a checkpoints folder or a checkpoint step folder "
-                     "(no checkpoints/, no latest file, not step_<N>)")
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (root / "latest").is_file():
+        folder = root / (root / "latest").read_text().strip()
+    elif path.is_dir() and path.name.startswith("step_"):
+        folder = path
+    else:
+        raise CheckpointError(f"{path} is not a run folder, a checkpoints folder or a checkpoint step folder "
+                              "(no checkpoints/, no latest file, not step_<N>)")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {folder} is incomplete or damaged: {problem}")
+    return folder.parent, folder.name

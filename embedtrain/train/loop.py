@@ -2,6 +2,7 @@
 checkpoints."""
 
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.model.encoder import read_llama_config
-from embedtrain.train.checkpoint import save_checkpoint, write_base_model
+from embedtrain.train.checkpoint import (CheckpointError, load_checkpoint_file, restore_rng, resume_checkpoint,
+                                        save_checkpoint, write_base_model)
 from embedtrain.train.engine import build_engine
 from embedtrain.train.step import contrastive_loss
 
@@ -54,37 +56,41 @@ def seed_everything(seed, rank):
 
 
 def train(config, on_step=None):
-    """Run training as configured. Returns the engine (tests inspect it). `on_step(step, stats,
-    examples)` is called on every rank after each optimizer step with that rank's examples."""
+    """Run training as configured, resuming per train.resume. Returns the engine (tests inspect
+    it). `on_step(step, stats, examples)` is called on every rank after each optimizer step."""
     rank, world, _ = distributed.init_distributed()
     ds_config = deepspeed_config(config, world)
     micro, accumulation = batch_layout(config, world)
     seed_everything(config.train.seed, rank)
-    # Bad input must fail before the model is loaded and GPUs spin: the model folder, then the data.
+    # Bad input must fail before the model is loaded and GPUs spin: model folder, checkpoint, data.
     read_llama_config(config.model.path)
     run_dir = Path(config.train.output_dir)
+    resume_from = distributed.run_on_main(lambda: prepare_run_dir(config, run_dir))
     dataset = open_dataset(config.data, run_dir)
     sampler = make_sampler(config, dataset)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
     collator = Collator(tokenizer, config.data, dataset.info)
     config_dict = config.to_dict()
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config)
     if rank == 0:
         write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.prompts())
-    writer = make_writer(config, run_dir) if rank == 0 else None
+    start = 0 if resume_from is None else load_state(engine, resume_from, config, world)
+    writer = make_writer(config, run_dir, start) if rank == 0 else None
     if rank == 0:
         print(f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
               f"accumulation {accumulation} x world {world}; {len(dataset)} queries from "
-              f"{len(dataset.names)} subset(s); ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}",
-              flush=True)
+              f"{len(dataset.names)} subset(s); ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
+              + (f"; resumed from {resume_from} at step {start}" if resume_from else ""), flush=True)
 
-    window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
+    def save(step):
+        save_checkpoint(engine, run_dir, step, stream_state(step, sampler, dataset), config_dict,
+                        config.train.keep_checkpoints)
+
+    stop = StopRequest()
+    window = new_window()
     batches = StepBatches(dataset, sampler, collator, rank, world, micro, config.loss.hard_negatives,
-                          start=0, stop=config.train.max_steps, length_bucketing=config.data.length_bucketing)
+                          start=start, stop=config.train.max_steps, length_bucketing=config.data.length_bucketing)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.num_workers)
     for step, micro_batches, examples in loader:
         step_stats = {"loss": 0.0}
@@ -101,24 +107,92 @@ def train(config, on_step=None):
         window["loss"] += step_stats["loss"]
         if on_step is not None:
             on_step(step, step_stats, examples)
-        if (step + 1) % config.logging.every == 0 or step + 1 == config.train.max_steps:
+        done = step + 1
+        if done % config.logging.every == 0 or done == config.train.max_steps:
             log_window(engine, writer, step, step_stats, window)
-            window = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
-        if config.train.save_every and (step + 1) % config.train.save_every == 0 and step + 1 < config.train.max_steps:
-            save_checkpoint(engine, run_dir, step + 1, stream_state(step + 1, sampler, dataset), config_dict)
-    save_checkpoint(engine, run_dir, config.train.max_steps, stream_state(config.train.max_steps, sampler, dataset),
-                    config_dict)
+            window = new_window()
+        if stop.requested():
+            save(done)
+            if rank == 0:
+                print(f"[embedtrain] stop requested (SIGTERM): saved step {done}, exiting", flush=True)
+            break
+        if done == config.train.max_steps or (config.train.save_every and done % config.train.save_every == 0):
+            save(done)
+    stop.restore()
     if writer is not None:
         writer.close()
     return engine
 
 
-def make_writer(config, run_dir):
+def new_window():
+    return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
+
+
+class StopRequest:
+    """SIGTERM (Slurm preemption, scancel, torchrun shutting down) asks to stop: the current step
+    finishes, every rank agrees, a checkpoint is written, and training returns normally."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self):
+        flag = torch.tensor([1.0 if self.flag else 0.0])
+        if distributed.world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def prepare_run_dir(config, run_dir):
+    """Rank 0: find the checkpoint to resume from (or refuse), create the run folder, check that it
+    is writable, save the resolved config."""
+    resume_from = resume_checkpoint(config.train.resume, run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"train.output_dir: cannot write to {run_dir}: {err.strerror}") from err
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return resume_from
+
+
+def load_state(engine, folder, config, world):
+    """Restore model, optimizer, scheduler, step and RNG from a checkpoint folder; returns the step."""
+    saved = load_checkpoint_file(sorted(folder.glob("*_model_states.pt"))[0])
+    if saved.get("dp_world_size", world) != world:
+        raise CheckpointError(f"{folder} was written by {saved['dp_world_size']} ranks; this run has {world}. "
+                              "Resuming ZeRO-3 state on another world size is not supported yet")
+    stream = saved["stream"]
+    if stream["global_batch_size"] != config.train.global_batch_size or stream["seed"] != config.train.seed:
+        raise CheckpointError(f"{folder}: train.global_batch_size/train.seed were {stream['global_batch_size']}/"
+                              f"{stream['seed']}, now {config.train.global_batch_size}/{config.train.seed}: the data "
+                              "order would change; keep them to resume")
+    try:
+        _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except (RuntimeError, KeyError, ValueError, AssertionError) as err:
+        raise CheckpointError(f"{folder} does not match this model ({config.model.path}): {err}") from err
+    if client is None:
+        raise CheckpointError(f"DeepSpeed could not load {folder}")
+    restore_rng(client["rng"])
+    return client["step"]
+
+
+def make_writer(config, run_dir, start_step):
+    """TensorBoard writer; after a resume, points past the checkpoint are purged so curves continue."""
     if not config.logging.tensorboard:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(run_dir / "tb"))
+    return SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
 
 def log_window(engine, writer, step, step_stats, window):

@@ -1,0 +1,149 @@
+"""Nothing lost: killed and resumed runs equal an uninterrupted one; damaged checkpoints fall back;
+SIGTERM saves and exits 0; bad input fails early without damaging earlier checkpoints."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, WORKERS, run_ranks, worker_env
+from embedtrain.export import export_checkpoint
+from test_cli import embedtrain
+
+
+def run(run_dir, records, *args, nproc=1, expect_kill=False):
+    result = run_ranks([WORKERS / "resumable.py", "--run-dir", run_dir, "--records", records, *args], nproc=nproc,
+                       timeout=400, check=not expect_kill)
+    if expect_kill:
+        assert result.returncode != 0, result.stdout[-2000:]
+    return result
+
+
+def effective_stream(records):
+    """step -> examples, the last record of each step winning (a resumed run redoes steps)."""
+    stream, starts, previous = {}, [], None
+    for line in records.read_text().splitlines():
+        record = json.loads(line)
+        if record["pid"] != previous:
+            starts.append(record["step"])
+            previous = record["pid"]
+        stream[record["step"]] = record["ids"]
+    return stream, starts
+
+
+def weights(run_dir, out):
+    return load_file(str(export_checkpoint(run_dir, out) / "model.safetensors"))
+
+
+def assert_same_weights(a, b, tolerance=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        error = float((a[name] - b[name]).norm() / b[name].norm())
+        assert error <= tolerance, (name, error)
+
+
+def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path):
+    run(tmp_path / "straight", tmp_path / "straight.jsonl")
+    killed = tmp_path / "killed"
+    records = tmp_path / "killed.jsonl"
+    run(killed, records, "--kill-after-step", "2", expect_kill=True)  # after step 3, checkpoint step_2 exists
+    run(killed, records, "--kill-after-step", "4", expect_kill=True)  # resumes at 2, dies after step 5
+    run(killed, records, "--kill-in-save", "6", expect_kill=True)  # resumes at 4, dies inside the save of step 6
+    assert (killed / "checkpoints" / "step_6.partial").is_dir()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_4"
+    run(killed, records)  # resumes at 4 and finishes
+
+    stream, starts = effective_stream(records)
+    straight, _ = effective_stream(tmp_path / "straight.jsonl")
+    assert starts == [0, 2, 4, 4]  # each run began exactly at the last complete checkpoint
+    assert stream == straight  # same examples at every step: none repeated, none skipped
+    assert not (killed / "checkpoints" / "step_6.partial").exists()  # cleaned by the next save
+    assert_same_weights(weights(killed, tmp_path / "a"), weights(tmp_path / "straight", tmp_path / "b"))
+
+
+def test_damaged_latest_falls_back_to_the_previous_checkpoint(tmp_path):
+    run_dir, records = tmp_path / "run", tmp_path / "r.jsonl"
+    run(run_dir, records, "--steps", "4")
+    damaged = run_dir / "checkpoints" / "step_4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    step_2 = sorted((run_dir / "checkpoints" / "step_2").rglob("*"))
+    before = {p: p.read_bytes() for p in step_2 if p.is_file()}
+    result = run(run_dir, records, "--steps", "6")
+    assert "warning: skipping checkpoint step_4" in result.stdout + result.stderr
+    assert "resumed from" in result.stdout and "step_2 at step 2" in result.stdout
+    assert all(p.read_bytes() == data for p, data in before.items() if p.name != "complete.json")
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    command = [sys.executable, "-m", "embedtrain.cli", "train", "--config", "tiny", "--output-dir",
+               str(tmp_path / "run"), "--set", "train.max_steps=500", "--set", "logging.every=1"]
+    process = subprocess.Popen(command, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    for line in process.stdout:
+        if "step 3:" in line or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "stop requested (SIGTERM): saved step" in out
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest.startswith("step_") and int(latest.split("_")[1]) >= 3
+
+
+def test_resume_never_refuses_a_run_with_checkpoints(tmp_path):
+    run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "2")
+    result = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--resume", "never")
+    assert result.returncode == 2 and "already holds checkpoints and train.resume=never" in result.stderr
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "2")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "other")
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO / "embedtrain" / "assets" / "tiny-llama" / name, tmp_path / "other" / name)
+    result = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "again", "--resume",
+                        tmp_path / "run", "--set", f"model.path={tmp_path / 'other'}", "--set", "train.max_steps=4")
+    assert result.returncode == 2 and "does not match this model" in result.stderr
+
+
+def test_unwritable_output_directory_fails_early(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "file" / "run")
+    assert result.returncode == 2 and "train.output_dir: cannot write to" in result.stderr
+
+
+def test_tokenizer_without_pad_or_eos_is_refused(tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "embedtrain" / "assets" / "tiny-llama", model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("eos_token", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = None
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    result = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set", f"model.path={model}")
+    assert result.returncode == 2 and "has neither a pad nor an eos token" in result.stderr
+
+
+def test_full_disk_during_a_save_fails_clearly_and_keeps_the_last_checkpoint(tmp_path):
+    run_dir, records = tmp_path / "run", tmp_path / "r.jsonl"
+    result = run(run_dir, records, "--steps", "6", "--disk-full-in-save", "4", expect_kill=True)
+    assert "saving checkpoint step_4 under" in result.stdout and "No space left on device" in result.stdout
+    assert "the newest complete checkpoint (step_2) is intact" in result.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_2"
+    assert not (run_dir / "checkpoints" / "step_4.partial").exists()
+    result = run(run_dir, records, "--steps", "6")  # space is back: resume from step_2 and finish
+    assert "step_2 at step 2" in result.stdout

@@ -1,0 +1,76 @@
+"""Train the tiny recipe (fp32, 1 rank unless launched with more) and record every step's examples;
+optionally die by SIGKILL after a given step or in the middle of a checkpoint save.
+
+    python tests/workers/resumable.py --run-dir RUN --records r.jsonl [--kill-after-step K] [--kill-in-save N]
+"""
+
+import argparse
+import json
+import os
+import signal
+
+from embedtrain import distributed
+from embedtrain.config import load_config
+from embedtrain.train import checkpoint
+from embedtrain.train.loop import train
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--records", required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--kill-after-step", type=int, default=None, help="0-based step index")
+    parser.add_argument("--kill-in-save", type=int, default=None, help="step number whose save is interrupted")
+    parser.add_argument("--disk-full-in-save", type=int, default=None, help="step whose save hits ENOSPC")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    config = load_config("tiny", [f"train.max_steps={args.steps}", "train.save_every=2", "train.keep_checkpoints=0",
+                                  "logging.every=1", *args.overrides], output_dir=args.run_dir)
+
+    if args.kill_in_save is not None:
+        publish = checkpoint.publish_checkpoint
+
+        def publish_then_die(root, tag, *rest):
+            if tag == f"step_{args.kill_in_save}":
+                os.kill(os.getpid(), signal.SIGKILL)  # DeepSpeed's files are written, ours are not
+            return publish(root, tag, *rest)
+
+        checkpoint.publish_checkpoint = publish_then_die
+
+    if args.disk_full_in_save is not None:
+        import errno
+
+        import torch
+
+        real_save = torch.save
+
+        def save_or_fail(obj, path, *rest, **kwargs):
+            if f"step_{args.disk_full_in_save}" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_save(obj, path, *rest, **kwargs)
+
+        torch.save = save_or_fail
+
+    def record(step, stats, micro_batches):
+        if distributed.rank() == 0:
+            with open(args.records, "a") as f:
+                f.write(json.dumps({"step": step, "loss": stats["loss"], "pid": os.getpid(),
+                                    "ids": [e.subset + "/" + e.question_id for m in micro_batches for e in m]}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if step == args.kill_after_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    from embedtrain.train.checkpoint import CheckpointError
+
+    try:
+        train(config, on_step=record)
+    except CheckpointError as err:
+        print(f"embedtrain: error: {err}", flush=True)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
+    distributed.shutdown()
