@@ -16,11 +16,15 @@ from embedtrain.export import export_checkpoint
 from test_cli import embedtrain
 
 
-def run(run_dir, records, *args, nproc=1, expect_kill=False):
+def run(run_dir, records, *args, nproc=1, expect_kill=False, expect_code=None):
+    """Run the worker; with expect_kill it must die by SIGKILL (as planned, not by a bug)."""
     result = run_ranks([WORKERS / "resumable.py", "--run-dir", run_dir, "--records", records, *args], nproc=nproc,
-                       timeout=400, check=not expect_kill)
+                       timeout=400, check=not (expect_kill or expect_code))
+    if expect_code is not None:
+        assert result.returncode == expect_code, result.stdout[-2000:] + result.stderr[-3000:]
     if expect_kill:
-        assert result.returncode != 0, result.stdout[-2000:]
+        killed = result.returncode == -9 if nproc == 1 else "exitcode: -9" in result.stderr
+        assert killed, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
 
@@ -140,10 +144,23 @@ def test_tokenizer_without_pad_or_eos_is_refused(tmp_path):
 
 def test_full_disk_during_a_save_fails_clearly_and_keeps_the_last_checkpoint(tmp_path):
     run_dir, records = tmp_path / "run", tmp_path / "r.jsonl"
-    result = run(run_dir, records, "--steps", "6", "--disk-full-in-save", "4", expect_kill=True)
+    result = run(run_dir, records, "--steps", "6", "--disk-full-in-save", "4", expect_code=2)
     assert "saving checkpoint step_4 under" in result.stdout and "No space left on device" in result.stdout
     assert "the newest complete checkpoint (step_2) is intact" in result.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_2"
     assert not (run_dir / "checkpoints" / "step_4.partial").exists()
     result = run(run_dir, records, "--steps", "6")  # space is back: resume from step_2 and finish
     assert "step_2 at step 2" in result.stdout
+
+
+def test_resume_on_another_world_size_continues_the_same_run(tmp_path):
+    """Two ranks die after step 3; one rank resumes from step_2 (ZeRO-3 partitions resharded) and
+    ends where an uninterrupted one-rank run ends, having seen the same examples at every step."""
+    run(tmp_path / "straight", tmp_path / "straight.jsonl", "--steps", "6")
+    records = tmp_path / "elastic.jsonl"
+    run(tmp_path / "elastic", records, "--steps", "6", "--kill-after-step", "2", nproc=2, expect_kill=True)
+    result = run(tmp_path / "elastic", records, "--steps", "6")
+    assert "1 rank(s)" in result.stdout and "step_2 at step 2" in result.stdout
+    stream, starts = effective_stream(records)
+    assert starts == [0, 2] and stream == effective_stream(tmp_path / "straight.jsonl")[0]
+    assert_same_weights(weights(tmp_path / "elastic", tmp_path / "a"), weights(tmp_path / "straight", tmp_path / "b"))

@@ -203,3 +203,52 @@ def resolve_checkpoint(path):
     if problem is not None:
         raise CheckpointError(f"checkpoint {folder} is incomplete or damaged: {problem}")
     return folder.parent, folder.name
+
+
+def load_resharded(engine, folder):
+    """Resume ZeRO-3 state written by W' ranks on W != W' ranks (e.g. a job requeued on fewer nodes):
+    every parameter, its fp32 master copy and both Adam moments are assembled from the old
+    partitions and scattered into the new ones; step counts, scheduler and counters follow.
+    Returns the client state of the old rank with this rank's number (rank 0's if there is none)."""
+    import math
+
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from embedtrain.export import rank_files
+
+    model_files = rank_files(folder, "model")
+    saved = load_checkpoint_file(model_files[0])
+    old_world = saved["dp_world_size"]
+    optim = [load_checkpoint_file(f)["optimizer_state_dict"] for f in rank_files(folder, "optim")]
+    named = dict(engine.module.named_parameters())
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:  # Adam creates its moments lazily
+        state = engine.optimizer.optimizer.state[flat]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state.setdefault(key, torch.zeros_like(flat))
+    for group, shapes in enumerate(saved["param_shapes"]):
+        offset = 0
+        for name, shape in shapes.items():
+            numel, param = math.prod(shape), named[name]
+            part = math.ceil(numel / old_world)
+
+            def full(flat_of_rank):
+                return torch.cat([flat_of_rank(r).narrow(0, offset, part) for r in range(old_world)])[:numel].view(shape)
+
+            master = full(lambda r: optim[r]["fp32_flat_groups"][group])
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if engine.global_rank == 0:
+                    param.data.copy_(master.to(param.dtype))
+            safe_set_full_fp32_param(param, master)
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, full(lambda r: optim[r]["optimizer_state_dict"]["state"][group][key]), key)
+            offset += part
+    step = optim[0]["optimizer_state_dict"]["state"][0]["step"]
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        engine.optimizer.optimizer.state[flat]["step"] = step.clone()
+    engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr  # the scheduler's state says which lr the next step uses
+    engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
+    own = model_files[engine.global_rank] if engine.global_rank < len(model_files) else model_files[0]
+    return load_checkpoint_file(own)

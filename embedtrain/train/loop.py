@@ -17,8 +17,8 @@ from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.model.encoder import read_llama_config
-from embedtrain.train.checkpoint import (CheckpointError, load_checkpoint_file, restore_rng, resume_checkpoint,
-                                        save_checkpoint, write_base_model)
+from embedtrain.train.checkpoint import (CheckpointError, load_checkpoint_file, load_resharded, restore_rng,
+                                        resume_checkpoint, save_checkpoint, write_base_model)
 from embedtrain.train.engine import build_engine
 from embedtrain.train.step import contrastive_loss
 
@@ -167,17 +167,17 @@ def prepare_run_dir(config, run_dir):
 def load_state(engine, folder, config, world):
     """Restore model, optimizer, scheduler, step and RNG from a checkpoint folder; returns the step."""
     saved = load_checkpoint_file(sorted(folder.glob("*_model_states.pt"))[0])
-    if saved.get("dp_world_size", world) != world:
-        raise CheckpointError(f"{folder} was written by {saved['dp_world_size']} ranks; this run has {world}. "
-                              "Resuming ZeRO-3 state on another world size is not supported yet")
     stream = saved["stream"]
     if stream["global_batch_size"] != config.train.global_batch_size or stream["seed"] != config.train.seed:
         raise CheckpointError(f"{folder}: train.global_batch_size/train.seed were {stream['global_batch_size']}/"
                               f"{stream['seed']}, now {config.train.global_batch_size}/{config.train.seed}: the data "
                               "order would change; keep them to resume")
     try:
-        _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        if saved["dp_world_size"] == world:
+            _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        else:
+            client = load_resharded(engine, folder)
     except (RuntimeError, KeyError, ValueError, AssertionError) as err:
         raise CheckpointError(f"{folder} does not match this model ({config.model.path}): {err}") from err
     if client is None:

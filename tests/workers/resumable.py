@@ -9,6 +9,8 @@ import json
 import os
 import signal
 
+import torch
+
 from embedtrain import distributed
 from embedtrain.config import load_config
 from embedtrain.train import checkpoint
@@ -41,8 +43,6 @@ def main():
     if args.disk_full_in_save is not None:
         import errno
 
-        import torch
-
         real_save = torch.save
 
         def save_or_fail(obj, path, *rest, **kwargs):
@@ -53,10 +53,16 @@ def main():
         torch.save = save_or_fail
 
     def record(step, stats, micro_batches):
+        # every rank's examples, in global order: micro-batch m of rank 0, of rank 1, ...
+        mine = [[e.subset + "/" + e.question_id for e in m] for m in micro_batches]
+        every_rank = [mine]
+        if distributed.world_size() > 1:
+            every_rank = [None] * distributed.world_size()
+            torch.distributed.all_gather_object(every_rank, mine)
+        ids = [q for m in range(len(mine)) for ranks in every_rank for q in ranks[m]]
         if distributed.rank() == 0:
             with open(args.records, "a") as f:
-                f.write(json.dumps({"step": step, "loss": stats["loss"], "pid": os.getpid(),
-                                    "ids": [e.subset + "/" + e.question_id for m in micro_batches for e in m]}) + "\n")
+                f.write(json.dumps({"step": step, "loss": stats["loss"], "pid": os.getpid(), "ids": ids}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         if step == args.kill_after_step:
