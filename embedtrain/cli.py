@@ -38,6 +38,7 @@ def train(recipe, overrides, output_dir, resume):
     from embedtrain.data.nemotron import DataError
     from embedtrain.model.encoder import ModelError
     from embedtrain.train.checkpoint import CheckpointError
+    from embedtrain.train.loop import TrainingError
 
     try:
         config = load_config(recipe, [*overrides, *([f"train.resume={resume}"] if resume else [])], output_dir)
@@ -46,7 +47,7 @@ def train(recipe, overrides, output_dir, resume):
 
         run_training(config)
         distributed.shutdown()
-    except (ConfigError, DataError, ModelError, CheckpointError) as err:
+    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as err:
         fail(str(err))
 
 

@@ -77,6 +77,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: all
     resume: str = "auto"  # auto: from <output_dir>/checkpoints if any | never | a run or step folder
+    max_skipped_steps: int = 20  # steps skipped for a non-finite loss or gradient before the run stops
     activation_checkpointing: bool = True
     output_dir: str = "runs/default"
 

@@ -164,3 +164,21 @@ def test_resume_on_another_world_size_continues_the_same_run(tmp_path):
     stream, starts = effective_stream(records)
     assert starts == [0, 2] and stream == effective_stream(tmp_path / "straight.jsonl")[0]
     assert_same_weights(weights(tmp_path / "elastic", tmp_path / "a"), weights(tmp_path / "straight", tmp_path / "b"))
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
+    records = tmp_path / "r.jsonl"
+    result = run(tmp_path / "run", records, "--steps", "5", "--nan-at", "2")
+    assert "warning: step 3 skipped: non-finite loss or gradient (1 skipped so far" in result.stdout
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1]
+    assert rows[2]["checksum"] == rows[1]["checksum"]  # the NaN step changed no weight
+    assert rows[3]["checksum"] != rows[2]["checksum"]  # and training went on
+    assert all(r["loss"] == r["loss"] for i, r in enumerate(rows) if i != 2)
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
+    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "8", "--nan-at", "3,4,5",
+                 "--set", "train.max_skipped_steps=2", expect_code=2)
+    assert "3 steps skipped for non-finite losses or gradients, more than train.max_skipped_steps=2" in result.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_6"

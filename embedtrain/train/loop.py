@@ -17,8 +17,8 @@ from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.model.encoder import read_llama_config
-from embedtrain.train.checkpoint import (CheckpointError, load_checkpoint_file, load_resharded, restore_rng,
-                                        resume_checkpoint, save_checkpoint, write_base_model)
+from embedtrain.train.checkpoint import (CheckpointError, checkpoint_root, load_checkpoint_file, load_resharded,
+                                        restore_rng, resume_checkpoint, save_checkpoint, write_base_model)
 from embedtrain.train.engine import build_engine
 from embedtrain.train.step import contrastive_loss
 
@@ -89,6 +89,7 @@ def train(config, on_step=None):
 
     stop = StopRequest()
     window = new_window()
+    skipped = engine.skipped_steps
     batches = StepBatches(dataset, sampler, collator, rank, world, micro, config.loss.hard_negatives,
                           start=start, stop=config.train.max_steps, length_bucketing=config.data.length_bucketing)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.num_workers)
@@ -105,9 +106,23 @@ def train(config, on_step=None):
                 step_stats[key] = step_stats.get(key, 0.0) + float(value) / accumulation
         window["steps"] += 1
         window["loss"] += step_stats["loss"]
+        step_stats["skipped_steps"] = float(engine.skipped_steps)
         if on_step is not None:
             on_step(step, step_stats, examples)
         done = step + 1
+        if engine.skipped_steps > skipped:
+            # DeepSpeed discards an update whose gradient norm is NaN or inf (a NaN loss gives one)
+            skipped = engine.skipped_steps
+            if rank == 0:
+                print(f"[embedtrain] warning: step {done} skipped: non-finite loss or gradient "
+                      f"({skipped} skipped so far, limit train.max_skipped_steps={config.train.max_skipped_steps})",
+                      flush=True)
+            if skipped > config.train.max_skipped_steps:
+                save(done)
+                raise TrainingError(f"{skipped} steps skipped for non-finite losses or gradients, more than "
+                                    f"train.max_skipped_steps={config.train.max_skipped_steps}; stopped at step {done} "
+                                    f"with a checkpoint in {checkpoint_root(run_dir) / f'step_{done}'}. Check the "
+                                    "learning rate, the data around these steps, and bf16 overflow.")
         if done % config.logging.every == 0 or done == config.train.max_steps:
             log_window(engine, writer, step, step_stats, window)
             window = new_window()
@@ -122,6 +137,10 @@ def train(config, on_step=None):
     if writer is not None:
         writer.close()
     return engine
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps); a checkpoint was written first."""
 
 
 def new_window():
@@ -166,6 +185,10 @@ def prepare_run_dir(config, run_dir):
 
 def load_state(engine, folder, config, world):
     """Restore model, optimizer, scheduler, step and RNG from a checkpoint folder; returns the step."""
+    # DeepSpeed unpickles its files with weights_only=False: first prove each one loads with
+    # weights_only=True (tensors, plain containers and DeepSpeed's two classes only).
+    for path in sorted(folder.glob("*.pt")):
+        load_checkpoint_file(path)
     saved = load_checkpoint_file(sorted(folder.glob("*_model_states.pt"))[0])
     stream = saved["stream"]
     if stream["global_batch_size"] != config.train.global_batch_size or stream["seed"] != config.train.seed:

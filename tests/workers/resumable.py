@@ -25,6 +25,7 @@ def main():
     parser.add_argument("--kill-after-step", type=int, default=None, help="0-based step index")
     parser.add_argument("--kill-in-save", type=int, default=None, help="step number whose save is interrupted")
     parser.add_argument("--disk-full-in-save", type=int, default=None, help="step whose save hits ENOSPC")
+    parser.add_argument("--nan-at", default="", help="comma-separated step indices whose loss is made NaN")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     config = load_config("tiny", [f"train.max_steps={args.steps}", "train.save_every=2", "train.keep_checkpoints=0",
@@ -52,6 +53,32 @@ def main():
 
         torch.save = save_or_fail
 
+    if args.nan_at:
+        from embedtrain.train import loop
+
+        nan_steps, real_loss, calls = {int(s) for s in args.nan_at.split(",")}, loop.contrastive_loss, [0]
+        micro_per_step = config.train.global_batch_size // config.train.micro_batch_size // max(1, distributed.world_size())
+
+        def loss_with_nan(*a, **k):
+            loss, stats = real_loss(*a, **k)
+            step = calls[0] // micro_per_step
+            calls[0] += 1
+            return (loss * float("nan"), stats) if step in nan_steps else (loss, stats)
+
+        loop.contrastive_loss = loss_with_nan
+
+    engine_box = []
+
+    def checksum():
+        """Sum of every full parameter (gathered from the ZeRO-3 partitions)."""
+        import deepspeed
+
+        if not engine_box:
+            return None
+        params = list(engine_box[0].module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            return float(sum(p.double().sum() for p in params))
+
     def record(step, stats, micro_batches):
         # every rank's examples, in global order: micro-batch m of rank 0, of rank 1, ...
         mine = [[e.subset + "/" + e.question_id for e in m] for m in micro_batches]
@@ -62,17 +89,29 @@ def main():
         ids = [q for m in range(len(mine)) for ranks in every_rank for q in ranks[m]]
         if distributed.rank() == 0:
             with open(args.records, "a") as f:
-                f.write(json.dumps({"step": step, "loss": stats["loss"], "pid": os.getpid(), "ids": ids}) + "\n")
+                f.write(json.dumps({"step": step, "loss": stats["loss"], "pid": os.getpid(), "ids": ids,
+                                    "skipped": stats["skipped_steps"], "checksum": checksum()}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         if step == args.kill_after_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    from embedtrain.train import engine as engine_module
     from embedtrain.train.checkpoint import CheckpointError
+    from embedtrain.train.loop import TrainingError
 
+    build = engine_module.build_engine
+
+    def build_and_keep(*a, **k):
+        engine_box.append(build(*a, **k))
+        return engine_box[-1]
+
+    import embedtrain.train.loop as loop_module
+
+    loop_module.build_engine = build_and_keep
     try:
         train(config, on_step=record)
-    except CheckpointError as err:
+    except (CheckpointError, TrainingError) as err:
         print(f"embedtrain: error: {err}", flush=True)
         raise SystemExit(2)
 
