@@ -160,5 +160,82 @@ def _placeholder_paths(overrides):
     return [f"{key}=unset" for key in ("model.path", "data.path") if key not in given]
 
 
+@main.command(name="eval")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the metrics JSON here too.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--query-prompt", default=None, help="Override the query prompt (default: the subset's instruction, "
+                                                    "else the model's query prompt).")
+def evaluate(model, data, output, batch_size, query_prompt):
+    """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search).
+
+    \b
+    DATA: a subset folder or folder of subsets (dataset layout: pos_doc are the relevant documents),
+          or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+    Example:  embedtrain eval exported/tiny /data/heldout --output metrics.json
+    """
+    import json as json_module
+
+    from embedtrain.data.nemotron import DataError
+    from embedtrain.eval import evaluate as run_eval
+
+    try:
+        result = run_eval(model, data, batch_size, query_prompt, progress=True)
+    except DataError as err:
+        fail(str(err))
+    text = json_module.dumps(result, indent=2)
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+    click.echo(text)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--top-k", type=int, default=20, show_default=True, help="Negatives kept per query.")
+@click.option("--margin", type=float, default=0.95, show_default=True,
+              help="Drop candidates scoring above margin x the lowest positive score (TopK-PercPos).")
+@click.option("--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block.")
+@click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")
+def mine(model, data, out, top_k, margin, corpus_chunk, query_chunk):
+    """Re-mine hard negatives with a model, written as ranked neg_doc in the dataset's layout.
+
+    \b
+    Example:  embedtrain mine exported/tiny /data/embed-nemotron-dataset-v1 /data/remined --top-k 20
+    """
+    from embedtrain.data.nemotron import DataError
+    from embedtrain.mine import mine as run_mine
+
+    try:
+        written = run_mine(model, data, out, top_k, margin, query_chunk=query_chunk, corpus_chunk=corpus_chunk)
+    except DataError as err:
+        fail(str(err))
+    click.echo(f"mined {sum(written.values()):,} queries in {len(written)} subset(s) into {out}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--weights", default=None, help="Comma-separated weights summing to 1 (default: uniform).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def merge(out, models, weights, dtype, overwrite):
+    """Average exported models with identical configs (fp32 arithmetic).
+
+    \b
+    Example:  embedtrain merge exported/soup exported/run1 exported/run2 exported/run3
+    """
+    from embedtrain.merge import MergeError, merge as run_merge
+
+    try:
+        run_merge(out, models, weights.split(",") if weights else None, dtype, overwrite)
+    except (MergeError, FileExistsError, ValueError) as err:
+        fail(str(err))
+    click.echo(f"merged {len(models)} models into {out}")
+
+
 if __name__ == "__main__":
     main()

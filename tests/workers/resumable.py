@@ -87,10 +87,11 @@ def main():
             every_rank = [None] * distributed.world_size()
             torch.distributed.all_gather_object(every_rank, mine)
         ids = [q for m in range(len(mine)) for ranks in every_rank for q in ranks[m]]
+        total = checksum()  # a collective under ZeRO-3: every rank takes part
         if distributed.rank() == 0:
             with open(args.records, "a") as f:
                 f.write(json.dumps({"step": step, "loss": stats["loss"], "pid": os.getpid(), "ids": ids,
-                                    "skipped": stats["skipped_steps"], "checksum": checksum()}) + "\n")
+                                    "skipped": stats["skipped_steps"], "checksum": total}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         if step == args.kill_after_step:
