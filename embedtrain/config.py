@@ -89,6 +89,14 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    path: str = ""  # held-out folder in the dataset's layout; "" = no in-training evaluation
+    every: int = 0  # steps between evaluations (and after the last step); 0 = only after the last step
+    batch_size: int = 64
+    max_queries: int = 0  # per subset; 0 = all
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -96,6 +104,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # {"config": "zero3.json", ...keys of that JSON to override}
     deepspeed: dict = field(default_factory=lambda: {"config": "zero3.json"})
 
@@ -263,6 +272,7 @@ def load_config(recipe_or_path, overrides=(), output_dir=None):
         config.train.output_dir = str(output_dir)
     config.model.path = resolve_path(config.model.path)
     config.data.path = resolve_path(config.data.path)
+    config.eval.path = resolve_path(config.eval.path)
     validate(config)
     return config
 

@@ -106,9 +106,16 @@ def evaluate(model_dir, data, batch_size=64, query_prompt=None, progress=False):
     else:
         sources = {f.name: read_subset(f) for f in subset_folders(data)}
     encoder, tokenizer, prompts, max_length = load_encoder(model_dir)
+    # a model trained with one fixed prefix keeps it; one trained with per-task instructions gets
+    # each subset's own instruction (BEIR folders have none: the model's query prompt)
+    meta_file = Path(model_dir) / "embedtrain.json"
+    prefix_model = meta_file.is_file() and json.loads(meta_file.read_text()).get("prompt_source") == "prefix"
     results = {}
     for name, (queries, corpus, qrels, instruction) in sources.items():
-        prompt = query_prompt if query_prompt is not None else (instruction or prompts.get("query", ""))
+        if query_prompt is not None:
+            prompt = query_prompt
+        else:
+            prompt = prompts.get("query", "") if prefix_model or not instruction else instruction
         document_prompt = prompts.get("document", "")
         doc_ids, query_ids = list(corpus), list(queries)
         doc_vectors = encode_texts(encoder, tokenizer, [document_prompt + corpus[d] for d in doc_ids], batch_size,

@@ -206,6 +206,7 @@ def write_export(step_folder, base, tmp, dtype, max_shard_gb):
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
     prompts = json.loads((base / "prompts.json").read_text())
+    (tmp / "embedtrain.json").write_text(json.dumps({"prompt_source": prompts.pop("source", "instruction")}) + "\n")
     for item in base.iterdir():
         if item.name not in ("config.json", "prompts.json"):
             shutil.copy(item, tmp / item.name)

@@ -140,3 +140,25 @@ def test_merging_a_model_with_itself_returns_it_and_two_give_their_mean(models, 
         merge(tmp_path / "bad", [models["trained"], other])
     run = embedtrain("merge", tmp_path / "bad2", models["trained"], other)
     assert run.returncode == 2 and "num_hidden_layers" in run.stderr
+
+
+def test_in_training_evaluation_is_rank_sharded_and_equals_offline_eval(models, tmp_path):
+    from conftest import run_ranks
+
+    run = run_ranks([REPO / "launch" / "train.py", "--config", "tiny", "--output-dir", tmp_path / "run",
+                     "--set", "train.max_steps=4", "--set", f"eval.path={models['heldout']}", "--set", "eval.every=2",
+                     "--set", "eval.max_queries=20"], nproc=2, timeout=400)
+    import re
+
+    logged = {int(s): float(v) for s, v in re.findall(r"eval at step (\d+): nDCG@10 ([0-9.]+)", run.stdout)}
+    assert sorted(logged) == [2, 4]
+    assert embedtrain("export", tmp_path / "run", tmp_path / "model").returncode == 0
+    heldout = tmp_path / "heldout20"  # the same first 20 queries per subset, offline
+    for subset in ("FEVER", "SciFact", "SyntheticClassificationData"):
+        (heldout / subset).mkdir(parents=True)
+        for name in ("corpus.parquet", "dataset_metadata.json"):
+            (heldout / subset / name).write_bytes((models["heldout"] / subset / name).read_bytes())
+        table = pq.read_table(models["heldout"] / subset / "queries.parquet")
+        pq.write_table(table.slice(0, 20), heldout / subset / "queries.parquet")
+    offline = evaluate(tmp_path / "model", heldout)
+    assert logged[4] == pytest.approx(offline["mean"]["ndcg@10"], abs=1e-4)

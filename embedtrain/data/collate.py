@@ -44,7 +44,10 @@ class Collator:
         instruction plus the one-space joiner, for queries and for documents."""
         first = next(iter(self.query_prompts))
         query, document = self.query_prompts[first], self.passage_prompts[first]
-        return {"query": f"{query} " if query else "", "document": f"{document} " if document else ""}
+        # "prefix": one query prompt for every task; "instruction": each task has its own
+        source = "prefix" if self.config.query_prefix is not None else "instruction"
+        return {"query": f"{query} " if query else "", "document": f"{document} " if document else "",
+                "source": source}
 
     def tokenize(self, texts, max_length):
         return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True,

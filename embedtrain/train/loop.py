@@ -20,6 +20,7 @@ from embedtrain.model.encoder import read_llama_config
 from embedtrain.train.checkpoint import (CheckpointError, checkpoint_root, load_checkpoint_file, load_resharded,
                                         restore_rng, resume_checkpoint, save_checkpoint, write_base_model)
 from embedtrain.train.engine import build_engine
+from embedtrain.train.evaluation import evaluate_in_training, load_sources
 from embedtrain.train.step import contrastive_loss
 
 
@@ -87,6 +88,25 @@ def train(config, on_step=None):
         save_checkpoint(engine, run_dir, step, stream_state(step, sampler, dataset), config_dict,
                         config.train.keep_checkpoints)
 
+    eval_sources = load_sources(config.eval, config.data.query_prefix, config.data.passage_prefix) if config.eval.path else None
+
+    def maybe_evaluate(step):
+        if eval_sources is None:
+            return
+        if not (step == config.train.max_steps or (config.eval.every and step % config.eval.every == 0)):
+            return
+        results = evaluate_in_training(engine, tokenizer, eval_sources, config.eval.batch_size,
+                                       config.data.passage_max_length)
+        if results is not None:
+            mean = results["mean"]
+            print(f"[embedtrain] eval at step {step}: nDCG@10 {mean['ndcg@10']:.4f}  Recall@10 "
+                  f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}", flush=True)
+            if writer is not None:
+                for subset, values in results.items():
+                    for key, value in values.items():
+                        writer.add_scalar(f"eval/{subset}/{key}", value, step)
+                writer.flush()
+
     stop = StopRequest()
     window = new_window()
     skipped = engine.skipped_steps
@@ -126,6 +146,7 @@ def train(config, on_step=None):
         if done % config.logging.every == 0 or done == config.train.max_steps:
             log_window(engine, writer, step, step_stats, window)
             window = new_window()
+        maybe_evaluate(done)
         if stop.requested():
             save(done)
             if rank == 0:
