@@ -20,15 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 
-
-def memory_kib():
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0])
-    return fields
+from bench_data import memory_kib  # noqa: E402  (same /proc/self/status reading)
 
 
 def sample_peak(function):
