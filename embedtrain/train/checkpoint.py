@@ -1,6 +1,8 @@
 """Checkpoints: <run>/checkpoints/step_<N>/ holds the DeepSpeed state (model, optimizer,
-scheduler), the data stream position, RNG states and the resolved config; DeepSpeed writes
-<run>/checkpoints/latest after the step folder is complete."""
+scheduler, per-rank RNG and data position as client state), the resolved config, the base model's
+config and tokenizer, and complete.json (every file and its size). Saves are atomic: the folder is
+written as step_<N>.partial, renamed when complete, and only then does `latest` point at it.
+Resume picks the newest complete checkpoint; export insists on the one `latest` names."""
 
 import json
 import random
