@@ -67,6 +67,11 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path):
     assert starts == [0, 2, 4, 4]  # each run began exactly at the last complete checkpoint
     assert stream == straight  # same examples at every step: none repeated, none skipped
     assert not (killed / "checkpoints" / "step_6.partial").exists()  # cleaned by the next save
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(killed / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))  # one curve, no doubled steps
     assert_same_weights(weights(killed, tmp_path / "a"), weights(tmp_path / "straight", tmp_path / "b"))
 
 
@@ -181,4 +186,11 @@ def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
     result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "8", "--nan-at", "3,4,5",
                  "--set", "train.max_skipped_steps=2", expect_code=2)
     assert "3 steps skipped for non-finite losses or gradients, more than train.max_skipped_steps=2" in result.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_6"
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "6", "--set", "train.keep_checkpoints=2")
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == ["step_4", "step_6"]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_6"
