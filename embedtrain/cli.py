@@ -167,7 +167,8 @@ def _placeholder_paths(overrides):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--query-prompt", default=None, help="Override the query prompt (default: the subset's instruction, "
                                                     "else the model's query prompt).")
-def evaluate(model, data, output, batch_size, query_prompt):
+@click.option("--dim", type=int, default=None, help="Evaluate the first K dims, re-normalised (Matryoshka).")
+def evaluate(model, data, output, batch_size, query_prompt, dim):
     """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search).
 
     \b
@@ -181,7 +182,7 @@ def evaluate(model, data, output, batch_size, query_prompt):
     from embedtrain.eval import evaluate as run_eval
 
     try:
-        result = run_eval(model, data, batch_size, query_prompt, progress=True)
+        result = run_eval(model, data, batch_size, query_prompt, progress=True, dim=dim)
     except DataError as err:
         fail(str(err))
     text = json_module.dumps(result, indent=2)

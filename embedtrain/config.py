@@ -55,6 +55,8 @@ class LossConfig:
     temperature: float = 0.02
     query_negatives: bool = False  # local/global pools: other queries are negatives too
     gather_group_size: int = 0  # global pool: ranks per gather group (e.g. GPUs per node); 0 = world
+    matryoshka_dims: list[int] | None = None  # e.g. [384, 512, 768, 1024, 2048]: loss summed over truncations
+    matryoshka_weights: list[float] | None = None  # one weight per dim; default 1 each
 
 
 @dataclass
@@ -301,6 +303,11 @@ def validate(config):
         raise ConfigError(f"loss.gather_group_size must be >= 0, got {config.loss.gather_group_size}")
     if config.loss.hard_negatives < 0:
         raise ConfigError(f"loss.hard_negatives must be >= 0, got {config.loss.hard_negatives}")
+    dims, weights = config.loss.matryoshka_dims, config.loss.matryoshka_weights
+    if dims is not None and (not dims or any(d <= 0 for d in dims)):
+        raise ConfigError(f"loss.matryoshka_dims must be positive dimensions, got {dims}")
+    if weights is not None and (dims is None or len(weights) != len(dims)):
+        raise ConfigError(f"loss.matryoshka_weights needs one weight per loss.matryoshka_dims entry, got {weights}")
     if config.loss.negatives == "group" and config.loss.hard_negatives == 0:
         raise ConfigError("loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)")
 

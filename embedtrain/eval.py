@@ -96,7 +96,7 @@ def read_subset(folder):
     return queries, corpus, qrels, f"{instruction} " if instruction else ""
 
 
-def evaluate(model_dir, data, batch_size=64, query_prompt=None, progress=False):
+def evaluate(model_dir, data, batch_size=64, query_prompt=None, progress=False, dim=None):
     """{"subsets": {name: metrics}, "mean": metrics} for a BEIR folder or dataset-layout folder."""
     data = Path(data)
     if (data / "corpus.jsonl").is_file():
@@ -119,9 +119,9 @@ def evaluate(model_dir, data, batch_size=64, query_prompt=None, progress=False):
         document_prompt = prompts.get("document", "")
         doc_ids, query_ids = list(corpus), list(queries)
         doc_vectors = encode_texts(encoder, tokenizer, [document_prompt + corpus[d] for d in doc_ids], batch_size,
-                                   max_length, progress=progress)
+                                   max_length, dim, progress=progress)
         query_vectors = encode_texts(encoder, tokenizer, [prompt + queries[q] for q in query_ids], batch_size,
-                                     max_length, progress=progress)
+                                     max_length, dim, progress=progress)
         rankings = dict(zip(query_ids, top_k(query_vectors, doc_vectors, doc_ids)))
         results[name] = metrics(rankings, qrels)
     keys = ("ndcg@10", "recall@10", "recall@100", "mrr@10")

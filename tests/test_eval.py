@@ -162,3 +162,14 @@ def test_in_training_evaluation_is_rank_sharded_and_equals_offline_eval(models, 
         pq.write_table(table.slice(0, 20), heldout / subset / "queries.parquet")
     offline = evaluate(tmp_path / "model", heldout)
     assert logged[4] == pytest.approx(offline["mean"]["ndcg@10"], abs=1e-4)
+
+
+def test_matryoshka_training_retrieves_better_at_a_truncated_dim(models, tmp_path):
+    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set", "loss.matryoshka_dims=[8,64]")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert embedtrain("export", tmp_path / "run", tmp_path / "model").returncode == 0
+    st_config = json.loads((tmp_path / "model" / "config_sentence_transformers.json").read_text())
+    assert st_config["matryoshka_dims"] == [8, 64]
+    with_matryoshka = evaluate(tmp_path / "model", models["heldout"], dim=8)["mean"]["ndcg@10"]
+    without = evaluate(models["trained"], models["heldout"], dim=8)["mean"]["ndcg@10"]
+    assert with_matryoshka > without + 0.05, (with_matryoshka, without)

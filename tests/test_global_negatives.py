@@ -17,6 +17,7 @@ TOLERANCE = 1e-5
     (3, []),
     (2, ["--accumulation", "2"]),
     (2, ["--query-negatives"]),
+    (2, ["--matryoshka"]),
 ])
 def test_global_pool_gradients_match_one_rank(tmp_path, world, extra):
     result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", *extra, nproc=world)

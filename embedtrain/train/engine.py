@@ -50,6 +50,8 @@ def build_encoder(config, dtype, use_reentrant=False):
     backbone = load_backbone(config.model.path, dtype=dtype, attn_implementation=config.model.attn_implementation,
                              pooling=config.model.pooling)
     backbone.config.temperature = config.loss.temperature
+    if config.loss.matryoshka_dims:
+        backbone.config.matryoshka_dims = list(config.loss.matryoshka_dims)  # recorded in exports
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(backbone, use_reentrant=use_reentrant)
     return BiEncoder(backbone, config.model.pooling, config.model.normalize)

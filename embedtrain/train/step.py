@@ -7,6 +7,7 @@ import torch
 
 from embedtrain import distributed
 from embedtrain.losses import duplicate_positive_mask, group_accuracy, group_info_nce, pooled_info_nce, positive_targets
+from embedtrain.model.pooling import truncate
 
 
 def contrastive_loss(encoder, batch, loss_config, device, group=None):
@@ -18,6 +19,23 @@ def contrastive_loss(encoder, batch, loss_config, device, group=None):
 
 
 def negatives_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None):
+    """InfoNCE over the configured pool; with loss.matryoshka_dims, the weighted sum of the losses
+    of the embeddings truncated to each dim and re-normalised (Kusupati et al., 2022)."""
+    dims = loss_config.matryoshka_dims
+    if not dims:
+        return pool_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group)
+    weights = loss_config.matryoshka_weights or [1.0] * len(dims)
+    total, stats = 0.0, None
+    for dim, weight in zip(dims, weights):
+        loss, dim_stats = pool_loss(truncate(queries_QD, dim), truncate(passages_PD, dim), positive_hash_Q,
+                                    passage_hash_P, loss_config, group)
+        total = total + weight * loss
+        stats = stats or dim_stats  # accuracy and similarities of the first (usually smallest) dim
+        stats[f"loss_dim_{dim}"] = loss.detach()
+    return total, stats
+
+
+def pool_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None):
     """InfoNCE of this rank's queries against the pool that `loss_config.negatives` names.
 
     `global` pools the passages (and with `loss.query_negatives` the queries) of every rank of

@@ -50,6 +50,7 @@ def main():
     parser.add_argument("--reentrant", action="store_true")
     parser.add_argument("--detached", action="store_true")
     parser.add_argument("--query-negatives", action="store_true")
+    parser.add_argument("--matryoshka", action="store_true", help="loss summed over dims 16 and 64")
     args = parser.parse_args()
 
     rank, world, _ = distributed.init_distributed()
@@ -58,7 +59,8 @@ def main():
                  f"loss.negatives={args.negatives}", f"loss.query_negatives={str(args.query_negatives).lower()}",
                  "deepspeed.bf16.enabled=false",
                  f"deepspeed.zero_optimization.stage={args.stage}",
-                 f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}"]
+                 f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}",
+                 *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else [])]
     # one folder for all ranks: rank 0 prepares the demo data there, every rank reads it
     config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
     torch.manual_seed(0)
