@@ -11,6 +11,7 @@ gathered pool and hands each rank its own slice. That equals the 1-rank gradient
 import datetime
 import os
 import socket
+import sys
 import warnings
 
 import torch
@@ -97,12 +98,15 @@ def run_on_main(function):
     return outcome[0]
 
 
-def shutdown():
-    """Leave the process group cleanly: all ranks meet, then the group is destroyed (a process
-    that exits with live gloo threads can abort with 'terminate called without an active exception')."""
+def shutdown(exit_code=0):
+    """End the process after every rank got here. `os._exit` skips interpreter and C++ teardown:
+    destroying gloo's process group while a peer is already gone sometimes aborts the process
+    ('terminate called without an active exception'), which would turn a finished run into a crash."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def barrier():

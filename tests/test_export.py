@@ -24,6 +24,10 @@ QUERIES = ["Shilin Linlofo is a chemist.", "Which material did Dorbra Ostmorven 
 DOCUMENTS = ["Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper.",
              "A short one."]
 TF451 = Path(os.environ.get("EMBEDTRAIN_TF451", Path.home() / ".cache" / "embedtrain" / "transformers-4.51.3"))
+# transformers 4.51 and the packages it needs that the current environment lacks (huggingface_hub
+# 1.x dropped requests); everything else (numpy, safetensors, regex, ...) comes from the environment.
+TF451_PACKAGES = ["transformers==4.51.3", "tokenizers==0.21.1", "huggingface_hub==0.30.2", "requests",
+                  "urllib3", "idna", "charset-normalizer", "certifi"]
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +98,12 @@ def test_matryoshka_truncation_in_encode(trained, tmp_path):
 
 def test_bidirectional_and_equal_under_transformers_4_51(trained, tmp_path):
     """The shipped modeling file on an older transformers (4.51, its own environment)."""
-    if not (TF451 / "transformers").is_dir():
+    marker = TF451 / "embedtrain-installed.txt"
+    if not marker.is_file() or marker.read_text() != " ".join(TF451_PACKAGES):
+        shutil.rmtree(TF451, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(TF451), "--no-deps",
-                        "transformers==4.51.3", "tokenizers==0.21.1", "huggingface_hub==0.30.2"], check=True,
-                       timeout=600)
+                        *TF451_PACKAGES], check=True, timeout=600)
+        marker.write_text(" ".join(TF451_PACKAGES))
     expected = encode_cli(trained / "model", DOCUMENTS, tmp_path, "docs")
     script = REPO / "tests" / "workers" / "old_transformers.py"
     env = worker_env()

@@ -9,13 +9,13 @@ world size (DeepSpeed averages over ranks) must equal the 1-process gradient of 
 
 import argparse
 import json
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from embedtrain import distributed
+from embedtrain.config import LossConfig
 from embedtrain.train.step import negatives_loss
 
 
@@ -36,7 +36,7 @@ def main():
     passage_hash = torch.arange(total * per_query)
     passage_hash[-1] = 0  # the last passage repeats the text of query 0's positive: must be masked
     positive_hash = passage_hash[::per_query].clone()
-    config = SimpleNamespace(negatives="global", temperature=0.05, query_negatives=args.query_negatives)
+    config = LossConfig(negatives="global", temperature=0.05, query_negatives=args.query_negatives)
 
     start = sum(sizes[:rank])
     rows, passage_rows = slice(start, start + sizes[rank]), slice(start * per_query, (start + sizes[rank]) * per_query)
