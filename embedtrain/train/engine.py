@@ -7,7 +7,7 @@ import deepspeed
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
-from embedtrain.config import precision_dtype
+from embedtrain.config import ConfigError, precision_dtype
 from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
 
 
@@ -51,6 +51,10 @@ def build_encoder(config, dtype, use_reentrant=False):
                              pooling=config.model.pooling)
     backbone.config.temperature = config.loss.temperature
     if config.loss.matryoshka_dims:
+        too_large = [d for d in config.loss.matryoshka_dims if d > backbone.config.hidden_size]
+        if too_large:
+            raise ConfigError(f"loss.matryoshka_dims {too_large} exceed the model's hidden size "
+                              f"{backbone.config.hidden_size}")
         backbone.config.matryoshka_dims = list(config.loss.matryoshka_dims)  # recorded in exports
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(backbone, use_reentrant=use_reentrant)
