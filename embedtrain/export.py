@@ -11,7 +11,6 @@ safetensors shard plus one parameter, never the whole model.
 """
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
-from embedtrain.train.checkpoint import CheckpointError, load_checkpoint_file, resolve_checkpoint
+from embedtrain.train.checkpoint import (CheckpointError, load_checkpoint_file, rank_files, resolve_checkpoint,
+                                        zero3_full_tensors)
 
 MODELING_FILE = "llama_bidirectional_model.py"
 BACKBONE_PREFIX = "backbone."
@@ -45,42 +45,11 @@ def hf_config_dict(model_config):
     return config
 
 
-def rank_files(folder, kind):
-    """Per-rank files of one checkpoint, in rank order; a missing rank is an error."""
-    files = sorted(Path(folder).glob(f"*_{kind}_states.pt"), key=lambda p: int(p.name.split("_")[3]))
-    if not files:
-        raise CheckpointError(f"{folder} holds no DeepSpeed {kind} states (*_{kind}_states.pt): incomplete checkpoint?")
-    return files
-
-
-def zero3_parameters(folder):
-    """Yield (name, fp32 tensor) for every trained parameter of a ZeRO-3 checkpoint, one at a time.
-
-    Each rank's optimizer file holds, per parameter group, the concatenation of its slice of every
-    parameter (ceil(numel / W) elements each, the last rank's slice padded). Files are memory-mapped.
-    """
-    model_states = load_checkpoint_file(rank_files(folder, "model")[0])
-    world = model_states["dp_world_size"]
-    optim_files = rank_files(folder, "optim")
-    if len(optim_files) != world:
-        raise CheckpointError(f"{folder}: {len(optim_files)} optimizer partition file(s) for a {world}-rank run: "
-                              "partial checkpoint")
-    flat_groups = [load_checkpoint_file(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]
-    for group, shapes in enumerate(model_states["param_shapes"]):
-        offset = 0
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            part = math.ceil(numel / world)
-            pieces = [flat_groups[rank][group].narrow(0, offset, part) for rank in range(world)]
-            yield name, torch.cat(pieces)[:numel].view(shape)
-            offset += part
-
-
 def checkpoint_parameters(folder):
     """(name, fp32 tensor) of the backbone, streamed for ZeRO-3, in memory for other stages."""
     stage = load_checkpoint_file(rank_files(folder, "model")[0])["ds_config"].get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        items = zero3_parameters(folder)
+        items = ((name, full["fp32"]) for name, full in zero3_full_tensors(folder))
     else:  # ZeRO 0-2: DeepSpeed's own consolidation, which holds the model in memory once
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

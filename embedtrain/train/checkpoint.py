@@ -207,45 +207,70 @@ def resolve_checkpoint(path):
     return folder.parent, folder.name
 
 
+def rank_files(folder, kind):
+    """Per-rank DeepSpeed files ("model" or "optim") of one checkpoint, in rank order."""
+    files = sorted(Path(folder).glob(f"*_{kind}_states.pt"), key=lambda p: int(p.name.split("_")[3]))
+    if not files:
+        raise CheckpointError(f"{folder} holds no DeepSpeed {kind} states (*_{kind}_states.pt): incomplete checkpoint?")
+    return files
+
+
+def zero3_full_tensors(folder, keys=("fp32",)):
+    """Yield (name, {key: full fp32 tensor}) for every trained parameter of a ZeRO-3 checkpoint, one
+    parameter at a time; keys: "fp32" (master weights) and optimizer state names ("exp_avg", ...).
+
+    Each rank's optimizer file holds, per parameter group, the concatenation of its slice of every
+    parameter (ceil(numel / W) elements each, the last rank's slice padded). Files are memory-mapped.
+    """
+    import math
+
+    model_states = load_checkpoint_file(rank_files(folder, "model")[0])
+    world = model_states["dp_world_size"]
+    optim_files = rank_files(folder, "optim")
+    if len(optim_files) != world:
+        raise CheckpointError(f"{folder}: {len(optim_files)} optimizer partition file(s) for a {world}-rank run: "
+                              "partial checkpoint")
+    optim = [load_checkpoint_file(f)["optimizer_state_dict"] for f in optim_files]
+
+    def flat(rank, group, key):
+        return optim[rank]["fp32_flat_groups"][group] if key == "fp32" else \
+            optim[rank]["optimizer_state_dict"]["state"][group][key]
+
+    for group, shapes in enumerate(model_states["param_shapes"]):
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            yield name, {key: torch.cat([flat(rank, group, key).narrow(0, offset, part) for rank in range(world)])
+                         [:numel].view(shape) for key in keys}
+            offset += part
+
+
 def load_resharded(engine, folder):
     """Resume ZeRO-3 state written by W' ranks on W != W' ranks (e.g. a job requeued on fewer nodes):
     every parameter, its fp32 master copy and both Adam moments are assembled from the old
     partitions and scattered into the new ones; step counts, scheduler and counters follow.
     Returns the client state of the old rank with this rank's number (rank 0's if there is none)."""
-    import math
-
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from embedtrain.export import rank_files
-
     model_files = rank_files(folder, "model")
     saved = load_checkpoint_file(model_files[0])
-    old_world = saved["dp_world_size"]
-    optim = [load_checkpoint_file(f)["optimizer_state_dict"] for f in rank_files(folder, "optim")]
     named = dict(engine.module.named_parameters())
     for flat in engine.optimizer.fp32_partitioned_groups_flat:  # Adam creates its moments lazily
         state = engine.optimizer.optimizer.state[flat]
         for key in ("exp_avg", "exp_avg_sq"):
             state.setdefault(key, torch.zeros_like(flat))
-    for group, shapes in enumerate(saved["param_shapes"]):
-        offset = 0
-        for name, shape in shapes.items():
-            numel, param = math.prod(shape), named[name]
-            part = math.ceil(numel / old_world)
-
-            def full(flat_of_rank):
-                return torch.cat([flat_of_rank(r).narrow(0, offset, part) for r in range(old_world)])[:numel].view(shape)
-
-            master = full(lambda r: optim[r]["fp32_flat_groups"][group])
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if engine.global_rank == 0:
-                    param.data.copy_(master.to(param.dtype))
-            safe_set_full_fp32_param(param, master)
-            for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(param, full(lambda r: optim[r]["optimizer_state_dict"]["state"][group][key]), key)
-            offset += part
-    step = optim[0]["optimizer_state_dict"]["state"][0]["step"]
+    for name, full in zero3_full_tensors(folder, ("fp32", "exp_avg", "exp_avg_sq")):
+        param = named[name]
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if engine.global_rank == 0:
+                param.data.copy_(full["fp32"].to(param.dtype))
+        safe_set_full_fp32_param(param, full["fp32"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, full[key], key)
+    step = load_checkpoint_file(rank_files(folder, "optim")[0])["optimizer_state_dict"]["optimizer_state_dict"][
+        "state"][0]["step"]
     for flat in engine.optimizer.fp32_partitioned_groups_flat:
         engine.optimizer.optimizer.state[flat]["step"] = step.clone()
     engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
