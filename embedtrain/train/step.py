@@ -19,35 +19,40 @@ def contrastive_loss(encoder, batch, loss_config, device, group=None):
 
 
 def negatives_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None):
-    """InfoNCE over the configured pool; with loss.matryoshka_dims, the weighted sum of the losses
-    of the embeddings truncated to each dim and re-normalised (Kusupati et al., 2022)."""
-    dims = loss_config.matryoshka_dims
-    if not dims:
-        return pool_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group)
-    weights = loss_config.matryoshka_weights or [1.0] * len(dims)
-    total, stats = 0.0, None
-    for dim, weight in zip(dims, weights):
-        loss, dim_stats = pool_loss(truncate(queries_QD, dim), truncate(passages_PD, dim), positive_hash_Q,
-                                    passage_hash_P, loss_config, group)
-        total = total + weight * loss
-        stats = stats or dim_stats  # accuracy and similarities of the first (usually smallest) dim
-        stats[f"loss_dim_{dim}"] = loss.detach()
-    return total, stats
-
-
-def pool_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None):
-    """InfoNCE of this rank's queries against the pool that `loss_config.negatives` names.
+    """InfoNCE of this rank's queries against the pool that `loss_config.negatives` names; with
+    loss.matryoshka_dims, the weighted sum over the embeddings truncated to each dim and
+    re-normalised (Kusupati et al., 2022). The pool is assembled (and gathered) once for all dims.
 
     `global` pools the passages (and with `loss.query_negatives` the queries) of every rank of
     `group` (default: the world), gathered with gradient. Each rank's loss is its share of the
     mean over all pooled queries, so that DeepSpeed's average over ranks is that mean even when
     ranks hold different numbers of queries.
     """
+    dims = loss_config.matryoshka_dims or [None]
+    weights = loss_config.matryoshka_weights or [1.0] * len(dims)
     stats = group_accuracy(queries_QD, passages_PD)
-    num_queries, per_query = queries_QD.shape[0], passages_PD.shape[0] // queries_QD.shape[0]
     if loss_config.negatives == "group":
-        loss, _ = group_info_nce(queries_QD, passages_PD, loss_config.temperature)
-        return loss, stats
+        losses = [group_info_nce(truncate_to(queries_QD, d), truncate_to(passages_PD, d), loss_config.temperature)[0]
+                  for d in dims]
+    else:
+        pool_ND, targets_Q, masked_QN, share = assemble_pool(queries_QD, passages_PD, positive_hash_Q, passage_hash_P,
+                                                             loss_config, group)
+        losses = [share * pooled_info_nce(truncate_to(queries_QD, d), truncate_to(pool_ND, d), targets_Q,
+                                          loss_config.temperature, masked_QN)[0] for d in dims]
+        stats["masked_fraction"] = masked_QN.float().mean()
+        stats["negatives_per_query"] = (~masked_QN).float().sum(-1).mean() - 1.0
+    if loss_config.matryoshka_dims:
+        stats.update({f"loss_dim_{d}": loss.detach() for d, loss in zip(dims, losses)})
+    return sum(w * loss for w, loss in zip(weights, losses)), stats
+
+
+def truncate_to(embeddings, dim):
+    return embeddings if dim is None else truncate(embeddings, dim)
+
+
+def assemble_pool(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None):
+    """(pool_ND, targets_Q, masked_QN, share) for the `local` or `global` pool."""
+    num_queries, per_query = queries_QD.shape[0], passages_PD.shape[0] // queries_QD.shape[0]
     share = 1.0
     query_pool_MD, query_offset = queries_QD, 0
     if loss_config.negatives == "global":
@@ -67,7 +72,4 @@ def pool_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_con
         self_QM[torch.arange(num_queries), query_offset + torch.arange(num_queries)] = True
         pool_ND = torch.cat([pool_ND, query_pool_MD])
         masked_QN = torch.cat([masked_QN, self_QM], dim=1)
-    loss, _ = pooled_info_nce(queries_QD, pool_ND, targets_Q, loss_config.temperature, masked_QN)
-    stats["masked_fraction"] = masked_QN.float().mean()
-    stats["negatives_per_query"] = (~masked_QN).float().sum(-1).mean() - 1.0
-    return loss * share, stats
+    return pool_ND, targets_Q, masked_QN, share
