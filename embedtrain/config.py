@@ -81,6 +81,7 @@ class TrainConfig:
     resume: str = "auto"  # auto: from <output_dir>/checkpoints if any | never | a run or step folder
     max_skipped_steps: int = 20  # steps skipped for a non-finite loss or gradient before the run stops
     activation_checkpointing: bool = True
+    grad_cache_chunk_size: int = 0  # GradCache: encode the micro-batch this many queries at a time; 0 = off
     output_dir: str = "runs/default"
 
 
@@ -297,6 +298,10 @@ def validate(config):
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    chunk = config.train.grad_cache_chunk_size
+    if chunk < 0 or (chunk and config.train.micro_batch_size % chunk):
+        raise ConfigError(f"train.grad_cache_chunk_size={chunk} must be 0 (off) or divide "
+                          f"train.micro_batch_size={config.train.micro_batch_size}")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {config.data.num_workers}")
     if config.loss.gather_group_size < 0:
@@ -321,6 +326,18 @@ def batch_layout(config, world_size):
             f"world size {world_size}; micro x accumulation x world must equal the global batch"
         )
     return micro, total // (micro * world_size)
+
+
+def deepspeed_micro_steps(config, world_size):
+    """(train_micro_batch_size_per_gpu, gradient_accumulation_steps) as DeepSpeed must see them.
+    Without GradCache these are the micro-batch and its accumulation. With GradCache every chunk
+    is one DeepSpeed micro-step (one backward), so DeepSpeed's accumulation window spans
+    accumulation x chunks backwards of `chunk` queries; the optimizer steps once per global batch."""
+    micro, accumulation = batch_layout(config, world_size)
+    chunk = config.train.grad_cache_chunk_size
+    if not chunk:
+        return micro, accumulation
+    return chunk, accumulation * (micro // chunk)
 
 
 def deepspeed_config_path(name):
@@ -358,7 +375,7 @@ def deepspeed_config(config, world_size):
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from err
     _merge(ds, {k: v for k, v in config.deepspeed.items() if k != "config"})
-    micro, accumulation = batch_layout(config, world_size)
+    micro, accumulation = deepspeed_micro_steps(config, world_size)
     _resolve_auto(ds, {
         "train_batch_size": config.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,

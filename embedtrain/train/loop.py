@@ -21,7 +21,7 @@ from embedtrain.train.checkpoint import (CheckpointError, checkpoint_root, load_
                                         restore_rng, resume_checkpoint, save_checkpoint, write_base_model)
 from embedtrain.train.engine import build_engine
 from embedtrain.train.evaluation import evaluate_in_training, load_sources
-from embedtrain.train.step import contrastive_loss
+from embedtrain.train.step import micro_batch_backward
 
 
 def open_dataset(data_config, run_dir):
@@ -81,7 +81,9 @@ def train(config, on_step=None):
     if rank == 0:
         print(f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
               f"accumulation {accumulation} x world {world}; {len(dataset)} queries from "
-              f"{len(dataset.names)} subset(s); ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
+              f"{len(dataset.names)} subset(s)"
+              + (f"; GradCache chunks of {config.train.grad_cache_chunk_size}" if config.train.grad_cache_chunk_size
+                 else "") + f"; ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
               + (f"; resumed from {resume_from} at step {start}" if resume_from else ""), flush=True)
 
     def save(step):
@@ -116,8 +118,8 @@ def train(config, on_step=None):
     for step, micro_batches, examples in loader:
         step_stats = {"loss": 0.0}
         for batch in micro_batches:
-            loss, stats = contrastive_loss(engine, batch, config.loss, engine.device, group)
-            engine.backward(loss)
+            loss, stats = micro_batch_backward(engine, batch, config.loss, accumulation,
+                                               config.train.grad_cache_chunk_size, group)
             engine.step()
             step_stats["loss"] += loss.item() / accumulation
             window["tokens"] += batch["query_ids"].numel() + batch["passage_ids"].numel()

@@ -21,7 +21,8 @@ from embedtrain.data.collate import Collator, load_tokenizer
 from embedtrain.data.stream import Sampler, rank_micro_batches
 from embedtrain.train.engine import build_encoder, build_engine
 from embedtrain.train.loop import open_dataset
-from embedtrain.train.step import contrastive_loss
+from embedtrain.train import step as step_module
+from embedtrain.train.step import contrastive_loss, micro_batch_backward
 
 
 def detached_gather(tensor, group=None):
@@ -50,6 +51,9 @@ def main():
     parser.add_argument("--reentrant", action="store_true")
     parser.add_argument("--detached", action="store_true")
     parser.add_argument("--query-negatives", action="store_true")
+    parser.add_argument("--grad-cache", type=int, default=0, help="GradCache chunk size (queries)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout (GradCache replays it)")
+    parser.add_argument("--no-replay", action="store_true", help="GradCache without RNG replay (must be caught)")
     parser.add_argument("--matryoshka", action="store_true", help="loss summed over dims 16 and 64")
     args = parser.parse_args()
 
@@ -60,6 +64,7 @@ def main():
                  "deepspeed.bf16.enabled=false",
                  f"deepspeed.zero_optimization.stage={args.stage}",
                  f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}",
+                 f"train.grad_cache_chunk_size={args.grad_cache}",
                  *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else [])]
     # one folder for all ranks: rank 0 prepares the demo data there, every rank reads it
     config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
@@ -71,15 +76,21 @@ def main():
     def micro_batches(rank_, world_, micro_):
         return [collator([dataset.example(i, config.loss.hard_negatives) for i in micro])
                 for micro in rank_micro_batches(indices, rank_, world_, micro_)]
+    if args.no_replay:
+        step_module.RngState.restore = lambda self: None
     if args.detached:
         distributed.gather_with_grad = detached_gather
 
     engine = build_engine(config, deepspeed_config(config, world), use_reentrant=args.reentrant)
-    losses = []
-    for batch in micro_batches(rank, world, args.micro):
-        loss, _ = contrastive_loss(engine, batch, config.loss, engine.device)
-        engine.backward(loss)
+    for layer in engine.module.backbone.layers:  # dropout makes the parity reference moot: replay only
+        layer.self_attn.attention_dropout = args.dropout
+    losses, replay = [], 0.0
+    for index, batch in enumerate(micro_batches(rank, world, args.micro)):
+        loss, stats = micro_batch_backward(engine, batch, config.loss, args.accumulation, args.grad_cache)
+        if index < args.accumulation - 1:
+            engine.step()  # inside the accumulation window: no update; the last step is left out
         losses.append(loss.item())
+        replay = max(replay, float(stats.get("grad_cache_replay_error", 0.0)))
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
     ds_loss = distributed.all_reduce_mean(sum(losses) / len(losses), engine.device)
 
@@ -96,7 +107,9 @@ def main():
         worst = max(errors, key=errors.get)
         with open(args.out, "w") as f:
             json.dump({"ds_loss": ds_loss, "ref_loss": ref_loss, "max_rel_error": errors[worst],
-                       "worst_param": worst, "world": world}, f)
+                       "worst_param": worst, "world": world,
+                       "replay_error": replay, "micro_steps": engine.micro_steps,
+                       "ds_accumulation": engine.gradient_accumulation_steps()}, f)
 
 
 if __name__ == "__main__":
