@@ -35,19 +35,37 @@ class LlamaBidirectionalConfig(LlamaConfig):
 def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation):
     """The mask handed to every decoder layer: padding keys masked, no causal triangle.
 
-    flash_attention_2 takes the 2-D padding mask (None when nothing is padded); sdpa and eager take
-    an additive float mask broadcast over heads and queries, shape (B, 1, 1, L).
+    `attention_mask_BL` is 0 on padding and 1 on tokens, or, in a padding-free (packed) row, the
+    number 1, 2, ... of the sequence each token belongs to: tokens then attend only within their
+    own sequence. Without padding the mask is None, which lets sdpa pick its fastest kernels.
+    flash_attention_2 takes the 2-D padding mask, and None for packed rows (transformers then
+    runs variable-length attention from the position ids, which restart at each sequence).
+    sdpa and eager take an additive float mask: (B, 1, 1, L) for padding, (B, 1, L, L) for packed.
     """
+    packed = bool((attention_mask_BL > 1).any())
+    if not packed and bool(attention_mask_BL.all()):
+        return None
     if attn_implementation == "flash_attention_2":
-        return None if bool(attention_mask_BL.all()) else attention_mask_BL
-    keep_B11L = attention_mask_BL[:, None, None, :].to(torch.bool)
-    mask = torch.zeros(keep_B11L.shape, dtype=dtype, device=attention_mask_BL.device)
-    return mask.masked_fill(~keep_B11L, torch.finfo(dtype).min)
+        return None if packed else attention_mask_BL
+    if packed:
+        same_BLL = attention_mask_BL[:, :, None] == attention_mask_BL[:, None, :]
+        keep = (same_BLL & (attention_mask_BL[:, None, :] > 0)).unsqueeze(1)
+    else:
+        keep = attention_mask_BL[:, None, None, :].to(torch.bool)
+    mask = torch.zeros(keep.shape, dtype=dtype, device=attention_mask_BL.device)
+    return mask.masked_fill(~keep, torch.finfo(dtype).min)
 
 
 def positions_from_mask(attention_mask_BL):
-    """Position ids that start at 0 on the first real token, so left and right padding agree."""
-    return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+    """Position ids that start at 0 on the first real token, so left and right padding agree; in a
+    packed row they restart at 0 at the first token of each sequence."""
+    if not bool((attention_mask_BL > 1).any()):
+        return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+    index = torch.arange(attention_mask_BL.shape[-1], device=attention_mask_BL.device).expand_as(attention_mask_BL)
+    previous = torch.nn.functional.pad(attention_mask_BL, (1, 0), value=0)[..., :-1]
+    starts = (attention_mask_BL != previous) & (attention_mask_BL > 0)
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return (index - start_index) * (attention_mask_BL > 0)
 
 
 class LlamaBidirectionalModel(LlamaModel):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.model.bidirectional import LlamaBidirectionalConfig, LlamaBidirectionalModel
+from embedtrain.model.packing import is_packed, unpack
 from embedtrain.model.pooling import POOLING_MODES, pool
 
 LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
@@ -21,6 +22,8 @@ class BiEncoder(nn.Module):
     """Shared-weight encoder for queries and passages.
 
     forward(input_ids_BL, attention_mask_BL) -> embeddings_BD, fp32, unit length when `normalize`.
+    A padding-free batch (model/packing.py) passes sequence labels as the mask and gets one
+    embedding per sequence, in order.
     """
 
     def __init__(self, backbone, pooling="avg", normalize=True):
@@ -33,6 +36,8 @@ class BiEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         hidden_BLD = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if is_packed(attention_mask):
+            hidden_BLD, attention_mask = unpack(hidden_BLD, attention_mask)
         embeddings_BD = pool(hidden_BLD, attention_mask, self.pooling)
         return F.normalize(embeddings_BD, dim=-1) if self.normalize else embeddings_BD
 

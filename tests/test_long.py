@@ -1,0 +1,119 @@
+"""Long documents: a 4,096-token text gets the same embedding alone, in a left- or right-padded
+batch and in a padding-free (packed) batch (fp32, 1e-5); packed position ids restart per sequence;
+RoPE scaling from the checkpoint's config is honoured and survives export."""
+
+import pytest
+import torch
+
+from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model.bidirectional import positions_from_mask
+from embedtrain.model.packing import pack, unpack
+
+TOLERANCE = 1e-5
+LONG = 4096
+
+
+def random_ids(length, seed):
+    return torch.randint(0, 1000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def padded(sequences, side):
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence), width)
+        ids[row, span], mask[row, span] = torch.tensor(sequence), 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_llama):
+    return BiEncoder(load_backbone(tiny_llama, dtype=torch.float32), pooling="avg").eval()
+
+
+@pytest.mark.parametrize("pooling", ["avg", "last"])
+def test_a_4096_token_text_embeds_the_same_alone_padded_and_packed(encoder, pooling):
+    encoder.pooling = pooling
+    long_text, longer, short = random_ids(LONG, 0), random_ids(LONG + 300, 1), random_ids(37, 2)
+    with torch.no_grad():
+        alone = encoder(torch.tensor([long_text]), torch.ones(1, LONG, dtype=torch.long))[0]
+        results = {}
+        for side in ("left", "right"):
+            ids, mask = padded([short, long_text, longer], side)  # the long text is padded by 300
+            results[side] = encoder(ids, mask)[1]
+        ids, segments = pack([short, long_text, random_ids(500, 3)], pad_to_multiple_of=64)
+        packed = encoder(ids, segments)
+        assert packed.shape[0] == 3
+        results["packed"] = packed[1]
+    for name, embedding in results.items():
+        error = float((embedding - alone).abs().max())
+        assert error < TOLERANCE, (name, error)
+    encoder.pooling = "avg"
+
+
+def test_packed_rows_do_not_see_each_other(encoder):
+    """Changing one packed sequence leaves the embeddings of the others unchanged."""
+    first, second = random_ids(50, 4), random_ids(70, 5)
+    with torch.no_grad():
+        base = encoder(*pack([first, second]))
+        changed = encoder(*pack([first, second[:-1] + [7]]))
+    torch.testing.assert_close(changed[0], base[0], rtol=0, atol=1e-6)
+    assert float((changed[1] - base[1]).abs().max()) > 1e-4
+
+
+def test_packed_positions_restart_and_unpack_restores_rows():
+    ids, segments = pack([[5, 6, 7], [8, 9], [10]], pad_to_multiple_of=8)
+    assert segments.tolist() == [[1, 1, 1, 2, 2, 3, 0, 0]]
+    assert positions_from_mask(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
+    hidden = ids.unsqueeze(-1).float()
+    rows, mask = unpack(hidden, segments)
+    assert rows[..., 0].tolist() == [[5, 6, 7], [8, 9, 0], [10, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    # left and right padding agree on the positions of real tokens
+    left = positions_from_mask(torch.tensor([[0, 0, 1, 1, 1]]))
+    right = positions_from_mask(torch.tensor([[1, 1, 1, 0, 0]]))
+    assert left[0, 2:].tolist() == right[0, :3].tolist() == [0, 1, 2]
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 512, "rope_theta": 500000.0}
+
+
+@pytest.fixture(scope="module")
+def rope_scaled_llama(tiny_llama, tmp_path_factory):
+    """The tiny Llama with Llama 3.x RoPE scaling in its config.json (same weights)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("rope") / "tiny-llama3-rope"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = LLAMA3_ROPE
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_rope_scaling_is_honoured_and_survives_export(tiny_llama, rope_scaled_llama, tmp_path):
+    from transformers import AutoModel
+
+    from test_cli import embedtrain
+
+    scaled = BiEncoder(load_backbone(rope_scaled_llama, dtype=torch.float32)).eval()
+    plain = BiEncoder(load_backbone(tiny_llama, dtype=torch.float32)).eval()
+    assert scaled.backbone.rotary_emb.rope_type == "llama3"
+    ids = torch.tensor([random_ids(LONG, 6)])
+    with torch.no_grad():
+        difference = (scaled(ids, torch.ones_like(ids)) - plain(ids, torch.ones_like(ids))).abs().max()
+    assert difference > 1e-4  # the scaled frequencies change attention (numerical noise is ~1e-7)
+
+    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set",
+                     f"model.path={rope_scaled_llama}", "--set", "train.max_steps=1",
+                     "--set", "data.passage_max_length=1024", "--set", "logging.every=1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    exported = embedtrain("export", tmp_path / "run", tmp_path / "out")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    model = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32)
+    assert model.rotary_emb.rope_type == "llama3"
+    torch.testing.assert_close(model.rotary_emb.inv_freq, scaled.backbone.rotary_emb.inv_freq)
+    assert not torch.allclose(model.rotary_emb.inv_freq, plain.backbone.rotary_emb.inv_freq)
