@@ -110,17 +110,29 @@ def export(checkpoint, out, dtype, overwrite, max_shard_gb):
 @click.option("--prompt", type=click.Choice(["query", "document"]), default=None,
               help="Prepend the model's prompt of this name (config_sentence_transformers.json).")
 @click.option("--dim", type=int, default=None, help="Keep the first K dims and re-normalise (Matryoshka).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-def encode(model, input_path, output_path, prompt, dim, batch_size):
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Most sequences per batch.")
+@click.option("--max-tokens", type=int, default=None,
+              help="Most padded tokens per batch (sequences x longest); long texts then go in small batches.")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens per sequence (default: the model's max_seq_length, sentence_bert_config.json).")
+@click.option("--long-documents", type=click.Choice(["truncate", "chunk"]), default="truncate", show_default=True,
+              help="Texts over --max-length: cut, or split into windows whose embeddings are averaged.")
+@click.option("--chunk-overlap", type=int, default=0, show_default=True,
+              help="Tokens shared by consecutive windows with --long-documents chunk.")
+def encode(model, input_path, output_path, prompt, dim, batch_size, max_tokens, max_length, long_documents,
+           chunk_overlap):
     """Embed texts with an exported model, in input order.
 
     \b
     Example:  embedtrain encode exported/tiny --input queries.txt --output q.npy --prompt query
+              embedtrain encode exported/1b --input docs.jsonl --output d.npy --prompt document \\
+                  --max-length 8192 --max-tokens 65536 --long-documents chunk
     """
     from embedtrain.encode import EncodeError, encode_file
 
     try:
-        embeddings = encode_file(model, input_path, output_path, prompt, dim, batch_size)
+        embeddings = encode_file(model, input_path, output_path, prompt, dim, batch_size, max_tokens, max_length,
+                                 long_documents, chunk_overlap)
     except (EncodeError, ValueError) as err:
         fail(str(err))
     click.echo(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}")

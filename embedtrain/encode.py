@@ -1,8 +1,9 @@
 """Embeddings from an exported folder: `embedtrain encode MODEL --input FILE --output FILE`.
 
 Loads with embedtrain's own classes (no trust_remote_code), applies the folder's prompts
-(config_sentence_transformers.json), batches texts sorted by length (less padding) and returns
-vectors in input order, L2-normalised, optionally truncated to the first K dims (Matryoshka).
+(config_sentence_transformers.json), batches sequences sorted by token count under a sequence and
+token budget, truncates or chunks over-long documents, and returns vectors in input order,
+L2-normalised, optionally truncated to the first K dims (Matryoshka).
 """
 
 import json
@@ -37,20 +38,92 @@ def load_encoder(model_dir, dtype=torch.float32):
     return encoder, tokenizer, prompts, max_length
 
 
+LONG_DOCUMENT_MODES = ("truncate", "chunk")
+BLOCK = 8192  # texts tokenized at a time: bounds the memory of token lists on large corpora
+
+
 @torch.no_grad()
-def encode_texts(encoder, tokenizer, texts, batch_size=32, max_length=512, dim=None, progress=False):
-    """(N, D) float32 numpy array in the order of `texts`."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    out = [None] * len(texts)
+def encode_texts(encoder, tokenizer, texts, batch_size=32, max_length=512, dim=None, progress=False,
+                 max_tokens=None, long_documents="truncate", chunk_overlap=0, prompt=""):
+    """(N, D) float32 numpy array in the order of `texts`, each text prefixed with `prompt`.
+
+    Sequences are sorted by token count (longest first) and batched up to `batch_size` sequences
+    and, with `max_tokens`, up to that many padded tokens per batch (a longer sequence goes alone),
+    so short texts run in large batches and long ones in small. Texts longer than `max_length`
+    tokens are truncated, or with long_documents="chunk" split into windows of `max_length` tokens
+    (each with the special tokens and the prompt, consecutive windows sharing `chunk_overlap`
+    tokens) whose normalised embeddings are averaged and re-normalised.
+    """
+    if long_documents not in LONG_DOCUMENT_MODES:
+        raise ValueError(f"long_documents={long_documents!r}: expected one of {', '.join(LONG_DOCUMENT_MODES)}")
     device = next(encoder.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc="encode", unit="batch", disable=not progress):
-        chunk = order[start: start + batch_size]
-        batch = tokenizer([texts[i] for i in chunk], max_length=max_length, truncation=True, padding=True,
-                          return_tensors="pt")
-        vectors = truncate(encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)), dim)
-        for i, vector in zip(chunk, vectors.float().cpu().numpy()):
-            out[i] = vector
-    return np.stack(out) if out else np.zeros((0, dim or 0), np.float32)
+    out = []
+    bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not progress)
+    for start in range(0, len(texts), BLOCK):  # token lists for one block at a time
+        block = texts[start:start + BLOCK]
+        sequences, owner = [], []
+        for index, ids in enumerate(tokenize_all(tokenizer, prompt, block, max_length, long_documents, chunk_overlap)):
+            sequences += ids
+            owner += [index] * len(ids)
+        vectors = [None] * len(sequences)
+        for batch_indices in token_budget_batches([len(ids) for ids in sequences], batch_size, max_tokens):
+            batch = tokenizer.pad({"input_ids": [sequences[i] for i in batch_indices]}, return_tensors="pt")
+            embeddings = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+            for i, vector in zip(batch_indices, embeddings):
+                vectors[i] = vector
+            bar.update(len({owner[i] for i in batch_indices}))
+        # a text of several windows: the mean of their unit vectors, back to unit length
+        summed = torch.zeros(len(block), vectors[0].shape[-1]).index_add_(0, torch.tensor(owner), torch.stack(vectors))
+        out.append(truncate(summed, dim).numpy())
+    bar.close()
+    return np.concatenate(out) if out else np.zeros((0, dim or 0), np.float32)
+
+
+def tokenize_all(tokenizer, prompt, texts, max_length, long_documents="truncate", chunk_overlap=0):
+    """Per text, its token-id lists (see `tokenize`); texts within max_length in one fast call."""
+    full = tokenizer([prompt + text for text in texts])["input_ids"]
+    return [[ids] if len(ids) <= max_length else tokenize(tokenizer, prompt, text, max_length, long_documents,
+                                                          chunk_overlap)
+            for ids, text in zip(full, texts)]
+
+
+def tokenize(tokenizer, prompt, text, max_length, long_documents="truncate", chunk_overlap=0):
+    """Token-id lists for one text: one, exactly as tokenizer(prompt + text, truncation=True,
+    max_length=max_length) gives; or, for an over-long text in "chunk" mode, one per window."""
+    full = tokenizer(prompt + text)["input_ids"]
+    if len(full) <= max_length:
+        return [full]
+    if long_documents == "truncate":
+        return [tokenizer(prompt + text, truncation=True, max_length=max_length)["input_ids"]]
+    content = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+    start = next(k for k in range(len(full) - len(content) + 1) if full[k:k + len(content)] == content)
+    prefix, suffix = full[:start], full[start + len(content):]
+    head = tokenizer(prompt.rstrip(), add_special_tokens=False)["input_ids"] if prompt.strip() else []
+    if content[:len(head)] != head:
+        head = []  # the prompt merged with the text's first token: it stays in the first window only
+    body = content[len(head):]
+    window = max_length - len(prefix) - len(suffix) - len(head)
+    if window <= chunk_overlap:
+        raise ValueError(f"max_length={max_length} leaves {window} tokens per window after special tokens and "
+                         f"prompt, not more than chunk_overlap={chunk_overlap}")
+    starts = range(0, max(1, len(body) - chunk_overlap), window - chunk_overlap)
+    return [prefix + head + body[i:i + window] + suffix for i in starts]
+
+
+def token_budget_batches(lengths, batch_size, max_tokens=None):
+    """Index lists, longest sequences first: at most `batch_size` sequences and, with
+    `max_tokens`, at most that many padded tokens (count x longest) per batch."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * longest > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def read_texts(path):
@@ -83,15 +156,18 @@ def write_embeddings(path, embeddings, texts):
         raise EncodeError(f"--output {path}: expected a .npy or .parquet file")
 
 
-def encode_file(model_dir, input_path, output_path, prompt=None, dim=None, batch_size=32):
-    encoder, tokenizer, prompts, max_length = load_encoder(model_dir)
+def encode_file(model_dir, input_path, output_path, prompt=None, dim=None, batch_size=32, max_tokens=None,
+                max_length=None, long_documents="truncate", chunk_overlap=0):
+    encoder, tokenizer, prompts, model_max_length = load_encoder(model_dir)
     texts = read_texts(input_path)
-    if prompt is not None:
-        if prompt not in prompts:
-            raise EncodeError(f"--prompt {prompt}: {model_dir} defines prompts {', '.join(prompts) or 'none'}")
-        texts_in = [prompts[prompt] + t for t in texts]
-    else:
-        texts_in = texts
-    embeddings = encode_texts(encoder, tokenizer, texts_in, batch_size, max_length, dim, progress=True)
+    if prompt is not None and prompt not in prompts:
+        raise EncodeError(f"--prompt {prompt}: {model_dir} defines prompts {', '.join(prompts) or 'none'}")
+    max_length = max_length or model_max_length
+    limit = encoder.backbone.config.max_position_embeddings
+    if max_length > limit:
+        raise EncodeError(f"--max-length {max_length} exceeds {model_dir}'s max_position_embeddings={limit}")
+    embeddings = encode_texts(encoder, tokenizer, texts, batch_size, max_length, dim,
+                              progress=True, max_tokens=max_tokens, long_documents=long_documents,
+                              chunk_overlap=chunk_overlap, prompt=prompts.get(prompt, "") if prompt else "")
     write_embeddings(output_path, embeddings, texts)
     return embeddings

@@ -158,3 +158,20 @@ def test_partial_and_corrupt_checkpoints_fail_clearly(trained, tmp_path):
     assert run.returncode == 2 and "incomplete or damaged" in run.stderr
     run = embedtrain("export", tmp_path, tmp_path / "out3")
     assert run.returncode == 2 and "is not a run folder" in run.stderr
+
+
+def test_encode_cli_long_documents_and_token_budget(trained, tmp_path):
+    """--max-tokens changes only the batching; --long-documents chunk changes only over-long texts;
+    a --max-length beyond the model's positions is refused."""
+    texts = DOCUMENTS + [" ".join(DOCUMENTS * 20)]
+    plain = encode_cli(trained / "model", texts, tmp_path, "plain", "--prompt", "document", "--max-length", "32")
+    budget = encode_cli(trained / "model", texts, tmp_path, "budget", "--prompt", "document", "--max-length", "32",
+                        "--max-tokens", "64")
+    np.testing.assert_allclose(budget, plain, atol=1e-5)
+    chunked = encode_cli(trained / "model", texts, tmp_path, "chunked", "--prompt", "document", "--max-length", "32",
+                         "--long-documents", "chunk", "--chunk-overlap", "4")
+    np.testing.assert_allclose(chunked[1], plain[1], atol=1e-5)  # "A short one." fits in 32 tokens
+    assert np.abs(chunked[2] - plain[2]).max() > 1e-3
+    refused = embedtrain("encode", trained / "model", "--input", tmp_path / "plain.txt", "--output",
+                         tmp_path / "x.npy", "--max-length", "100000")
+    assert refused.returncode != 0 and "exceeds" in refused.stderr and "max_position_embeddings" in refused.stderr

@@ -117,3 +117,69 @@ def test_rope_scaling_is_honoured_and_survives_export(tiny_llama, rope_scaled_ll
     assert model.rotary_emb.rope_type == "llama3"
     torch.testing.assert_close(model.rotary_emb.inv_freq, scaled.backbone.rotary_emb.inv_freq)
     assert not torch.allclose(model.rotary_emb.inv_freq, plain.backbone.rotary_emb.inv_freq)
+
+
+def test_training_on_2048_token_passages_matches_plain_pytorch(tmp_path):
+    """2 ranks, ZeRO-3, activation checkpointing, global pool, passages of 2,048 tokens (up to
+    255 of them padding): loss and every gradient equal one plain PyTorch step on the whole batch."""
+    from conftest import run_worker
+
+    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", "--long", "2048", nproc=2)
+    assert abs(result["ds_loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"]), result
+    assert result["max_rel_error"] < TOLERANCE, result
+
+
+def test_token_budget_batches_longest_first_within_the_budget():
+    from embedtrain.encode import token_budget_batches
+
+    lengths = [10, 500, 20, 400, 30, 2000]
+    batches = token_budget_batches(lengths, batch_size=8, max_tokens=1000)
+    assert batches == [[5], [1, 3], [4, 2, 0]]  # 2000 alone (over budget), then 2 x 500, then 3 x 30
+    assert token_budget_batches(lengths, batch_size=2) == [[5, 1], [3, 4], [2, 0]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    from embedtrain.data.collate import load_tokenizer
+
+    return load_tokenizer(tiny_llama)
+
+
+def words(count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    vocabulary = ["river", "copper", "north", "chemist", "born", "museum", "eleven", "glass", "map", "song"]
+    return " ".join(vocabulary[i] for i in torch.randint(0, len(vocabulary), (count,), generator=generator))
+
+
+def test_token_budget_encoding_equals_one_text_at_a_time(encoder, tokenizer):
+    from embedtrain.encode import encode_texts
+
+    texts = [words(n, n) for n in (5, 3000, 40, 900, 12)]
+    assert max(len(tokenizer(t)["input_ids"]) for t in texts) > 2048
+    budgeted = encode_texts(encoder, tokenizer, texts, batch_size=16, max_length=LONG, max_tokens=4096)
+    single = encode_texts(encoder, tokenizer, texts, batch_size=1, max_length=LONG)
+    np_error = abs(budgeted - single).max()
+    assert np_error < TOLERANCE, np_error
+
+
+def test_long_documents_chunk_mean_of_window_embeddings(encoder, tokenizer):
+    """--long-documents chunk: windows of max_length tokens, each with BOS and the prompt's tokens,
+    consecutive windows sharing `overlap` tokens; the embedding is the re-normalised mean."""
+    from embedtrain.encode import encode_texts
+
+    text, prompt, max_length, overlap = words(300, 7), "passage: ", 64, 8
+    got = encode_texts(encoder, tokenizer, [text, "short one"], max_length=max_length, long_documents="chunk",
+                       chunk_overlap=overlap, prompt=prompt)
+    content = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+    head = tokenizer("passage:", add_special_tokens=False)["input_ids"]
+    assert content[:len(head)] == head
+    body, window = content[len(head):], max_length - 1 - len(head)
+    windows = [[tokenizer.bos_token_id] + head + body[i:i + window] for i in range(0, len(body) - overlap, window - overlap)]
+    assert len(windows) > 3 and all(len(w) <= max_length for w in windows)
+    with torch.no_grad():
+        vectors = torch.cat([encoder(torch.tensor([w]), torch.ones(1, len(w), dtype=torch.long)) for w in windows])
+    expected = torch.nn.functional.normalize(vectors.mean(0), dim=-1)
+    assert float((torch.from_numpy(got[0]) - expected).abs().max()) < TOLERANCE
+    truncated = encode_texts(encoder, tokenizer, [text, "short one"], max_length=max_length, prompt=prompt)
+    assert abs(got[1] - truncated[1]).max() < 1e-6  # texts within max_length are not chunked
+    assert abs(got[0] - truncated[0]).max() > 1e-3

@@ -37,16 +37,15 @@ def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation):
 
     `attention_mask_BL` is 0 on padding and 1 on tokens, or, in a padding-free (packed) row, the
     number 1, 2, ... of the sequence each token belongs to: tokens then attend only within their
-    own sequence. Without padding the mask is None, which lets sdpa pick its fastest kernels.
-    flash_attention_2 takes the 2-D padding mask, and None for packed rows (transformers then
-    runs variable-length attention from the position ids, which restart at each sequence).
-    sdpa and eager take an additive float mask: (B, 1, 1, L) for padding, (B, 1, L, L) for packed.
+    own sequence. flash_attention_2 takes the 2-D padding mask (None when nothing is padded), and
+    None for packed rows (transformers then runs variable-length attention from the position ids,
+    which restart at each sequence). sdpa and eager take an additive float mask, (B, 1, 1, L) for
+    padding and (B, 1, L, L) for packed rows, even without padding: transformers 4.x's sdpa path
+    treats a missing mask as causal, whatever the module's is_causal says.
     """
     packed = bool((attention_mask_BL > 1).any())
-    if not packed and bool(attention_mask_BL.all()):
-        return None
     if attn_implementation == "flash_attention_2":
-        return None if packed else attention_mask_BL
+        return None if packed or bool(attention_mask_BL.all()) else attention_mask_BL
     if packed:
         same_BLL = attention_mask_BL[:, :, None] == attention_mask_BL[:, None, :]
         keep = (same_BLL & (attention_mask_BL[:, None, :] > 0)).unsqueeze(1)

@@ -33,6 +33,19 @@ def detached_gather(tensor, group=None):
     return torch.cat([pool[:offset], tensor, pool[offset + tensor.shape[0]:]]), offset
 
 
+def lengthen(batch, length):
+    """Replace every passage by `length` synthetic tokens, up to 255 of them right padding; tokens
+    and padding depend only on the passage (its content hash), not on how batches are cut."""
+    ids = torch.zeros(batch["passage_ids"].shape[0], length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, content in enumerate(batch["passage_hash"].tolist()):
+        generator = torch.Generator().manual_seed(content % 2**31)
+        real = length - int(torch.randint(0, 256, (1,), generator=generator))
+        ids[row, :real] = torch.randint(0, 1000, (real,), generator=generator)
+        mask[row, :real] = 1
+    return {**batch, "passage_ids": ids, "passage_mask": mask}
+
+
 def relative_errors(grads, reference):
     errors = {}
     for name, ref in reference.items():
@@ -54,6 +67,7 @@ def main():
     parser.add_argument("--grad-cache", type=int, default=0, help="GradCache chunk size (queries)")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout (GradCache replays it)")
     parser.add_argument("--no-replay", action="store_true", help="GradCache without RNG replay (must be caught)")
+    parser.add_argument("--long", type=int, default=0, help="replace passages by synthetic ones of this many tokens")
     parser.add_argument("--matryoshka", action="store_true", help="loss summed over dims 16 and 64")
     args = parser.parse_args()
 
@@ -74,8 +88,9 @@ def main():
     indices = Sampler(dataset.subset_sizes(), global_batch, 0).global_batch(0)
 
     def micro_batches(rank_, world_, micro_):
-        return [collator([dataset.example(i, config.loss.hard_negatives) for i in micro])
-                for micro in rank_micro_batches(indices, rank_, world_, micro_)]
+        batches = [collator([dataset.example(i, config.loss.hard_negatives) for i in micro])
+                   for micro in rank_micro_batches(indices, rank_, world_, micro_)]
+        return [lengthen(batch, args.long) for batch in batches] if args.long else batches
     if args.no_replay:
         step_module.RngState.restore = lambda self: None
     if args.detached:
