@@ -6,7 +6,12 @@ Memory per GPU under ZeRO-3 with bf16 (bytes):
   working set    4 x largest layer (the gathered layer plus the prefetched one, bf16);
   activations    per token and layer ~ 34 h bytes without checkpointing (Korthikanti et al. 2022,
                  with SDPA/flash attention so no s^2 term); with checkpointing 2 h per token and
-                 layer are kept and one layer is recomputed at a time;
+                 layer are kept and one layer is recomputed at a time; tokens = every query and
+                 passage at its side's max length, so memory grows linearly with length;
+  attention      eager attention only: bf16 scores and probabilities, heads x L^2 x 4 bytes per
+                 sequence and layer (one layer with checkpointing);
+  GradCache      with train.grad_cache_chunk_size C < micro, activations are those of C queries
+                 and the step does one more forward (x 5/4 with checkpointing, x 4/3 without);
   gather buffers the global pool: W x B x G x D fp32 embeddings, forward and gradient;
   reserve        2 GiB (CUDA context, NCCL) and 10 % fragmentation.
 An option fits when its total is at most 90 % of the GPU's memory (headroom for allocator peaks).
@@ -72,10 +77,18 @@ def shape_for(config, recipe_name, shape_name=None):
                      f"({', '.join(SHAPES)})")
 
 
-def memory_per_gpu(shape, gpus, micro, tokens_per_query, passages_per_query, checkpointing, offload, global_pool):
-    """Bytes per GPU by component, for micro-batch `micro` queries per GPU."""
+def attention_score_bytes(shape, queries, lengths):
+    """Eager attention's materialised scores + probabilities (bf16) for one layer: `lengths` are
+    the sequence lengths of one query's group (query, then passages)."""
+    return queries * shape.num_attention_heads * sum(length * length for length in lengths) * 4
+
+
+def memory_per_gpu(shape, gpus, micro, tokens_per_query, passages_per_query, checkpointing, offload, global_pool,
+                   activation_queries=None, score_bytes_per_layer=0.0):
+    """Bytes per GPU by component, for micro-batch `micro` queries per GPU; activations are held
+    for `activation_queries` of them at a time (GradCache chunks; default all)."""
     states = {"none": 18 * shape.params / gpus, "optimizer": 2 * shape.params / gpus, "optimizer+params": 0.0}[offload]
-    tokens = micro * tokens_per_query
+    tokens = (activation_queries or micro) * tokens_per_query
     h, layers = shape.hidden_size, shape.num_hidden_layers
     if checkpointing:
         activations = layers * 2 * tokens * h + 34 * tokens * h
@@ -85,6 +98,8 @@ def memory_per_gpu(shape, gpus, micro, tokens_per_query, passages_per_query, che
     pool = gpus * micro * passages_per_query * h * 4 * 2 if global_pool else micro * passages_per_query * h * 8
     parts = {"model states": states, "gathered layers": 4 * shape.largest_layer_params, "activations": activations,
              "embedding pool": pool}
+    if score_bytes_per_layer:
+        parts["attention scores"] = score_bytes_per_layer * (1 if checkpointing else layers)
     parts["reserve"] = 2 * GIB + 0.1 * sum(parts.values())
     return parts
 
@@ -98,16 +113,23 @@ def plan(config, recipe_name, nodes, gpus_per_node, gpu_memory_gib=80.0, mfu=0.4
     tokens_per_query = lq + group * lp
     global_batch = config.train.global_batch_size
     step_flops = global_batch * (shape.flops_per_token(lq) * lq + group * shape.flops_per_token(lp) * lp)
+    chunk = config.train.grad_cache_chunk_size
+    eager = config.model.attn_implementation == "eager"
     options = []
     for offload in ("none", "optimizer", "optimizer+params"):
         for checkpointing in (False, True):
             micro = 1
             while micro * gpus <= global_batch and global_batch % (micro * gpus) == 0:
+                held = chunk if chunk and chunk < micro and micro % chunk == 0 else micro
+                scores = attention_score_bytes(shape, held, [lq] + [lp] * group) if eager else 0.0
                 parts = memory_per_gpu(shape, gpus, micro, tokens_per_query, group, checkpointing, offload,
-                                       config.loss.negatives == "global")
-                seconds = step_flops * (4 / 3 if checkpointing else 1) / (gpus * peak_tflops * 1e12 * mfu)
+                                       config.loss.negatives == "global", held, scores)
+                recompute = 4 / 3 if checkpointing else 1
+                if held < micro:  # GradCache: one more forward
+                    recompute = 5 / 3 if checkpointing else 4 / 3
+                seconds = step_flops * recompute / (gpus * peak_tflops * 1e12 * mfu)
                 seconds *= {"none": 1.0, "optimizer": 1.15, "optimizer+params": 1.6}[offload]  # stated guesses
-                options.append({"micro_batch": micro, "accumulation": global_batch // (micro * gpus),
+                options.append({"micro_batch": micro, "accumulation": global_batch // (micro * gpus), "held": held,
                                 "checkpointing": checkpointing, "offload": offload,
                                 "memory_gib": sum(parts.values()) / GIB,
                                 "parts_gib": {k: v / GIB for k, v in parts.items()}, "step_seconds": seconds,
@@ -116,6 +138,7 @@ def plan(config, recipe_name, nodes, gpus_per_node, gpu_memory_gib=80.0, mfu=0.4
     fitting = [o for o in options if o["fits"]]
     best = min(fitting, key=lambda o: (o["step_seconds"], -o["micro_batch"])) if fitting else None
     return {"shape": shape, "gpus": gpus, "params": shape.params, "tokens_per_step": global_batch * tokens_per_query,
+            "lengths": (lq, lp), "attention": config.model.attn_implementation, "grad_cache_chunk": chunk,
             "options": options, "best": best, "mfu": mfu, "gpu_memory_gib": gpu_memory_gib}
 
 
@@ -123,7 +146,10 @@ def format_plan(result):
     shape, best = result["shape"], result["best"]
     lines = [f"model: {result['params'] / 1e9:.2f}B parameters ({shape.num_hidden_layers} layers, hidden "
              f"{shape.hidden_size}); {result['gpus']} GPU(s) of {result['gpu_memory_gib']:.0f} GiB; "
-             f"{result['tokens_per_step']:,} padded tokens per step; step time at {result['mfu']:.0%} MFU",
+             f"{result['tokens_per_step']:,} padded tokens per step (query {result['lengths'][0]}, passages "
+             f"{result['lengths'][1]} tokens, {result['attention']} attention"
+             + (f", GradCache chunks of {result['grad_cache_chunk']}" if result["grad_cache_chunk"] else "")
+             + f"); step time at {result['mfu']:.0%} MFU",
              f"{'micro':>5} {'accum':>5} {'ckpt':>5} {'offload':>16} {'GiB/GPU':>8} {'s/step':>7}  fits"]
     for o in result["options"]:
         lines.append(f"{o['micro_batch']:>5} {o['accumulation']:>5} {str(o['checkpointing']):>5} {o['offload']:>16} "

@@ -56,3 +56,25 @@ def test_plan_command():
     run = embedtrain("plan", "--config", "llama3_2_1b", "--nodes", "1", "--gpus-per-node", "1")
     assert run.returncode == 0, run.stderr
     assert "1.24B parameters" in run.stdout and "recommendation: micro-batch" in run.stdout
+
+
+def test_plan_accounts_for_sequence_length_and_attention():
+    """Memory grows with passage length, linearly under sdpa and quadratically under eager; the
+    1B recipe at 8,192-token passages fits one 80 GB GPU with micro-batch 1 and checkpointing."""
+    def option(length, attn, micro=1, checkpointing=True, extra=()):
+        config = load_config("llama3_2_1b", ["model.path=unset", "data.path=unset",
+                                             f"data.passage_max_length={length}", f"model.attn_implementation={attn}",
+                                             *extra])
+        result = plan(config, "llama3_2_1b", 1, 1)
+        return next(o for o in result["options"] if o["micro_batch"] == micro and o["checkpointing"] == checkpointing
+                    and o["offload"] == "none")
+    sdpa = [option(n, "sdpa")["parts_gib"]["activations"] for n in (2048, 4096, 8192)]
+    assert sdpa[1] / sdpa[0] == pytest.approx(2, rel=0.05) and sdpa[2] / sdpa[1] == pytest.approx(2, rel=0.05)
+    eager = [option(n, "eager")["parts_gib"]["attention scores"] for n in (2048, 8192)]
+    assert eager[1] / eager[0] == pytest.approx(16, rel=0.05)
+    long = option(8192, "sdpa")
+    assert long["fits"] and long["memory_gib"] < 0.9 * 80, long
+    cached = option(512, "sdpa", micro=32, extra=["train.grad_cache_chunk_size=4"])
+    plain = option(512, "sdpa", micro=32)
+    assert cached["held"] == 4 and cached["parts_gib"]["activations"] < plain["parts_gib"]["activations"] / 4
+    assert cached["step_seconds"] == pytest.approx(plain["step_seconds"] * 5 / 4)
