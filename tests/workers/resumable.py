@@ -54,9 +54,9 @@ def main():
         torch.save = save_or_fail
 
     if args.nan_at:
-        from embedtrain.train import loop
+        from embedtrain.train import step as step_module
 
-        nan_steps, real_loss, calls = {int(s) for s in args.nan_at.split(",")}, loop.contrastive_loss, [0]
+        nan_steps, real_loss, calls = {int(s) for s in args.nan_at.split(",")}, step_module.contrastive_loss, [0]
         micro_per_step = config.train.global_batch_size // config.train.micro_batch_size // max(1, distributed.world_size())
 
         def loss_with_nan(*a, **k):
@@ -65,7 +65,7 @@ def main():
             calls[0] += 1
             return (loss * float("nan"), stats) if step in nan_steps else (loss, stats)
 
-        loop.contrastive_loss = loss_with_nan
+        step_module.contrastive_loss = loss_with_nan
 
     engine_box = []
 
