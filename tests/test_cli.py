@@ -46,6 +46,8 @@ def test_tiny_recipe_trains_then_exports(tmp_path):
     (["--set", "train.lrr=1"], "unknown config key 'train.lrr' \\(did you mean 'lr'\\?\\)"),
     (["--set", "model.path=/nonexistent"], "model.path: /nonexistent is not a model folder"),
     (["--set", "data.path=/nonexistent"], "data.path: /nonexistent is not a folder"),
+    (["--set", "data.passage_max_length=16384"], "data.passage_max_length=16384 exceeds the model's "
+                                                 "max_position_embeddings=8192"),
 ])
 def test_bad_input_stops_before_training(tmp_path, args, message):
     run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", *args)

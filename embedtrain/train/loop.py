@@ -50,6 +50,16 @@ def make_sampler(config, dataset):
         raise ConfigError(str(err)) from err
 
 
+def check_lengths(config, llama_config):
+    """Sequence lengths beyond the checkpoint's positions are a config error, not a silent
+    extrapolation of RoPE."""
+    limit = llama_config.max_position_embeddings
+    for key in ("query_max_length", "passage_max_length"):
+        if getattr(config.data, key) > limit:
+            raise ConfigError(f"data.{key}={getattr(config.data, key)} exceeds the model's max_position_embeddings="
+                              f"{limit} ({config.model.path}/config.json)")
+
+
 def seed_everything(seed, rank):
     random.seed(seed + rank)
     np.random.seed(seed + rank)
@@ -64,7 +74,7 @@ def train(config, on_step=None):
     micro, accumulation = batch_layout(config, world)
     seed_everything(config.train.seed, rank)
     # Bad input must fail before the model is loaded and GPUs spin: model folder, checkpoint, data.
-    read_llama_config(config.model.path)
+    check_lengths(config, read_llama_config(config.model.path))
     run_dir = Path(config.train.output_dir)
     resume_from = distributed.run_on_main(lambda: prepare_run_dir(config, run_dir))
     dataset = open_dataset(config.data, run_dir)
