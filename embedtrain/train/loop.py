@@ -89,36 +89,13 @@ def train(config, on_step=None):
     start = 0 if resume_from is None else load_state(engine, resume_from, config, world)
     writer = make_writer(config, run_dir, start) if rank == 0 else None
     if rank == 0:
-        print(f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
-              f"accumulation {accumulation} x world {world}; {len(dataset)} queries from "
-              f"{len(dataset.names)} subset(s)"
-              + (f"; GradCache chunks of {config.train.grad_cache_chunk_size}" if config.train.grad_cache_chunk_size
-                 else "") + f"; ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
-              + (f"; resumed from {resume_from} at step {start}" if resume_from else ""), flush=True)
+        print(describe_run(config, world, micro, accumulation, dataset, ds_config, resume_from, start), flush=True)
 
     def save(step):
         save_checkpoint(engine, run_dir, step, stream_state(step, sampler, dataset), config_dict,
                         config.train.keep_checkpoints)
 
     eval_sources = load_sources(config.eval, config.data.query_prefix, config.data.passage_prefix) if config.eval.path else None
-
-    def maybe_evaluate(step):
-        if eval_sources is None:
-            return
-        if not (step == config.train.max_steps or (config.eval.every and step % config.eval.every == 0)):
-            return
-        results = evaluate_in_training(engine, tokenizer, eval_sources, config.eval.batch_size,
-                                       config.data.passage_max_length)
-        if results is not None:
-            mean = results["mean"]
-            print(f"[embedtrain] eval at step {step}: nDCG@10 {mean['ndcg@10']:.4f}  Recall@10 "
-                  f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}", flush=True)
-            if writer is not None:
-                for subset, values in results.items():
-                    for key, value in values.items():
-                        writer.add_scalar(f"eval/{subset}/{key}", value, step)
-                writer.flush()
-
     stop = StopRequest()
     window = new_window()
     skipped = engine.skipped_steps
@@ -126,39 +103,17 @@ def train(config, on_step=None):
                           start=start, stop=config.train.max_steps, length_bucketing=config.data.length_bucketing)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.num_workers)
     for step, micro_batches, examples in loader:
-        step_stats = {"loss": 0.0}
-        for batch in micro_batches:
-            loss, stats = micro_batch_backward(engine, batch, config.loss, accumulation,
-                                               config.train.grad_cache_chunk_size, group)
-            engine.step()
-            step_stats["loss"] += loss.item() / accumulation
-            window["tokens"] += batch["query_ids"].numel() + batch["passage_ids"].numel()
-            window["real_tokens"] += int(batch["query_mask"].sum() + batch["passage_mask"].sum())
-            for key, value in stats.items():
-                step_stats[key] = step_stats.get(key, 0.0) + float(value) / accumulation
-        window["steps"] += 1
-        window["loss"] += step_stats["loss"]
-        step_stats["skipped_steps"] = float(engine.skipped_steps)
+        step_stats = optimizer_step(engine, micro_batches, config, accumulation, group, window)
         if on_step is not None:
             on_step(step, step_stats, examples)
         done = step + 1
-        if engine.skipped_steps > skipped:
-            # DeepSpeed discards an update whose gradient norm is NaN or inf (a NaN loss gives one)
-            skipped = engine.skipped_steps
-            if rank == 0:
-                print(f"[embedtrain] warning: step {done} skipped: non-finite loss or gradient "
-                      f"({skipped} skipped so far, limit train.max_skipped_steps={config.train.max_skipped_steps})",
-                      flush=True)
-            if skipped > config.train.max_skipped_steps:
-                save(done)
-                raise TrainingError(f"{skipped} steps skipped for non-finite losses or gradients, more than "
-                                    f"train.max_skipped_steps={config.train.max_skipped_steps}; stopped at step {done} "
-                                    f"with a checkpoint in {checkpoint_root(run_dir) / f'step_{done}'}. Check the "
-                                    "learning rate, the data around these steps, and bf16 overflow.")
+        skipped = check_skipped_steps(engine, skipped, done, config, save)
         if done % config.logging.every == 0 or done == config.train.max_steps:
             log_window(engine, writer, step, step_stats, window)
             window = new_window()
-        maybe_evaluate(done)
+        if eval_sources is not None and (done == config.train.max_steps
+                                         or (config.eval.every and done % config.eval.every == 0)):
+            evaluate(engine, tokenizer, eval_sources, config, writer, done)
         if stop.requested():
             save(done)
             if rank == 0:
@@ -170,6 +125,70 @@ def train(config, on_step=None):
     if writer is not None:
         writer.close()
     return engine
+
+
+def describe_run(config, world, micro, accumulation, dataset, ds_config, resume_from, start):
+    """The start-up line: batch layout, data, GradCache, ZeRO stage, resume point."""
+    chunk = config.train.grad_cache_chunk_size
+    return (f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
+            f"accumulation {accumulation} x world {world}; {len(dataset)} queries from {len(dataset.names)} "
+            f"subset(s)" + (f"; GradCache chunks of {chunk}" if chunk else "")
+            + f"; ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
+            + (f"; resumed from {resume_from} at step {start}" if resume_from else ""))
+
+
+def optimizer_step(engine, micro_batches, config, accumulation, group, window):
+    """Backward over the step's micro-batches, DeepSpeed steps (the optimizer updates at the
+    accumulation boundary); returns the step's mean stats and adds its counts to `window`."""
+    step_stats = {"loss": 0.0}
+    for batch in micro_batches:
+        loss, stats = micro_batch_backward(engine, batch, config.loss, accumulation,
+                                           config.train.grad_cache_chunk_size, group)
+        engine.step()
+        step_stats["loss"] += loss.item() / accumulation
+        window["tokens"] += batch["query_ids"].numel() + batch["passage_ids"].numel()
+        window["real_tokens"] += int(batch["query_mask"].sum() + batch["passage_mask"].sum())
+        for key, value in stats.items():
+            step_stats[key] = step_stats.get(key, 0.0) + float(value) / accumulation
+    window["steps"] += 1
+    window["loss"] += step_stats["loss"]
+    step_stats["skipped_steps"] = float(engine.skipped_steps)
+    return step_stats
+
+
+def check_skipped_steps(engine, seen, done, config, save):
+    """DeepSpeed discards an update whose gradient norm is NaN or inf (a NaN loss gives one): warn,
+    and past train.max_skipped_steps save and stop. Returns the new count."""
+    skipped = engine.skipped_steps
+    if skipped == seen:
+        return skipped
+    limit = config.train.max_skipped_steps
+    if distributed.is_main_process():
+        print(f"[embedtrain] warning: step {done} skipped: non-finite loss or gradient ({skipped} skipped so far, "
+              f"limit train.max_skipped_steps={limit})", flush=True)
+    if skipped > limit:
+        save(done)
+        folder = checkpoint_root(Path(config.train.output_dir)) / f"step_{done}"
+        raise TrainingError(f"{skipped} steps skipped for non-finite losses or gradients, more than "
+                            f"train.max_skipped_steps={limit}; stopped at step {done} with a checkpoint in {folder}. "
+                            "Check the learning rate, the data around these steps, and bf16 overflow.")
+    return skipped
+
+
+def evaluate(engine, tokenizer, eval_sources, config, writer, step):
+    """In-training evaluation on every rank; rank 0 prints and logs the results."""
+    results = evaluate_in_training(engine, tokenizer, eval_sources, config.eval.batch_size,
+                                   config.data.passage_max_length)
+    if results is None:
+        return
+    mean = results["mean"]
+    print(f"[embedtrain] eval at step {step}: nDCG@10 {mean['ndcg@10']:.4f}  Recall@10 "
+          f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}", flush=True)
+    if writer is not None:
+        for subset, values in results.items():
+            for key, value in values.items():
+                writer.add_scalar(f"eval/{subset}/{key}", value, step)
+        writer.flush()
 
 
 class TrainingError(RuntimeError):
