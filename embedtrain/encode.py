@@ -80,19 +80,18 @@ def encode_texts(encoder, tokenizer, texts, batch_size=32, max_length=512, dim=N
 
 
 def tokenize_all(tokenizer, prompt, texts, max_length, long_documents="truncate", chunk_overlap=0):
-    """Per text, its token-id lists (see `tokenize`); texts within max_length in one fast call."""
+    """Per text, its token-id lists: [tokenizer(prompt + text)] when it fits in max_length (all in
+    one fast call), else `split_long`'s."""
     full = tokenizer([prompt + text for text in texts])["input_ids"]
-    return [[ids] if len(ids) <= max_length else tokenize(tokenizer, prompt, text, max_length, long_documents,
-                                                          chunk_overlap)
+    return [[ids] if len(ids) <= max_length else split_long(tokenizer, prompt, text, ids, max_length, long_documents,
+                                                            chunk_overlap)
             for ids, text in zip(full, texts)]
 
 
-def tokenize(tokenizer, prompt, text, max_length, long_documents="truncate", chunk_overlap=0):
-    """Token-id lists for one text: one, exactly as tokenizer(prompt + text, truncation=True,
-    max_length=max_length) gives; or, for an over-long text in "chunk" mode, one per window."""
-    full = tokenizer(prompt + text)["input_ids"]
-    if len(full) <= max_length:
-        return [full]
+def split_long(tokenizer, prompt, text, full, max_length, long_documents="truncate", chunk_overlap=0):
+    """Token-id lists for a text whose tokens `full` exceed max_length: one, exactly as
+    tokenizer(prompt + text, truncation=True, max_length=max_length) gives; or, in "chunk" mode,
+    one per window."""
     if long_documents == "truncate":
         return [tokenizer(prompt + text, truncation=True, max_length=max_length)["input_ids"]]
     content = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
