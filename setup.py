@@ -10,11 +10,16 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["embedtrain", "embedtrain.*"]),
-    package_data={"embedtrain": ["recipes/*.yaml", "assets/*/*", "assets/*/*/*"]},
+    # ds_configs/ lives at the top of the repository and installs as embedtrain/ds_configs, so that a
+    # non-editable install finds the DeepSpeed configs that the recipes name
+    packages=[*find_packages(include=["embedtrain", "embedtrain.*"]), "embedtrain.ds_configs"],
+    package_dir={"embedtrain.ds_configs": "ds_configs"},
+    package_data={"embedtrain": ["recipes/*.yaml", "assets/*/*", "assets/*/*/*"], "embedtrain.ds_configs": ["*.json"]},
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.16",
+        "torch>=2.5",  # torch.serialization.safe_globals (weights_only checkpoint loading)
+        # the range in which embedtrain's non-finite-step policy was verified: ZeRO-3 skips a step
+        # whose gradient norm is not finite in any dtype, ZeRO-1/2 with bf16.check_grad_overflow
+        "deepspeed>=0.19.8,<0.20",
         "transformers>=5.2,<6",
         "accelerate",
         "datasets",

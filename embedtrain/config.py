@@ -18,7 +18,9 @@ import yaml
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 RECIPES_DIR = PACKAGE_DIR / "recipes"
-DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+# installed: embedtrain/ds_configs (setup.py maps the top-level folder there); from a checkout: ds_configs/
+DS_CONFIGS_DIR = next((d for d in (PACKAGE_DIR / "ds_configs", PACKAGE_DIR.parent / "ds_configs") if d.is_dir()),
+                      PACKAGE_DIR.parent / "ds_configs")
 ASSET_PREFIX = "assets:"
 
 
@@ -80,6 +82,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: all
     resume: str = "auto"  # auto: from <output_dir>/checkpoints if any | never | a run or step folder
     max_skipped_steps: int = 20  # steps skipped for a non-finite loss or gradient before the run stops
+    stop_check_every: int = 10  # steps between the ranks' agreement on a SIGTERM stop (one collective)
     activation_checkpointing: bool = True
     grad_cache_chunk_size: int = 0  # GradCache: encode the micro-batch this many queries at a time; 0 = off
     output_dir: str = "runs/default"
@@ -294,6 +297,7 @@ def validate(config):
         "data.query_max_length": config.data.query_max_length,
         "data.passage_max_length": config.data.passage_max_length,
         "logging.every": config.logging.every,
+        "train.stop_check_every": config.train.stop_check_every,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -384,6 +388,11 @@ def deepspeed_config(config, world_size):
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    if stage < 3 and ds.get("bf16", {}).get("enabled") and ds["bf16"].get("check_grad_overflow") is False:
+        # ZeRO-1/2 in bf16 skip a step with a non-finite gradient only with this check on; without
+        # it a NaN would reach the weights and train.max_skipped_steps could not act
+        raise ConfigError(f"{path}: bf16.check_grad_overflow=false under ZeRO stage {stage}: non-finite steps would "
+                          "be applied instead of skipped; remove the key or set it true")
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ConfigError(f"{path}: optimizer and scheduler belong to the recipe (optim.*, train.lr), not the DeepSpeed JSON")
     validate_with_deepspeed(ds, path)

@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
+from embedtrain.prompts import MODEL_METADATA, model_policy
 from embedtrain.train.checkpoint import (CheckpointError, load_checkpoint_file, rank_files, resolve_checkpoint,
                                         zero3_full_tensors)
 
@@ -174,11 +175,12 @@ def write_export(step_folder, base, tmp, dtype, max_shard_gb):
     config["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
-    prompts = json.loads((base / "prompts.json").read_text())
-    (tmp / "embedtrain.json").write_text(json.dumps({"prompt_source": prompts.pop("source", "instruction")}) + "\n")
+    policy = model_policy(base)
+    (tmp / MODEL_METADATA).write_text(json.dumps(policy.to_dict(), indent=2) + "\n")
     for item in base.iterdir():
         if item.name not in ("config.json", "prompts.json"):
             shutil.copy(item, tmp / item.name)
     run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
+    prompts = policy.sentence_transformers_prompts()
     sentence_transformers_files(tmp, config, prompts, run_config["data"]["passage_max_length"])
     (tmp / "README.md").write_text(model_card(config, run_config, int(step_folder.name.split("_")[-1]), prompts))

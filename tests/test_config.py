@@ -26,7 +26,7 @@ def test_every_ds_config_resolves(name):
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == ds["train_batch_size"]
 
 
-def test_recipe_values_from_the_notes():
+def test_recipe_values_from_their_sources():
     eight_b = load_config("llama_embed_nemotron_8b", PATHS)
     assert (eight_b.loss.temperature, eight_b.train.lr, eight_b.train.global_batch_size) == (0.02, 2e-6, 128)
     assert (eight_b.loss.negatives, eight_b.loss.hard_negatives, eight_b.model.pooling) == ("group", 4, "avg")
@@ -92,3 +92,13 @@ def test_optimizer_in_ds_json_is_refused(tmp_path):
     config = load_config("tiny", [f"deepspeed.config={ds}"])
     with pytest.raises(ConfigError, match="optimizer and scheduler belong to the recipe"):
         deepspeed_config(config, 1)
+
+
+def test_bf16_zero2_without_the_overflow_check_is_refused():
+    config = load_config("tiny", ["deepspeed.config=zero2.json", "deepspeed.bf16.enabled=true",
+                                  "deepspeed.bf16.check_grad_overflow=false"])
+    with pytest.raises(ConfigError, match="bf16.check_grad_overflow=false under ZeRO stage 2"):
+        deepspeed_config(config, 1)
+    # ZeRO-3 skips on a non-finite gradient norm whatever this key says
+    config = load_config("tiny", ["deepspeed.bf16.enabled=true", "deepspeed.bf16.check_grad_overflow=false"])
+    assert deepspeed_config(config, 1)["zero_optimization"]["stage"] == 3

@@ -2,6 +2,7 @@
 SIGTERM saves and exits 0; bad input fails early without damaging earlier checkpoints."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -171,14 +172,25 @@ def test_resume_on_another_world_size_continues_the_same_run(tmp_path):
     assert_same_weights(weights(tmp_path / "elastic", tmp_path / "a"), weights(tmp_path / "straight", tmp_path / "b"))
 
 
-def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
+PRECISIONS = {
+    "fp32-zero3": [],
+    # the recipes train in bf16: DeepSpeed skips on the non-finite gradient norm in ZeRO-3, and in
+    # ZeRO-1/2 only with bf16.check_grad_overflow (which embedtrain's config check insists on)
+    "bf16-zero3": ["--set", "deepspeed.bf16.enabled=true"],
+    "bf16-zero2": ["--set", "deepspeed.bf16.enabled=true", "--set", "deepspeed.config=zero2.json"],
+}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, precision):
     records = tmp_path / "r.jsonl"
-    result = run(tmp_path / "run", records, "--steps", "5", "--nan-at", "2")
+    result = run(tmp_path / "run", records, "--steps", "5", "--nan-at", "2", *PRECISIONS[precision])
     assert "warning: step 3 skipped: non-finite loss or gradient (1 skipped so far" in result.stdout
     rows = [json.loads(line) for line in records.read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1]
     assert rows[2]["checksum"] == rows[1]["checksum"]  # the NaN step changed no weight
     assert rows[3]["checksum"] != rows[2]["checksum"]  # and training went on
+    assert all(math.isfinite(r["checksum"]) for r in rows)  # the weights stayed finite
     assert all(r["loss"] == r["loss"] for i, r in enumerate(rows) if i != 2)
 
 
@@ -194,3 +206,30 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept == ["step_4", "step_6"]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_6"
+
+
+def test_zero2_on_another_world_size_stops_with_what_to_do(tmp_path):
+    zero2 = ["--set", "deepspeed.config=zero2.json"]
+    run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "2", *zero2, nproc=2)
+    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *zero2, expect_code=2)
+    assert "was written by 2 rank(s) and this run has 1" in result.stdout
+    assert "supported under ZeRO-3 only (this run uses ZeRO stage 2). Resume on 2 rank(s)" in result.stdout
+    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *zero2, nproc=2)  # as it says
+    assert "resumed from" in result.stdout and "step_2 at step 2" in result.stdout
+
+
+@pytest.mark.parametrize("case, override, code", [
+    ("config error", "train.global_batch_size=24", 2),  # 24 = micro 8 x world 2 x 1.5: refused after init
+    ("failure", "model.attn_implementation=flash_attention_2", 1),  # flash-attn is not installed: a crash
+])
+def test_two_rank_errors_exit_with_their_code_not_a_signal(tmp_path, case, override, code):
+    """Exit codes 2 (bad input) and 1 (failure) come through as such on every rank, not as an
+    abort (SIGABRT, -6) in the process-group teardown."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "embedtrain.cli", "train", "--config", "tiny", "--output-dir", str(tmp_path / "run"),
+               "--set", override]
+    result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "embedtrain: error:" in result.stderr
+    assert f"exitcode  : {code}" in result.stderr, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr and "Signal 6" not in result.stderr

@@ -1,11 +1,12 @@
-"""Examples -> token batches: prompts (instruction or prefix + one space + text), separate max
-lengths for the query and passage sides, padding to a multiple of 8."""
+"""Examples -> token batches: prompt (embedtrain.prompts) + text, separate max lengths for the
+query and passage sides, padding to a multiple of 8."""
 
 import torch
 from transformers import AutoTokenizer
 
 from embedtrain.data.nemotron import content_hash
 from embedtrain.model.encoder import ModelError
+from embedtrain.prompts import training_policy
 
 
 def load_tokenizer(path, padding_side="right"):
@@ -19,10 +20,6 @@ def load_tokenizer(path, padding_side="right"):
     return tokenizer
 
 
-def with_prompt(prompt, text):
-    return f"{prompt} {text}" if prompt else text
-
-
 class Collator:
     """Tokenises a list of Examples into a query batch and a passage batch.
 
@@ -34,28 +31,16 @@ class Collator:
         """`subsets`: name -> {"query_instruction", "passage_instruction"} (the prepared manifest's)."""
         self.tokenizer = tokenizer
         self.config = data_config
-        self.query_prompts = {name: data_config.query_prefix if data_config.query_prefix is not None
-                              else info["query_instruction"] for name, info in subsets.items()}
-        self.passage_prompts = {name: data_config.passage_prefix if data_config.passage_prefix is not None
-                                else info["passage_instruction"] for name, info in subsets.items()}
-
-    def prompts(self):
-        """The sentence-transformers prompts of this run: the first subset's (or the configured)
-        instruction plus the one-space joiner, for queries and for documents."""
-        first = next(iter(self.query_prompts))
-        query, document = self.query_prompts[first], self.passage_prompts[first]
-        # "prefix": one query prompt for every task; "instruction": each task has its own
-        source = "prefix" if self.config.query_prefix is not None else "instruction"
-        return {"query": f"{query} " if query else "", "document": f"{document} " if document else "",
-                "source": source}
+        self.policy = training_policy(data_config, subsets)
+        self.subset_prompts = {name: self.policy.for_subset(info) for name, info in subsets.items()}
 
     def tokenize(self, texts, max_length):
         return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True,
                               pad_to_multiple_of=self.config.pad_to_multiple_of, return_tensors="pt")
 
     def __call__(self, examples):
-        queries = [with_prompt(self.query_prompts[e.subset], e.query) for e in examples]
-        passages = [with_prompt(self.passage_prompts[e.subset], p) for e in examples for p in e.passages]
+        queries = [self.subset_prompts[e.subset][0] + e.query for e in examples]
+        passages = [self.subset_prompts[e.subset][1] + p for e in examples for p in e.passages]
         q = self.tokenize(queries, self.config.query_max_length)
         p = self.tokenize(passages, self.config.passage_max_length)
         return {

@@ -13,13 +13,15 @@ import numpy as np
 import torch
 import yaml
 
+from embedtrain import distributed
 
-def write_base_model(run_dir, backbone_config, tokenizer, prompts):
-    """<run>/base_model: the backbone config, tokenizer and prompts, copied into every checkpoint
-    so that an export needs nothing but the checkpoint folder."""
+
+def write_base_model(run_dir, backbone_config, tokenizer, prompt_policy):
+    """<run>/base_model: the backbone config, tokenizer and prompt policy (embedtrain.prompts),
+    copied into every checkpoint so that an export needs nothing but the checkpoint folder."""
     folder = Path(run_dir) / "base_model"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
+    (folder / "prompts.json").write_text(json.dumps(prompt_policy.to_dict(), indent=2) + "\n")
     config = backbone_config.to_dict()
     for key in ("auto_map", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
         config.pop(key, None)
@@ -44,10 +46,14 @@ class CheckpointError(ValueError):
 
 
 def rng_state():
-    """RNG states as plain lists and tensors, so that checkpoints load with weights_only=True."""
+    """This rank's RNG states (Python, NumPy, torch CPU and its CUDA device: dropout on the GPU draws
+    from the latter) as plain lists and tensors, so that checkpoints load with weights_only=True."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: one per rank
+    return state
 
 
 def restore_rng(state):
@@ -56,6 +62,8 @@ def restore_rng(state):
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resume_checkpoint(resume, run_dir):
@@ -83,8 +91,9 @@ def safe_globals():
     """The non-tensor classes DeepSpeed pickles into its checkpoint files; nothing else may load."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 optimizer files
 
-    return [LossScaler, ZeroStageEnum]
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def load_checkpoint_file(path):
@@ -110,11 +119,11 @@ def save_checkpoint(engine, run_dir, step, stream_state, config_dict, keep=0):
         latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else "none"
         raise CheckpointError(f"saving checkpoint {tag} under {root} failed: {err}; the newest complete "
                               f"checkpoint ({latest}) is intact") from err
-    torch.distributed.barrier()
+    distributed.barrier()
     if engine.global_rank == 0:
         publish_checkpoint(root, tag, run_dir, stream_state, config_dict)
         prune_checkpoints(root, keep)
-    torch.distributed.barrier()
+    distributed.barrier()
     return root / tag
 
 

@@ -11,22 +11,21 @@ import numpy as np
 import torch
 
 from embedtrain import distributed
-from embedtrain.data.nemotron import subset_folders
+from embedtrain.data.nemotron import read_metadata, subset_folders
 from embedtrain.eval import metrics, read_subset, top_k
 
 
-def load_sources(eval_config, query_prefix=None, passage_prefix=None):
-    """{subset: (query ids, query texts with prompt, doc ids, doc texts, qrels)} of eval.path, with
-    the prompts training used: the recipe's prefixes if set, else the subset's query instruction."""
+def load_sources(eval_config, prompt_policy):
+    """{subset: (query ids, query texts with prompt, doc ids, doc texts with prompt, qrels)} of
+    eval.path, prompted as training prompts (embedtrain.prompts)."""
     sources = {}
     for folder in subset_folders(eval_config.path):
-        queries, corpus, qrels, instruction = read_subset(folder)
+        queries, corpus, qrels, _ = read_subset(folder)
+        query_prompt, document_prompt = prompt_policy.for_subset(read_metadata(folder))
         query_ids = list(queries)[: eval_config.max_queries or None]
-        prompt = f"{query_prefix} " if query_prefix else instruction
-        doc_prompt = f"{passage_prefix} " if passage_prefix else ""
         doc_ids = list(corpus)
-        sources[folder.name] = (query_ids, [prompt + queries[q] for q in query_ids], doc_ids,
-                                [doc_prompt + corpus[d] for d in doc_ids], {q: qrels[q] for q in query_ids})
+        sources[folder.name] = (query_ids, [query_prompt + queries[q] for q in query_ids], doc_ids,
+                                [document_prompt + corpus[d] for d in doc_ids], {q: qrels[q] for q in query_ids})
     return sources
 
 

@@ -85,7 +85,7 @@ def train(config, on_step=None):
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config)
     if rank == 0:
-        write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.prompts())
+        write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.policy)
     start = 0 if resume_from is None else load_state(engine, resume_from, config, world)
     writer = make_writer(config, run_dir, start) if rank == 0 else None
     if rank == 0:
@@ -95,7 +95,7 @@ def train(config, on_step=None):
         save_checkpoint(engine, run_dir, step, stream_state(step, sampler, dataset), config_dict,
                         config.train.keep_checkpoints)
 
-    eval_sources = load_sources(config.eval, config.data.query_prefix, config.data.passage_prefix) if config.eval.path else None
+    eval_sources = load_sources(config.eval, collator.policy) if config.eval.path else None
     stop = StopRequest()
     window = new_window()
     skipped = engine.skipped_steps
@@ -114,7 +114,7 @@ def train(config, on_step=None):
         if eval_sources is not None and (done == config.train.max_steps
                                          or (config.eval.every and done % config.eval.every == 0)):
             evaluate(engine, tokenizer, eval_sources, config, writer, done)
-        if stop.requested():
+        if done % config.train.stop_check_every == 0 and stop.requested():
             save(done)
             if rank == 0:
                 print(f"[embedtrain] stop requested (SIGTERM): saved step {done}, exiting", flush=True)
@@ -201,7 +201,8 @@ def new_window():
 
 class StopRequest:
     """SIGTERM (Slurm preemption, scancel, torchrun shutting down) asks to stop: the current step
-    finishes, every rank agrees, a checkpoint is written, and training returns normally."""
+    finishes, every rank agrees, a checkpoint is written, and training returns normally. Ranks
+    agree through one collective, so the loop asks every train.stop_check_every steps, not each."""
 
     def __init__(self):
         self.flag = False
@@ -211,10 +212,7 @@ class StopRequest:
         self.flag = True
 
     def requested(self):
-        flag = torch.tensor([1.0 if self.flag else 0.0])
-        if distributed.world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return distributed.any_rank(self.flag)
 
     def restore(self):
         signal.signal(signal.SIGTERM, self.previous)
@@ -247,6 +245,13 @@ def load_state(engine, folder, config, world):
         raise CheckpointError(f"{folder}: train.global_batch_size/train.seed were {stream['global_batch_size']}/"
                               f"{stream['seed']}, now {config.train.global_batch_size}/{config.train.seed}: the data "
                               "order would change; keep them to resume")
+    stage = engine.zero_optimization_stage()
+    if saved["dp_world_size"] != world and stage != 3:
+        raise CheckpointError(
+            f"{folder} was written by {saved['dp_world_size']} rank(s) and this run has {world}: resuming on another "
+            f"world size is supported under ZeRO-3 only (this run uses ZeRO stage {stage}). Resume on "
+            f"{saved['dp_world_size']} rank(s), or export the checkpoint and start a new run from the export "
+            "(the optimizer state is then lost)")
     try:
         if saved["dp_world_size"] == world:
             _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
@@ -273,9 +278,8 @@ def make_writer(config, run_dir, start_step):
 def log_window(engine, writer, step, step_stats, window):
     """Console line and TensorBoard scalars; all ranks join the reductions, rank 0 writes."""
     elapsed = time.perf_counter() - window["start"]
-    device = engine.device
-    loss = distributed.all_reduce_mean(window["loss"] / window["steps"], device)
-    tokens_per_s = distributed.all_reduce_mean(window["tokens"], device) * distributed.world_size() / elapsed
+    loss = distributed.all_reduce_mean(window["loss"] / window["steps"])
+    tokens_per_s = distributed.all_reduce_mean(window["tokens"]) * distributed.world_size() / elapsed
     real_fraction = window["real_tokens"] / max(1, window["tokens"])
     grad_norm = engine.get_global_grad_norm()
     scalars = {"train/loss": loss, "train/lr": engine.get_lr()[0], "perf/tokens_per_s": tokens_per_s,
@@ -284,7 +288,7 @@ def log_window(engine, writer, step, step_stats, window):
         scalars["train/grad_norm"] = float(grad_norm)
     for key, value in step_stats.items():
         if key != "loss":
-            scalars[f"train/{key}"] = distributed.all_reduce_mean(value, device)
+            scalars[f"train/{key}"] = distributed.all_reduce_mean(value)
     if distributed.is_main_process():
         print(f"[embedtrain] step {step + 1}: loss {loss:.4f}  acc {scalars.get('train/accuracy', 0):.3f}  "
               f"lr {scalars['train/lr']:.2e}  {tokens_per_s:,.0f} tok/s", flush=True)

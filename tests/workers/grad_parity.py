@@ -28,7 +28,7 @@ from embedtrain.train.step import contrastive_loss, micro_batch_backward
 def detached_gather(tensor, group=None):
     """The scheme the test must reject: gather without grad, put the local slice back."""
     pool = distributed.gather_no_grad(tensor.detach(), group)
-    sizes = distributed.gather_sizes(tensor.shape[0], tensor.device, group)
+    sizes = distributed.gather_sizes(tensor.shape[0], group)
     offset = sum(sizes[: distributed.rank()])
     return torch.cat([pool[:offset], tensor, pool[offset + tensor.shape[0]:]]), offset
 
@@ -107,7 +107,7 @@ def main():
         losses.append(loss.item())
         replay = max(replay, float(stats.get("grad_cache_replay_error", 0.0)))
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
-    ds_loss = distributed.all_reduce_mean(sum(losses) / len(losses), engine.device)
+    ds_loss = distributed.all_reduce_mean(sum(losses) / len(losses))
 
     config.train.activation_checkpointing = False
     config.loss.negatives = "local" if args.negatives == "global" else args.negatives
