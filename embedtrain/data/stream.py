@@ -1,6 +1,6 @@
 """Which examples each rank sees at each step, streamed from a prepared (sharded) dataset.
 
-The contract (DESIGN.md, global batch order): the sequence of global batches depends only on the
+The contract (docs/design.md, global batch order): the sequence of global batches depends only on the
 data, the seed and the global batch size, never on the number of ranks. With accumulation A,
 global batch t is cut into A global micro-batches of W x B queries and rank r takes slice r of
 each, so the passages pooled across ranks at a micro-step (the `global` negative pool) are the

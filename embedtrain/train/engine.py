@@ -14,7 +14,7 @@ from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
 def enable_activation_checkpointing(backbone, use_reentrant=False):
     """Checkpoint every decoder layer. Non-reentrant only in training: reentrant checkpointing with
     ZeRO-3 and two encoder forwards before one backward gives silently wrong gradients
-    (NOTES.md section 5); `use_reentrant` exists so a test can show it."""
+    (docs/design.md, DeepSpeed facts we rely on); `use_reentrant` exists so a test can show it."""
     kwargs = {"use_reentrant": use_reentrant}
     enable = getattr(backbone, "activation_checkpointing_enable", None)
     if enable is not None:
