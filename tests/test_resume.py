@@ -216,6 +216,18 @@ def test_zero2_on_another_world_size_stops_with_what_to_do(tmp_path):
     assert "supported under ZeRO-3 only (this run uses ZeRO stage 2). Resume on 2 rank(s)" in result.stdout
     result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *zero2, nproc=2)  # as it says
     assert "resumed from" in result.stdout and "step_2 at step 2" in result.stdout
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run", tmp_path / "export").values())
+
+
+def test_bf16_zero3_checkpoints_export_and_resume_on_another_world_size(tmp_path):
+    """bf16 runs name their optimizer files bf16_zero_pp_rank_R_...: export and resharding read them."""
+    bf16 = ["--set", "deepspeed.bf16.enabled=true"]
+    run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "2", *bf16, nproc=2)
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    exported = weights(tmp_path / "run", tmp_path / "export")
+    assert exported and all(torch.isfinite(w).all() for w in exported.values())
+    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *bf16)
+    assert "1 rank(s)" in result.stdout and "step_2 at step 2" in result.stdout
 
 
 @pytest.mark.parametrize("case, override, code", [

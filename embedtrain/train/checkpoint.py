@@ -6,6 +6,7 @@ Resume picks the newest complete checkpoint; export insists on the one `latest` 
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -216,9 +217,16 @@ def resolve_checkpoint(path):
     return folder.parent, folder.name
 
 
+def file_rank(path):
+    """The data-parallel rank in a DeepSpeed file name: zero_pp_rank_<R>_mp_rank_00_..., with a
+    bf16_ prefix in bf16 runs; ZeRO-1/2 write one mp_rank_00_model_states.pt (rank 0)."""
+    found = re.search(r"zero_pp_rank_(\d+)_", Path(path).name)
+    return int(found.group(1)) if found else 0
+
+
 def rank_files(folder, kind):
     """Per-rank DeepSpeed files ("model" or "optim") of one checkpoint, in rank order."""
-    files = sorted(Path(folder).glob(f"*_{kind}_states.pt"), key=lambda p: int(p.name.split("_")[3]))
+    files = sorted(Path(folder).glob(f"*_{kind}_states.pt"), key=file_rank)
     if not files:
         raise CheckpointError(f"{folder} holds no DeepSpeed {kind} states (*_{kind}_states.pt): incomplete checkpoint?")
     return files
