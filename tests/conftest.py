@@ -49,3 +49,23 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def demo_data():
     return ASSETS / "demo-data"
+
+
+def pytest_configure(config):
+    # registered here rather than in a pytest.ini: the repository's top level stays as documented
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when torch.cuda.is_available() is False "
+                                       "(python -m pytest -q -m gpu tests runs only these; docs/gpu.md)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need CUDA: skipped when torch.cuda.is_available() is False.
+    EMBEDTRAIN_GPU_TESTS_ON_CPU=1 runs them on the CPU instead, to check the tests themselves on a
+    machine without a GPU (it proves nothing about the GPU)."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("EMBEDTRAIN_GPU_TESTS_ON_CPU") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
