@@ -1,15 +1,19 @@
 """The `embedtrain` command line."""
 
-import sys
+import traceback
 
 import click
 
 from embedtrain.config import ConfigError
 
 
-def fail(message):
+def fail(message, exit_code=2):
+    """Report an error and end the process without the process-group teardown (see
+    distributed.shutdown): exit code 2 for bad input, 1 for a failure."""
+    from embedtrain.distributed import shutdown
+
     click.echo(f"embedtrain: error: {message}", err=True)
-    sys.exit(2)
+    shutdown(exit_code, wait_for_peers=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,15 +22,33 @@ def main():
 
 
 @main.command()
-@click.option("--config", "recipe", required=True, metavar="RECIPE_OR_PATH",
-              help="A shipped recipe (tiny, llama3_2_1b, llama_embed_nemotron_8b) or a YAML file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, e.g. --set train.lr=1e-5 --set deepspeed.bf16.enabled=false.")
-@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
-              help="Run folder (checkpoints, TensorBoard, resolved config). Default: train.output_dir.")
-@click.option("--resume", default=None, metavar="auto|never|PATH",
-              help="auto (default): continue from the run folder's newest complete checkpoint if there is one; "
-                   "never: start fresh (refused if the run folder has checkpoints); PATH: a run or step folder.")
+@click.option(
+    "--config",
+    "recipe",
+    required=True,
+    metavar="RECIPE_OR_PATH",
+    help="A shipped recipe (tiny, llama3_2_1b, llama_embed_nemotron_8b) or a YAML file.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set train.lr=1e-5 --set deepspeed.bf16.enabled=false.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (checkpoints, TensorBoard, resolved config). Default: train.output_dir.",
+)
+@click.option(
+    "--resume",
+    default=None,
+    metavar="auto|never|PATH",
+    help="auto (default): continue from the run folder's newest complete checkpoint if there is one; "
+    "never: start fresh (refused if the run folder has checkpoints); PATH: a run or step folder.",
+)
 def train(recipe, overrides, output_dir, resume):
     """Train an embedding model.
 
@@ -49,14 +71,20 @@ def train(recipe, overrides, output_dir, resume):
         distributed.shutdown()
     except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as err:
         fail(str(err))
+    except Exception as err:  # noqa: BLE001 - a bug or a crash below us: traceback, then a clean exit 1
+        traceback.print_exc()
+        fail(f"training failed: {type(err).__name__}: {err}", exit_code=1)
 
 
 @main.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--subset", "subsets", multiple=True, help="Prepare only this subset (repeatable). Default: all.")
-@click.option("--skip-bad-rows", is_flag=True,
-              help="Leave out bad rows instead of failing; each one is listed in OUT/skipped_rows.jsonl.")
+@click.option(
+    "--skip-bad-rows",
+    is_flag=True,
+    help="Leave out bad rows instead of failing; each one is listed in OUT/skipped_rows.jsonl.",
+)
 @click.option("--workers", type=int, default=None, help="Parallel processes (one subset each). Default: cores.")
 @click.option("--shard-mb", type=int, default=256, show_default=True, help="Target size of one Arrow shard.")
 def prepare(src, out, subsets, skip_bad_rows, workers, shard_mb):
@@ -80,8 +108,13 @@ def prepare(src, out, subsets, skip_bad_rows, workers, shard_mb):
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Weight dtype of the exported safetensors.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Weight dtype of the exported safetensors.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--max-shard-gb", type=float, default=5.0, show_default=True, help="Largest safetensors shard.")
 def export(checkpoint, out, dtype, overwrite, max_shard_gb):
@@ -101,39 +134,132 @@ def export(checkpoint, out, dtype, overwrite, max_shard_gb):
     click.echo(f"exported to {path}")
 
 
+def _check_device(ctx, param, value):
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N", ctx, param)
+    return value
+
+
+def inference_options(command):
+    """--device and --dtype, shared by encode, eval and mine."""
+    command = click.option(
+        "--dtype",
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        default="auto",
+        show_default=True,
+        help="Weights and activations: auto = bfloat16 on CUDA, float32 on "
+        "CPU. Embeddings come back as float32 either way.",
+    )(command)
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        callback=_check_device,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="auto = CUDA when available (each rank its LOCAL_RANK's GPU), else CPU.",
+    )(command)
+
+
+def _inference_errors():
+    from embedtrain.data.nemotron import DataError
+    from embedtrain.encode import EncodeError
+    from embedtrain.model.encoder import ModelError
+
+    return DataError, EncodeError, ModelError
+
+
 @main.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help=".txt (one text per line) or .jsonl (a \"text\" field per line).")
-@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help=".npy (float32 matrix) or .parquet (text, embedding).")
-@click.option("--prompt", type=click.Choice(["query", "document"]), default=None,
-              help="Prepend the model's prompt of this name (config_sentence_transformers.json).")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='.txt (one text per line) or .jsonl (a "text" field per line).',
+)
+@click.option(
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help=".npy (float32 matrix) or .parquet (text, embedding).",
+)
+@click.option(
+    "--prompt",
+    type=click.Choice(["query", "document"]),
+    default=None,
+    help="Prepend the model's prompt of this name (its embedtrain.json / sentence-transformers prompts).",
+)
 @click.option("--dim", type=int, default=None, help="Keep the first K dims and re-normalise (Matryoshka).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Most sequences per batch.")
-@click.option("--max-tokens", type=int, default=None,
-              help="Most padded tokens per batch (sequences x longest); long texts then go in small batches.")
-@click.option("--max-length", type=int, default=None,
-              help="Tokens per sequence (default: the model's max_seq_length, sentence_bert_config.json).")
-@click.option("--long-documents", type=click.Choice(["truncate", "chunk"]), default="truncate", show_default=True,
-              help="Texts over --max-length: cut, or split into windows whose embeddings are averaged.")
-@click.option("--chunk-overlap", type=int, default=0, show_default=True,
-              help="Tokens shared by consecutive windows with --long-documents chunk.")
-def encode(model, input_path, output_path, prompt, dim, batch_size, max_tokens, max_length, long_documents,
-           chunk_overlap):
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Most padded tokens per batch (sequences x longest); long texts then go in small batches.",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="Tokens per sequence (default: the model's max_seq_length, sentence_bert_config.json).",
+)
+@click.option(
+    "--long-documents",
+    type=click.Choice(["truncate", "chunk"]),
+    default="truncate",
+    show_default=True,
+    help="Texts over --max-length: cut, or split into windows whose embeddings are averaged.",
+)
+@click.option(
+    "--chunk-overlap",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Tokens shared by consecutive windows with --long-documents chunk.",
+)
+@inference_options
+def encode(
+    model,
+    input_path,
+    output_path,
+    prompt,
+    dim,
+    batch_size,
+    max_tokens,
+    max_length,
+    long_documents,
+    chunk_overlap,
+    device,
+    dtype,
+):
     """Embed texts with an exported model, in input order.
 
     \b
     Example:  embedtrain encode exported/tiny --input queries.txt --output q.npy --prompt query
               embedtrain encode exported/1b --input docs.jsonl --output d.npy --prompt document \\
-                  --max-length 8192 --max-tokens 65536 --long-documents chunk
+                  --max-length 8192 --max-tokens 65536 --long-documents chunk --device cuda
     """
-    from embedtrain.encode import EncodeError, encode_file
+    from embedtrain.encode import encode_file
 
     try:
-        embeddings = encode_file(model, input_path, output_path, prompt, dim, batch_size, max_tokens, max_length,
-                                 long_documents, chunk_overlap)
-    except (EncodeError, ValueError) as err:
+        embeddings = encode_file(
+            model,
+            input_path,
+            output_path,
+            prompt,
+            dim,
+            batch_size,
+            max_tokens,
+            max_length,
+            long_documents,
+            chunk_overlap,
+            device=device,
+            dtype=dtype,
+        )
+    except (*_inference_errors(), ValueError) as err:
         fail(str(err))
     click.echo(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}")
 
@@ -146,9 +272,22 @@ def encode(model, input_path, output_path, prompt, dim, batch_size, max_tokens, 
 @click.option("--gpu-memory", type=float, default=80.0, show_default=True, help="GiB per GPU.")
 @click.option("--mfu", type=float, default=0.40, show_default=True, help="Assumed model FLOPs utilisation.")
 @click.option("--peak-tflops", type=float, default=989.0, show_default=True, help="Dense bf16 peak per GPU.")
-@click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
-              help="Model shape when model.path is not a local checkpoint.")
-def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape):
+@click.option(
+    "--shape",
+    type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]),
+    default=None,
+    help="Model shape when model.path is not a local checkpoint.",
+)
+@click.option(
+    "--bandwidth-gbps",
+    type=float,
+    default=None,
+    help="Per-GPU bandwidth of the ZeRO collectives, Gb/s each direction. Default: 3600 (450 GB/s) on one "
+    "node, half of the H100 SXM's 900 GB/s NVLink 4 (both directions; NVIDIA H100 datasheet); 400 "
+    "across nodes, one ConnectX-7 NDR InfiniBand port per GPU (NVIDIA DGX H100 datasheet). "
+    "Communication time is added to compute time, not overlapped.",
+)
+def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape, bandwidth_gbps):
     """Per-GPU memory and step time of a recipe on N nodes x G GPUs; recommends micro-batch,
     accumulation, checkpointing and offload.
 
@@ -156,11 +295,14 @@ def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, 
     Example:  embedtrain plan --config llama_embed_nemotron_8b --nodes 8 --gpus-per-node 8
     """
     from embedtrain.config import load_config, recipe_path
-    from embedtrain.plan import format_plan, plan as run_plan
+    from embedtrain.plan import format_plan
+    from embedtrain.plan import plan as run_plan
 
     try:
         config = load_config(recipe, [*_placeholder_paths(overrides), *overrides])
-        result = run_plan(config, recipe_path(recipe).stem, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape)
+        result = run_plan(
+            config, recipe_path(recipe).stem, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape, bandwidth_gbps
+        )
     except (ConfigError, ValueError) as err:
         fail(str(err))
     click.echo(format_plan(result))
@@ -177,31 +319,62 @@ def _placeholder_paths(overrides):
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the metrics JSON here too.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--query-prompt", default=None, help="Override the query prompt (default: the subset's instruction, "
-                                                    "else the model's query prompt).")
+@click.option(
+    "--query-prompt",
+    default=None,
+    help="Override the query prompt (default: the model's prompt for the "
+    "subset, embedtrain.prompts; BEIR folders: its query prompt).",
+)
 @click.option("--dim", type=int, default=None, help="Evaluate the first K dims, re-normalised (Matryoshka).")
-def evaluate(model, data, output, batch_size, query_prompt, dim):
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for the float16 embedding files, shared by all ranks (default: a temporary folder, "
+    "removed after; give a shared one for multi-node runs).",
+)
+@click.option("--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block.")
+@click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")
+@inference_options
+def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, corpus_chunk, query_chunk, device, dtype):
     """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search).
 
     \b
     DATA: a subset folder or folder of subsets (dataset layout: pos_doc are the relevant documents),
           or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv).
     Example:  embedtrain eval exported/tiny /data/heldout --output metrics.json
+    Sharded:  torchrun --nproc_per_node 8 -m embedtrain.cli eval exported/1b /data/heldout
     """
     import json as json_module
 
-    from embedtrain.data.nemotron import DataError
+    from embedtrain import distributed
     from embedtrain.eval import evaluate as run_eval
 
+    rank, world, _ = distributed.init_inference()
     try:
-        result = run_eval(model, data, batch_size, query_prompt, progress=True, dim=dim)
-    except DataError as err:
+        result = run_eval(
+            model,
+            data,
+            batch_size,
+            query_prompt,
+            progress=True,
+            dim=dim,
+            device=device,
+            dtype=dtype,
+            work_dir=work_dir,
+            query_chunk=query_chunk,
+            corpus_chunk=corpus_chunk,
+        )
+    except _inference_errors() as err:
         fail(str(err))
-    text = json_module.dumps(result, indent=2)
-    if output:
-        with open(output, "w") as f:
-            f.write(text + "\n")
-    click.echo(text)
+    if rank == 0:
+        text = json_module.dumps(result, indent=2)
+        if output:
+            with open(output, "w") as f:
+                f.write(text + "\n")
+        click.echo(text)
+    if world > 1:
+        distributed.shutdown()
 
 
 @main.command()
@@ -209,24 +382,47 @@ def evaluate(model, data, output, batch_size, query_prompt, dim):
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--top-k", type=int, default=20, show_default=True, help="Negatives kept per query.")
-@click.option("--margin", type=float, default=0.95, show_default=True,
-              help="Drop candidates scoring above margin x the lowest positive score (TopK-PercPos).")
+@click.option(
+    "--margin",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="Drop candidates scoring above margin x the lowest positive score (TopK-PercPos).",
+)
 @click.option("--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block.")
 @click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")
-def mine(model, data, out, top_k, margin, corpus_chunk, query_chunk):
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Sequences per encoding batch.")
+@inference_options
+def mine(model, data, out, top_k, margin, corpus_chunk, query_chunk, batch_size, device, dtype):
     """Re-mine hard negatives with a model, written as ranked neg_doc in the dataset's layout.
 
     \b
     Example:  embedtrain mine exported/tiny /data/embed-nemotron-dataset-v1 /data/remined --top-k 20
+    Sharded:  torchrun --nproc_per_node 8 -m embedtrain.cli mine exported/1b /data/nemotron /data/remined
     """
-    from embedtrain.data.nemotron import DataError
+    from embedtrain import distributed
     from embedtrain.mine import mine as run_mine
 
+    rank, world, _ = distributed.init_inference()
     try:
-        written = run_mine(model, data, out, top_k, margin, query_chunk=query_chunk, corpus_chunk=corpus_chunk)
-    except DataError as err:
+        written = run_mine(
+            model,
+            data,
+            out,
+            top_k,
+            margin,
+            batch_size=batch_size,
+            query_chunk=query_chunk,
+            corpus_chunk=corpus_chunk,
+            device=device,
+            dtype=dtype,
+        )
+    except _inference_errors() as err:
         fail(str(err))
-    click.echo(f"mined {sum(written.values()):,} queries in {len(written)} subset(s) into {out}")
+    if rank == 0:
+        click.echo(f"mined {sum(written.values()):,} queries in {len(written)} subset(s) into {out}")
+    if world > 1:
+        distributed.shutdown()
 
 
 @main.command()
@@ -241,7 +437,8 @@ def merge(out, models, weights, dtype, overwrite):
     \b
     Example:  embedtrain merge exported/soup exported/run1 exported/run2 exported/run3
     """
-    from embedtrain.merge import MergeError, merge as run_merge
+    from embedtrain.merge import MergeError
+    from embedtrain.merge import merge as run_merge
 
     try:
         run_merge(out, models, weights.split(",") if weights else None, dtype, overwrite)

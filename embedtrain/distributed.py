@@ -34,15 +34,36 @@ def init_distributed(timeout_minutes=30):
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(process_group_backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
     _disable_deepspeed_shm_build()
     # DeepSpeed 0.19 calls a torch API that torch 2.13 deprecates, once per step: noise, not news.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated.*", category=FutureWarning)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def process_group_backend():
+    """gloo on CPU. With CUDA, NCCL for CUDA tensors and gloo for CPU ones: NCCL alone fails on any
+    CPU tensor ("No backend type associated with device type cpu"), and a CPU tensor that slips past
+    `comm_device` should cost a copy, not the run."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def comm_device():
+    """The device every tensor handed to a collective lives on: the current CUDA device when the
+    process group runs NCCL, else the CPU. All collectives below put their tensors there."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def on_comm_device(tensor):
+    """`tensor` on the communication device (no copy when it is already there). Every tensor that
+    a collective in this module sends or receives is made by this function or derived from one
+    that was (tests/workers/collective_devices.py checks that on every call path)."""
+    return tensor.to(comm_device())
 
 
 def _disable_deepspeed_shm_build():
@@ -72,7 +93,7 @@ def negatives_group(group_size):
         from embedtrain.config import ConfigError
 
         raise ConfigError(f"loss.gather_group_size={group_size} must divide the world size {world}")
-    group, _ = dist.new_subgroups(group_size=group_size)
+    group, _ = dist.new_subgroups(group_size=group_size, backend=process_group_backend())
     return group
 
 
@@ -98,11 +119,13 @@ def run_on_main(function):
     return outcome[0]
 
 
-def shutdown(exit_code=0):
-    """End the process after every rank got here. `os._exit` skips interpreter and C++ teardown:
-    destroying gloo's process group while a peer is already gone sometimes aborts the process
-    ('terminate called without an active exception'), which would turn a finished run into a crash."""
-    if dist.is_initialized():
+def shutdown(exit_code=0, wait_for_peers=True):
+    """End the process (after every rank got here, with `wait_for_peers`). `os._exit` skips
+    interpreter and C++ teardown: destroying gloo's process group while a peer is already gone
+    sometimes aborts the process ('terminate called without an active exception'), which would turn
+    a finished run into a crash and an error's exit code into a signal. Errors leave without the
+    barrier: a peer may never reach it (the launcher stops the others)."""
+    if wait_for_peers and dist.is_initialized():
         dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -114,22 +137,23 @@ def barrier():
         dist.barrier()
 
 
-def gather_sizes(length, device, group=None):
+def gather_sizes(length, group=None):
     """Every rank's first-dimension size (ranks may hold uneven batches)."""
-    size = torch.tensor([length], dtype=torch.long, device=device)
+    size = on_comm_device(torch.tensor([length], dtype=torch.long))
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, size, group=group)
     return [int(s.item()) for s in sizes]
 
 
 def _gather_uneven(tensor, sizes, group):
-    """all_gather of tensors whose first dimensions differ: pad to the largest, gather, trim."""
+    """all_gather of tensors whose first dimensions differ: pad to the largest, gather, trim.
+    The result is on `tensor`'s device."""
     longest = max(sizes)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded = on_comm_device(tensor).new_zeros((longest, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     pieces = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]).to(tensor.device)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -141,37 +165,75 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pool):
-        grad_pool = grad_pool.contiguous()
-        dist.all_reduce(grad_pool, op=dist.ReduceOp.SUM, group=ctx.group)
+        summed = on_comm_device(grad_pool).contiguous()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad_pool[start : start + ctx.sizes[ctx.rank]], None, None
+        return summed[start : start + ctx.sizes[ctx.rank]].to(grad_pool.device), None, None
 
 
-def gather_with_grad(tensor, group=None):
+def gather_with_grad(tensor, group=None, uniform=False):
     """Concatenate every rank's `tensor` (first dims may differ) in rank order, keeping gradient.
+    `uniform`: every rank holds as many rows as this one, so the size exchange (a collective and a
+    host sync) is skipped.
 
     Returns (pool, offset): `pool` is the concatenation, `offset` where this rank's rows start.
     With one process it is the identity.
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return tensor, 0
-    sizes = gather_sizes(tensor.shape[0], tensor.device, group)
+    sizes = [tensor.shape[0]] * dist.get_world_size(group) if uniform else gather_sizes(tensor.shape[0], group)
     offset = sum(sizes[: dist.get_rank(group)])
     return _GatherWithGrad.apply(tensor, sizes, group), offset
 
 
-def gather_no_grad(tensor, group=None):
+def gather_no_grad(tensor, group=None, uniform=False):
     """Concatenate every rank's `tensor` in rank order, without gradient (ids, hashes)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return tensor
-    sizes = gather_sizes(tensor.shape[0], tensor.device, group)
+    sizes = [tensor.shape[0]] * dist.get_world_size(group) if uniform else gather_sizes(tensor.shape[0], group)
     return _gather_uneven(tensor, sizes, group)
 
 
-def all_reduce_mean(value, device):
+def all_reduce_mean(value):
     """Mean of a python float over ranks (for logging)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return float(value)
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    tensor = on_comm_device(torch.tensor([float(value)], dtype=torch.float64))
     dist.all_reduce(tensor)
     return float(tensor.item()) / dist.get_world_size()
+
+
+def any_rank(flag):
+    """True on every rank when `flag` is true on at least one (e.g. a stop request)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    tensor = on_comm_device(torch.tensor([1.0 if flag else 0.0]))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def init_inference(timeout_minutes=30):
+    """Join the process group of a torchrun/deepspeed launch for inference (eval, mine): gloo on
+    CPU; with CUDA "cpu:gloo,cuda:nccl" (host tensors and objects over gloo, GPU tensors over NCCL)
+    and this rank's GPU made current. A no-op for one process (no group is made). Returns
+    (rank, world_size, local_rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1 and not dist.is_initialized():
+        return 0, 1, local_rank
+    if not dist.is_initialized():
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def broadcast_object(value, src=0):
+    """`value` of rank `src` on every rank (a path, a small dict); the identity for one process."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -2,7 +2,9 @@
 
 DATA is a folder in the embed-nemotron-dataset-v1 layout (one subset, or a folder of subsets: the
 relevant documents of a query are its pos_doc) or in BEIR layout (corpus.jsonl, queries.jsonl,
-qrels/test.tsv). Exact search over the whole corpus, batched; metrics per subset and their mean.
+qrels/test.tsv). Exact search over the whole corpus through embedtrain.retrieval (corpus streamed
+into an on-disk float16 matrix, blocked top-100 on the model's device, rank-sharded when launched
+on several processes); metrics per subset and their mean.
 
 Metrics (pure functions of a ranking and the relevance judgements, as trec_eval computes them):
   nDCG@k   sum_{i<=k} rel_i / log2(i + 1), divided by the same sum for the ideal ranking
@@ -12,14 +14,19 @@ Metrics (pure functions of a ranking and the relevance judgements, as trec_eval 
 
 import json
 import math
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
+from embedtrain import distributed
 from embedtrain.data.nemotron import DataError, read_metadata, subset_folders
-from embedtrain.encode import encode_texts, load_encoder
+from embedtrain.encode import load_encoder
+from embedtrain.retrieval import JsonlTexts, ListTexts, ParquetTexts, encode_to_file, search, search_sharded
 
 
 def ndcg_at_k(ranking, relevance, k):
@@ -47,83 +54,186 @@ def metrics(rankings, qrels):
     if not queries:
         return {"ndcg@10": 0.0, "recall@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0, "queries": 0}
     mean = lambda f, k: sum(f(rankings.get(q, []), qrels[q], k) for q in queries) / len(queries)  # noqa: E731
-    return {"ndcg@10": mean(ndcg_at_k, 10), "recall@10": mean(recall_at_k, 10),
-            "recall@100": mean(recall_at_k, 100), "mrr@10": mean(mrr_at_k, 10), "queries": len(queries)}
+    return {
+        "ndcg@10": mean(ndcg_at_k, 10),
+        "recall@10": mean(recall_at_k, 10),
+        "recall@100": mean(recall_at_k, 100),
+        "mrr@10": mean(mrr_at_k, 10),
+        "queries": len(queries),
+    }
 
 
 def top_k(query_vectors, doc_vectors, doc_ids, k=100, chunk=1024):
-    """Exact inner-product search; returns ranked doc ids per query (queries in chunks)."""
-    docs = torch.from_numpy(doc_vectors)
-    k = min(k, len(doc_ids))
-    rankings = []
-    for start in range(0, len(query_vectors), chunk):
-        scores = torch.from_numpy(query_vectors[start: start + chunk]) @ docs.T
-        for row in scores.topk(k, dim=1).indices.tolist():
-            rankings.append([doc_ids[i] for i in row])
-    return rankings
+    """Exact inner-product search over in-memory vectors; ranked doc ids per query (in-training
+    evaluation's path; `evaluate` goes through embedtrain.retrieval)."""
+    _, rows, _ = search(query_vectors, doc_vectors, k, query_chunk=chunk, corpus_chunk=max(1, len(doc_ids)))
+    return [[doc_ids[i] for i in row if i >= 0] for row in rows.tolist()]
 
 
 def read_beir(folder):
-    """(queries {id: text}, corpus {id: text}, qrels {query: {doc: rel}}) of a BEIR folder."""
-    def jsonl(path):
+    """(query ids, query texts, corpus JsonlTexts, qrels {query: {doc: rel}}) of a BEIR folder; the
+    corpus is streamed, queries and qrels (small) are held."""
+    queries_file, qrels_file = folder / "queries.jsonl", folder / "qrels" / "test.tsv"
+    for path in (queries_file, qrels_file):
         if not path.is_file():
             raise DataError(f"BEIR layout: missing {path}")
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    corpus = {d["_id"]: (d.get("title", "") + " " + d["text"]).strip() for d in jsonl(folder / "corpus.jsonl")}
-    queries = {q["_id"]: q["text"] for q in jsonl(folder / "queries.jsonl")}
+    queries = {}
+    for number, line in enumerate(queries_file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+                queries[record["_id"]] = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(
+                    f'{queries_file} line {number}: expected a JSON object with "_id" and "text" ({err})'
+                ) from err
     qrels = {}
-    qrels_file = folder / "qrels" / "test.tsv"
-    if not qrels_file.is_file():
-        raise DataError(f"BEIR layout: missing {qrels_file}")
     for number, line in enumerate(qrels_file.read_text().splitlines()[1:], 2):
         parts = line.split("\t")
         if len(parts) != 3:
             raise DataError(f"{qrels_file} line {number}: expected query-id, corpus-id, score")
         qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
-    return {q: queries[q] for q in qrels if q in queries}, corpus, qrels, ""
+    query_ids = [q for q in qrels if q in queries]
+    return query_ids, [queries[q] for q in query_ids], JsonlTexts(folder / "corpus.jsonl"), qrels
 
 
 def read_subset(folder):
-    """The same triple (plus the query instruction) from one subset in the dataset's layout."""
+    """(queries {id: text}, corpus {id: text}, qrels {query: {doc: 1}}, dataset metadata) of one
+    subset in the dataset's layout, in memory (in-training evaluation of small held-out sets)."""
     meta = read_metadata(folder)
-    corpus_rows = pq.read_table(folder / "corpus.parquet", columns=["id", "text"]).to_pylist()
-    query_rows = pq.read_table(folder / "queries.parquet", columns=["question_id", "question", "pos_doc"]).to_pylist()
+    corpus_rows = read_columns(folder / "corpus.parquet", ["id", "text"]).to_pylist()
+    query_rows = read_columns(folder / "queries.parquet", ["question_id", "question", "pos_doc"]).to_pylist()
     corpus = {r["id"]: r["text"] for r in corpus_rows}
     queries = {q["question_id"]: q["question"] for q in query_rows}
-    qrels = {q["question_id"]: {d["id"]: 1 for d in q["pos_doc"]} for q in query_rows}
-    instruction = meta["query_instruction"]
-    return queries, corpus, qrels, f"{instruction} " if instruction else ""
+    qrels = {q["question_id"]: {d["id"]: 1 for d in q["pos_doc"] or []} for q in query_rows}
+    return queries, corpus, qrels, meta
 
 
-def evaluate(model_dir, data, batch_size=64, query_prompt=None, progress=False, dim=None):
-    """{"subsets": {name: metrics}, "mean": metrics} for a BEIR folder or dataset-layout folder."""
+def read_columns(path, columns, required=None):
+    """Those columns of a parquet file (None: all); a missing file or `required` column (default:
+    `columns`) is an error naming it."""
+    if not Path(path).is_file():
+        raise DataError(f"missing {path}")
+    names = pq.ParquetFile(path).schema_arrow.names
+    absent = [c for c in (columns if required is None else required) if c not in names]
+    if absent:
+        raise DataError(f"{path}: no column(s) {', '.join(absent)}")
+    return pq.read_table(path, columns=columns)
+
+
+def subset_sources(folder, policy, query_prompt=None):
+    """(query ids, query texts, prompted corpus source, doc ids, qrels, query prompt) of one subset in
+    the dataset's layout: documents streamed from corpus.parquet, ids as one Arrow column."""
+    query_default, document_prompt = policy.for_subset(read_metadata(folder))
+    table = read_columns(folder / "queries.parquet", ["question_id", "question", "pos_doc"])
+    queries = dict(zip(table.column("question_id").to_pylist(), table.column("question").to_pylist()))
+    qrels = {
+        q: {d["id"]: 1 for d in pos or []}
+        for q, pos in zip(table.column("question_id").to_pylist(), table.column("pos_doc").to_pylist())
+    }
+    doc_ids = read_columns(folder / "corpus.parquet", ["id"]).column("id").combine_chunks()
+    corpus = ParquetTexts(folder / "corpus.parquet", "text", document_prompt)
+    prompt = query_default if query_prompt is None else query_prompt
+    return list(queries), list(queries.values()), corpus, doc_ids, qrels, prompt
+
+
+def beir_sources(folder, policy, query_prompt=None):
+    """The same for a BEIR folder, prompted as text without a subset (policy.for_subset(None))."""
+    query_default, document_prompt = policy.for_subset(None)
+    query_ids, texts, corpus, qrels = read_beir(folder)
+    corpus.prompt = document_prompt
+    prompt = query_default if query_prompt is None else query_prompt
+    return query_ids, texts, corpus, corpus.ids(), qrels, prompt
+
+
+def evaluate(
+    model_dir,
+    data,
+    batch_size=64,
+    query_prompt=None,
+    progress=False,
+    dim=None,
+    device=None,
+    dtype=None,
+    work_dir=None,
+    query_chunk=256,
+    corpus_chunk=4096,
+):
+    """{"subsets": {name: metrics}, "mean": metrics} for a BEIR folder or dataset-layout folder, on
+    rank 0 (None on the other ranks of a multi-process launch; every rank must call it).
+
+    Prompts come from the model (embedtrain.prompts): each subset's pair, or the defaults for BEIR
+    folders; `query_prompt` replaces the query prompt. Embeddings go to float16 files in `work_dir`
+    (default: a temporary folder, removed after), search is exact (retrieval.search, top 100).
+    """
     data = Path(data)
     if (data / "corpus.jsonl").is_file():
-        sources = {data.name: read_beir(data)}
+        folders, read = [data], beir_sources
     elif (data / "dataset_metadata.json").is_file():
-        sources = {data.name: read_subset(data)}
+        folders, read = [data], subset_sources
     else:
-        sources = {f.name: read_subset(f) for f in subset_folders(data)}
-    encoder, tokenizer, prompts, max_length = load_encoder(model_dir)
-    # a model trained with one fixed prefix keeps it; one trained with per-task instructions gets
-    # each subset's own instruction (BEIR folders have none: the model's query prompt)
-    meta_file = Path(model_dir) / "embedtrain.json"
-    prefix_model = meta_file.is_file() and json.loads(meta_file.read_text()).get("prompt_source") == "prefix"
+        folders, read = subset_folders(data), subset_sources
+    encoder, tokenizer, policy, max_length = load_encoder(model_dir, dtype=dtype, device=device)
+    device = next(encoder.parameters()).device
     results = {}
-    for name, (queries, corpus, qrels, instruction) in sources.items():
-        if query_prompt is not None:
-            prompt = query_prompt
-        else:
-            prompt = prompts.get("query", "") if prefix_model or not instruction else instruction
-        document_prompt = prompts.get("document", "")
-        doc_ids, query_ids = list(corpus), list(queries)
-        doc_vectors = encode_texts(encoder, tokenizer, [document_prompt + corpus[d] for d in doc_ids], batch_size,
-                                   max_length, dim, progress=progress)
-        query_vectors = encode_texts(encoder, tokenizer, [prompt + queries[q] for q in query_ids], batch_size,
-                                     max_length, dim, progress=progress)
-        rankings = dict(zip(query_ids, top_k(query_vectors, doc_vectors, doc_ids)))
-        results[name] = metrics(rankings, qrels)
+    with work_folder(work_dir) as work:
+        for folder in folders:
+            query_ids, query_texts, corpus, doc_ids, qrels, prompt = read(folder, policy, query_prompt)
+            files = work / folder.name
+            docs = encode_to_file(
+                encoder,
+                tokenizer,
+                corpus,
+                files / "corpus",
+                batch_size,
+                max_length,
+                dim,
+                progress=progress,
+                desc=f"{folder.name} corpus",
+            )
+            queries = encode_to_file(
+                encoder,
+                tokenizer,
+                ListTexts(query_texts, prompt),
+                files / "queries",
+                batch_size,
+                max_length,
+                dim,
+                progress=progress,
+                desc=f"{folder.name} queries",
+            )
+            _, rows = search_sharded(
+                queries, docs, 100, files, query_chunk=query_chunk, corpus_chunk=corpus_chunk, device=device
+            )
+            if distributed.rank() == 0:
+                ranked = doc_ids.take(pa.array(rows.reshape(-1))).to_pylist()
+                width = rows.shape[1]
+                rankings = {q: ranked[i * width : (i + 1) * width] for i, q in enumerate(query_ids)}
+                results[folder.name] = metrics(rankings, qrels)
+            distributed.barrier()
+            if distributed.rank() == 0:
+                docs.remove()
+                queries.remove()
+    if distributed.rank() != 0:
+        return None
     keys = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
     mean = {k: float(np.mean([r[k] for r in results.values()])) for k in keys}
     return {"subsets": results, "mean": mean}
+
+
+@contextmanager
+def work_folder(work_dir=None):
+    """The folder the ranks share for embedding files: `work_dir` (kept), or a temporary folder
+    made by rank 0 and removed at the end (one node)."""
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(work_dir)
+        return
+    made = tempfile.mkdtemp(prefix="embedtrain-eval-") if distributed.rank() == 0 else None
+    path = distributed.broadcast_object(made)
+    try:
+        yield Path(path)
+    finally:
+        distributed.barrier()
+        if distributed.rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)

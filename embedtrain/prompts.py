@@ -37,7 +37,7 @@ class PromptPolicy:
 
     @property
     def source(self):
-        """"prefix" when queries get one fixed prompt, "instruction" when each subset has its own."""
+        """ "prefix" when queries get one fixed prompt, "instruction" when each subset has its own."""
         return "prefix" if self.query_prefix is not None else "instruction"
 
     def for_subset(self, metadata=None):
@@ -63,7 +63,9 @@ class PromptPolicy:
 
     @classmethod
     def from_dict(cls, data):
-        return cls(**{key: data[key] for key in ("query_prefix", "passage_prefix", "default_query", "default_document")})
+        return cls(
+            **{key: data[key] for key in ("query_prefix", "passage_prefix", "default_query", "default_document")}
+        )
 
 
 def training_policy(data_config, subsets):
@@ -76,8 +78,9 @@ def training_policy(data_config, subsets):
 
 
 def model_policy(model_dir):
-    """The policy recorded with an exported model (or a run's base_model folder). Exports that
-    predate the record fall back to their sentence-transformers prompts for every subset."""
+    """The policy recorded with an exported model (or a run's base_model folder). A folder without
+    the record uses its sentence-transformers prompts for every subset (a prefix model), and one
+    with no prompts at all (a base checkpoint) each subset's instructions."""
     model_dir = Path(model_dir)
     recorded = {}
     for name in (MODEL_METADATA, "prompts.json"):
@@ -89,6 +92,8 @@ def model_policy(model_dir):
     st_config = model_dir / "config_sentence_transformers.json"
     prompts = json.loads(st_config.read_text()).get("prompts", {}) if st_config.is_file() else {}
     query, document = prompts.get("query", ""), prompts.get("document", "")
-    if recorded.get("prompt_source") == "instruction":
+    if recorded.get("prompt_source") == "instruction" or not (recorded or prompts):
+        # recorded as instruction-trained, or nothing recorded at all (a base checkpoint):
+        # each subset's own instructions, as the dataset defines them
         return PromptPolicy(None, None, query, document)
     return PromptPolicy(query.rstrip(" "), document.rstrip(" "), query, document)

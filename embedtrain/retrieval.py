@@ -1,0 +1,449 @@
+"""Retrieval at any corpus size: texts -> on-disk embedding matrices -> exact blocked top-k.
+
+The shared lower layer of `embedtrain eval`, `embedtrain mine` (and in-training evaluation). Host
+memory does not grow with the corpus:
+
+- texts are streamed from their file in blocks (`ParquetTexts`, `JsonlTexts`; `ListTexts` for
+  what is small enough to hold, such as queries) and each block's embeddings go straight into a
+  float16 `MatrixFile` (a raw np.memmap plus a JSON sidecar for shape and dtype); only the rows
+  being written or read are mapped at any time;
+- `search` scores query chunk x corpus chunk on the model's device and keeps a running top-k per
+  query, with optional per-query exclusions (positives) and score ceilings (TopK-PercPos);
+- only document ids (one Arrow string column) and the per-query results are held whole.
+
+Launched on several processes (torchrun/deepspeed: RANK, WORLD_SIZE, LOCAL_RANK; see
+distributed.init_inference), every rank encodes a contiguous run of row blocks into the same files
+and scores a contiguous run of query chunks; rank 0 assembles the results. The work folder must be
+shared by the ranks (one node, or a shared file system). Blocks and chunks are laid on a grid that
+depends on the sizes only, never on the number of ranks, so every text is batched with the same
+neighbours and every query chunk has the same shape: N ranks give exactly the result of one.
+"""
+
+import json
+import math
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from embedtrain import distributed
+from embedtrain.data.nemotron import DataError
+from embedtrain.encode import BLOCK, encode_texts, output_dim
+
+MIN_BLOCKS = 16  # a small corpus is still cut into this many blocks, so that every rank gets some
+
+
+# ---------------------------------------------------------------- grids and rank shares
+
+
+def block_rows(n, batch_size):
+    """Rows per encoding block for n texts: at most encode.BLOCK (bounds token lists), at least one
+    batch, else n / MIN_BLOCKS. A function of n and batch_size only (never of the rank count)."""
+    return max(1, batch_size, min(BLOCK, math.ceil(n / MIN_BLOCKS)))
+
+
+def rank_range(n, unit, rank=None, world=None):
+    """[start, stop) rows of this rank: a contiguous run of whole `unit`-row blocks, the blocks
+    split as evenly as possible over the ranks."""
+    rank = distributed.rank() if rank is None else rank
+    world = distributed.world_size() if world is None else world
+    blocks = math.ceil(n / unit)
+    first, last = rank * blocks // world, (rank + 1) * blocks // world
+    return min(n, first * unit), min(n, last * unit)
+
+
+# ---------------------------------------------------------------- text sources
+
+
+class ListTexts:
+    """Texts held in memory (queries, BEIR queries), each behind `prompt`."""
+
+    def __init__(self, texts, prompt=""):
+        self.texts, self.prompt = texts, prompt
+
+    def __len__(self):
+        return len(self.texts)
+
+    def blocks(self, start, stop, size):
+        for b0 in range(start, stop, size):
+            yield [self.prompt + text for text in self.texts[b0 : min(stop, b0 + size)]]
+
+
+class ParquetTexts:
+    """One string column of a parquet file (corpus.parquet's "text"), read in record batches from a
+    row offset on: never the whole column at once."""
+
+    READ_BATCH = 4096
+
+    def __init__(self, path, column, prompt=""):
+        self.path, self.column, self.prompt = Path(path), column, prompt
+        self.rows = pq.ParquetFile(self.path).metadata.num_rows
+        if column not in pq.ParquetFile(self.path).schema_arrow.names:
+            raise DataError(f"{self.path}: no column {column!r}")
+
+    def __len__(self):
+        return self.rows
+
+    def values(self, start):
+        """The column's values from row `start` to the end, lazily; nulls are an error naming the row."""
+        file = pq.ParquetFile(self.path)
+        group, skip = 0, start
+        while group < file.num_row_groups and skip >= file.metadata.row_group(group).num_rows:
+            skip -= file.metadata.row_group(group).num_rows
+            group += 1
+        if group == file.num_row_groups:
+            return
+        row = start
+        for batch in file.iter_batches(
+            batch_size=self.READ_BATCH,
+            row_groups=range(group, file.num_row_groups),
+            columns=[self.column],
+            use_threads=False,
+        ):
+            values = batch.column(0).to_pylist()
+            if skip:
+                values, skip = values[skip:], max(0, skip - len(values))
+            for value in values:
+                if value is None:
+                    raise DataError(f"{self.path} row {row}: {self.column} is null")
+                yield value
+                row += 1
+
+    def blocks(self, start, stop, size):
+        values = self.values(start)
+        for b0 in range(start, stop, size):
+            yield [self.prompt + text for text in islice(values, min(size, stop - b0))]
+
+
+class JsonlTexts:
+    """The documents of a BEIR corpus.jsonl ("title" + " " + "text", stripped), one per non-blank
+    line, read line by line; `ids()` collects the "_id" column as Arrow strings in one pass."""
+
+    def __init__(self, path, prompt=""):
+        self.path, self.prompt = Path(path), prompt
+        if not self.path.is_file():
+            raise DataError(f"BEIR layout: missing {self.path}")
+        self._ids = None
+
+    def records(self, start=0):
+        with self.path.open(encoding="utf-8") as lines:
+            index = 0
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                if index >= start:
+                    try:
+                        record = json.loads(line)
+                        yield record["_id"], (record.get("title", "") + " " + record["text"]).strip()
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise DataError(
+                            f'{self.path} line {number}: expected a JSON object with "_id" and "text" ({err})'
+                        ) from err
+                index += 1
+
+    def ids(self):
+        if self._ids is None:
+            chunks, current = [], []
+            for doc_id, _ in self.records():
+                current.append(doc_id)
+                if len(current) == BLOCK:
+                    chunks.append(pa.array(current, pa.string()))
+                    current = []
+            chunks.append(pa.array(current, pa.string()))
+            self._ids = pa.chunked_array(chunks).combine_chunks()
+        return self._ids
+
+    def __len__(self):
+        return len(self.ids())
+
+    def blocks(self, start, stop, size):
+        records = self.records(start)
+        for b0 in range(start, stop, size):
+            yield [self.prompt + text for _, text in islice(records, min(size, stop - b0))]
+
+
+# ---------------------------------------------------------------- on-disk matrices
+
+
+class MatrixFile:
+    """An (N, D) matrix in a raw file (`path`), its shape and dtype in `path`.json. Reads and writes
+    map only the rows they touch (np.memmap at an offset), so resident memory stays at one block."""
+
+    def __init__(self, path, shape, dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+
+    @classmethod
+    def create(cls, path, shape, dtype="float16"):
+        """A zero-filled (sparse) file of the given shape; the sidecar is written last."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        matrix = cls(path, shape, dtype)
+        with path.open("wb") as f:
+            f.truncate(matrix.shape[0] * matrix.row_bytes)
+        sidecar = {"shape": list(matrix.shape), "dtype": matrix.dtype.name}
+        Path(f"{path}.json").write_text(json.dumps(sidecar) + "\n")
+        return matrix
+
+    @classmethod
+    def open(cls, path):
+        sidecar = Path(f"{path}.json")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{sidecar}: no such matrix sidecar (was {path} written by embedtrain?)")
+        meta = json.loads(sidecar.read_text())
+        return cls(path, meta["shape"], meta["dtype"])
+
+    @property
+    def row_bytes(self):
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _map(self, start, stop, mode):
+        shape = (stop - start, *self.shape[1:])
+        return np.memmap(self.path, self.dtype, mode, offset=start * self.row_bytes, shape=shape)
+
+    def write(self, start, array):
+        if len(array):
+            rows = self._map(start, start + len(array), "r+")
+            rows[:] = array
+            rows.flush()
+            del rows
+
+    def read(self, start, stop, dtype=np.float32):
+        """Rows [start, stop) as an in-memory array of `dtype`."""
+        stop = min(stop, self.shape[0])
+        if stop <= start:
+            return np.zeros((0, *self.shape[1:]), dtype)
+        rows = self._map(start, stop, "r")
+        out = np.array(rows, dtype=dtype)
+        del rows
+        return out
+
+    def take(self, indices, dtype=np.float32):
+        """Rows at `indices` (any order, repeats allowed), mapping only the span they cover."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return np.zeros((0, *self.shape[1:]), dtype)
+        low, high = int(indices.min()), int(indices.max()) + 1
+        rows = self._map(low, high, "r")
+        out = np.array(rows[indices - low], dtype=dtype)
+        del rows
+        return out
+
+    def remove(self):
+        self.path.unlink(missing_ok=True)
+        Path(f"{self.path}.json").unlink(missing_ok=True)
+
+
+class ArrayMatrix:
+    """An in-memory array behind MatrixFile's read interface (tests, small inputs)."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+        self.shape = self.array.shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, start, stop, dtype=np.float32):
+        return np.asarray(self.array[start:stop], dtype=dtype)
+
+    def take(self, indices, dtype=np.float32):
+        return np.asarray(self.array[np.asarray(indices, dtype=np.int64)], dtype=dtype)
+
+
+def as_matrix(matrix):
+    return matrix if isinstance(matrix, (MatrixFile, ArrayMatrix)) else ArrayMatrix(matrix)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_to_file(
+    encoder,
+    tokenizer,
+    source,
+    path,
+    batch_size=64,
+    max_length=512,
+    dim=None,
+    progress=False,
+    desc="encode",
+    storage="float16",
+    **options,
+):
+    """Embed every text of `source` into the MatrixFile `path` (N x D, `storage` dtype), rank-sharded:
+    each rank encodes its contiguous run of blocks (`block_rows`) with encode.encode_texts (options:
+    max_tokens, long_documents, chunk_overlap) and writes it in place. Every rank must call it; all
+    return the file once every rank has written."""
+    n, d = len(source), output_dim(encoder, dim)
+    if distributed.rank() == 0:
+        MatrixFile.create(path, (n, d), storage)
+    distributed.barrier()
+    matrix = MatrixFile.open(path)
+    size = block_rows(n, batch_size)
+    start, stop = rank_range(n, size)
+    bar = tqdm(total=stop - start, desc=desc, unit="text", disable=not progress or distributed.rank() != 0)
+    for offset, texts in zip(range(start, stop, size), source.blocks(start, stop, size)):
+        vectors = encode_texts(encoder, tokenizer, texts, batch_size, max_length, dim, **options)
+        matrix.write(offset, vectors.astype(matrix.dtype))
+        bar.update(len(texts))
+    bar.close()
+    distributed.barrier()
+    return matrix
+
+
+# ---------------------------------------------------------------- exclusions and ceilings
+
+
+def rows_of_ids(ids, doc_ids, where):
+    """Corpus rows (int64 numpy) of the string array `ids` in `doc_ids` (pyarrow hash lookup, no
+    Python dict of the corpus). An id not in the corpus is an error naming `where(position)`."""
+    if isinstance(doc_ids, pa.ChunkedArray):
+        doc_ids = doc_ids.combine_chunks()
+    rows = pc.index_in(ids, value_set=doc_ids)
+    if rows.null_count:
+        missing = int(np.flatnonzero(rows.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{where(missing)}: id {ids[missing].as_py()!r} is not in the corpus")
+    return rows.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def doc_lists(list_array, doc_ids, where):
+    """CSR (offsets, rows) of a list<struct<id>> column (pos_doc): query q's corpus rows are
+    rows[offsets[q]:offsets[q+1]]. `where(q)` names query q in errors."""
+    if isinstance(list_array, pa.ChunkedArray):
+        list_array = list_array.combine_chunks() if list_array.num_chunks else pa.array([], list_array.type)
+    counts = pc.fill_null(pc.list_value_length(list_array), 0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    flat = list_array.flatten()  # the values of the non-null lists, in order (slicing handled)
+    ids = flat.field("id") if pa.types.is_struct(flat.type) else flat
+    query_of = np.repeat(np.arange(len(list_array)), np.diff(offsets))
+    rows = rows_of_ids(ids, doc_ids, lambda i: where(int(query_of[i])))
+    return offsets, rows
+
+
+@torch.no_grad()
+def positive_ceilings(queries, docs, positives, margin, device="cpu", chunk=4096):
+    """margin x each query's lowest positive score (float32); +inf for a query without positives
+    (nothing is dropped for it). positives: CSR (offsets, rows)."""
+    queries, docs = as_matrix(queries), as_matrix(docs)
+    offsets, rows = positives
+    ceilings = np.full(len(queries), np.inf, np.float32)
+    for q0 in range(0, len(queries), chunk):
+        q1 = min(len(queries), q0 + chunk)
+        lo, hi = offsets[q0], offsets[q1]
+        if hi == lo:
+            continue
+        owner = torch.from_numpy(np.repeat(np.arange(q1 - q0), np.diff(offsets[q0 : q1 + 1]))).to(device)
+        q = torch.from_numpy(queries.read(q0, q1)).to(device)
+        d = torch.from_numpy(docs.take(rows[lo:hi])).to(device)
+        scores = (q[owner] * d).sum(-1)
+        lowest = torch.full((q1 - q0,), float("inf"), device=device).scatter_reduce(0, owner, scores, "amin")
+        ceilings[q0:q1] = (margin * lowest).cpu().numpy()
+    return ceilings
+
+
+# ---------------------------------------------------------------- search
+
+
+@torch.no_grad()
+def search(
+    queries,
+    docs,
+    k,
+    exclude=None,
+    ceilings=None,
+    query_range=None,
+    query_chunk=256,
+    corpus_chunk=4096,
+    device="cpu",
+    progress=False,
+):
+    """Exact top-k inner-product search in blocks.
+
+    queries, docs: MatrixFile or (N, D) arrays. For each query of `query_range` (default all), the k
+    best corpus rows, best first, among those not in its `exclude` list (CSR (offsets, rows) over
+    all queries) and scoring at most its `ceilings` value. Scores are float32 on `device`; the
+    largest score block held is query_chunk x corpus_chunk, with a running top-k merged per chunk.
+    Returns (scores (q, k) float32, rows (q, k) int64, largest block in elements); a query with
+    fewer than k candidates has rows -1 (score -inf) at the end.
+    """
+    queries, docs = as_matrix(queries), as_matrix(docs)
+    q_start, q_stop = query_range or (0, len(queries))
+    k = min(k, len(docs))
+    device = torch.device(device)
+    all_scores = np.full((q_stop - q_start, k), -np.inf, np.float32)
+    all_rows = np.full((q_stop - q_start, k), -1, np.int64)
+    largest = 0
+    chunks = range(q_start, q_stop, query_chunk)
+    for q0 in tqdm(chunks, desc="search", unit="chunk", disable=not progress):
+        q1 = min(q_stop, q0 + query_chunk)
+        block_q = torch.from_numpy(queries.read(q0, q1)).to(device)
+        ceiling = None if ceilings is None else torch.from_numpy(np.asarray(ceilings[q0:q1], np.float32)).to(device)
+        excluded_q = excluded_d = None
+        if exclude is not None:
+            offsets, rows = exclude
+            excluded_q = torch.from_numpy(np.repeat(np.arange(q1 - q0), np.diff(offsets[q0 : q1 + 1]))).to(device)
+            excluded_d = torch.from_numpy(rows[offsets[q0] : offsets[q1]]).to(device)
+        best_scores = torch.full((q1 - q0, 0), float("-inf"), device=device)
+        best_rows = torch.zeros((q1 - q0, 0), dtype=torch.long, device=device)
+        for d0 in range(0, len(docs), corpus_chunk):
+            scores = block_q @ torch.from_numpy(docs.read(d0, d0 + corpus_chunk)).to(device).T
+            largest = max(largest, scores.numel())
+            if ceiling is not None:
+                scores.masked_fill_(scores > ceiling[:, None], float("-inf"))
+            if excluded_d is not None:
+                inside = (excluded_d >= d0) & (excluded_d < d0 + scores.shape[1])
+                scores[excluded_q[inside], excluded_d[inside] - d0] = float("-inf")
+            merged_scores = torch.cat([best_scores, scores], dim=1)
+            merged_rows = torch.cat(
+                [best_rows, torch.arange(d0, d0 + scores.shape[1], device=device).expand(q1 - q0, -1)], dim=1
+            )
+            top = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_scores, best_rows = top.values, merged_rows.gather(1, top.indices)
+        best_rows = best_rows.masked_fill(best_scores == float("-inf"), -1)
+        all_scores[q0 - q_start : q1 - q_start] = best_scores.cpu().numpy()
+        all_rows[q0 - q_start : q1 - q_start] = best_rows.cpu().numpy()
+    return all_scores, all_rows, largest
+
+
+def search_sharded(queries, docs, k, work_dir, query_chunk=256, progress=False, **options):
+    """`search` over all queries, each rank taking a contiguous run of query chunks; the results go
+    through two MatrixFiles in `work_dir` (shared by the ranks). Returns (scores, rows) for every
+    query on rank 0, (None, None) elsewhere. Every rank must call it."""
+    n = len(queries)
+    if distributed.world_size() == 1:
+        scores, rows, _ = search(queries, docs, k, query_chunk=query_chunk, progress=progress, **options)
+        return scores, rows
+    k = min(k, len(docs))
+    work_dir = Path(work_dir)
+    if distributed.rank() == 0:
+        MatrixFile.create(work_dir / "topk-scores", (n, k), "float32")
+        MatrixFile.create(work_dir / "topk-rows", (n, k), "int64")
+    distributed.barrier()
+    start, stop = rank_range(n, query_chunk)
+    scores, rows, _ = search(
+        queries,
+        docs,
+        k,
+        query_range=(start, stop),
+        query_chunk=query_chunk,
+        progress=progress and distributed.rank() == 0,
+        **options,
+    )
+    score_file, row_file = MatrixFile.open(work_dir / "topk-scores"), MatrixFile.open(work_dir / "topk-rows")
+    score_file.write(start, scores)
+    row_file.write(start, rows)
+    distributed.barrier()
+    if distributed.rank() != 0:
+        return None, None
+    result = score_file.read(0, n), row_file.read(0, n, dtype=np.int64)
+    score_file.remove()
+    row_file.remove()
+    return result
