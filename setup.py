@@ -6,7 +6,7 @@ setup(
     name="embedtrain",
     version="0.1.0",
     description="Train bidirectional Llama embedding models with DeepSpeed ZeRO-3 and export them "
-                "in the Hugging Face format of NVIDIA's released embedding models.",
+    "in the Hugging Face format of NVIDIA's released embedding models.",
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -31,6 +31,6 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "sentence-transformers"]},
+    extras_require={"test": ["pytest", "sentence-transformers"], "liger": ["liger-kernel"]},
     entry_points={"console_scripts": ["embedtrain=embedtrain.cli:main"]},
 )

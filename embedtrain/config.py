@@ -19,8 +19,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 # installed: embedtrain/ds_configs (setup.py maps the top-level folder there); from a checkout: ds_configs/
-DS_CONFIGS_DIR = next((d for d in (PACKAGE_DIR / "ds_configs", PACKAGE_DIR.parent / "ds_configs") if d.is_dir()),
-                      PACKAGE_DIR.parent / "ds_configs")
+DS_CONFIGS_DIR = next(
+    (d for d in (PACKAGE_DIR / "ds_configs", PACKAGE_DIR.parent / "ds_configs") if d.is_dir()),
+    PACKAGE_DIR.parent / "ds_configs",
+)
 ASSET_PREFIX = "assets:"
 
 
@@ -29,8 +31,9 @@ class ModelConfig:
     path: str = ""  # local checkpoint folder; "assets:NAME" is a folder shipped with embedtrain
     pooling: str = "avg"  # avg | cls | last | weighted_avg
     normalize: bool = True
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention (block-sparse packed rows)
     padding_side: str = "right"  # right | left (the 8B release pads left)
+    liger_kernels: bool = False  # fused RMSNorm, SwiGLU and RoPE from liger-kernel (CUDA; optional extra)
 
 
 @dataclass
@@ -42,6 +45,10 @@ class DataConfig:
     query_prefix: str | None = None  # None: the subset's query_instruction
     passage_prefix: str | None = None  # None: the subset's passage_instruction
     pad_to_multiple_of: int = 8
+    packing: bool = True  # padding-free batches: a micro-batch's sequences packed into rows
+    # tokens per packed row; 0 = twice the larger max length. Longer rows pad less; under sdpa/eager
+    # a row's attention costs its length squared (a block mask), under flash varlen nothing extra
+    pack_length: int = 0
     mixing: str = "proportional"  # proportional | temperature | single_subset
     mixing_temperature: float = 1.0  # temperature/single_subset: P(subset) ~ n^(1/T)
     subset_weights: dict | None = None  # explicit {subset: weight}, instead of the temperature rule
@@ -84,6 +91,7 @@ class TrainConfig:
     max_skipped_steps: int = 20  # steps skipped for a non-finite loss or gradient before the run stops
     stop_check_every: int = 10  # steps between the ranks' agreement on a SIGTERM stop (one collective)
     activation_checkpointing: bool = True
+    compile: bool = False  # torch.compile of the encoder through DeepSpeed's engine.compile (dynamic shapes)
     grad_cache_chunk_size: int = 0  # GradCache: encode the micro-batch this many queries at a time; 0 = off
     output_dir: str = "runs/default"
 
@@ -91,6 +99,7 @@ class TrainConfig:
 @dataclass
 class LoggingConfig:
     every: int = 10  # steps between console lines and TensorBoard points
+    peak_tflops: float = 989.0  # the card's dense peak for MFU (H100 SXM bf16: 989); only the logs use it
     tensorboard: bool = True
 
 
@@ -124,7 +133,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.pooling": ("avg", "cls", "last", "weighted_avg"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "model.padding_side": ("right", "left"),
     "loss.negatives": ("group", "local", "global"),
     "optim.schedule": ("linear", "cosine", "constant"),
@@ -133,10 +142,25 @@ CHOICES = {
 
 # Top-level keys of a DeepSpeed config that embedtrain lets a recipe or --set touch.
 DEEPSPEED_KEYS = (
-    "config", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "bf16", "fp16", "zero_optimization", "gradient_clipping", "steps_per_print", "wall_clock_breakdown",
-    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer",
-    "data_types", "checkpoint", "flops_profiler", "comms_logger", "zero_force_ds_cpu_optimizer",
+    "config",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "bf16",
+    "fp16",
+    "zero_optimization",
+    "gradient_clipping",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "zero_allow_untested_optimizer",
+    "data_types",
+    "checkpoint",
+    "flops_profiler",
+    "comms_logger",
+    "zero_force_ds_cpu_optimizer",
 )
 
 
@@ -187,8 +211,10 @@ def _coerce(value, annotation, key):
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
 
-def _apply(config, key, value):
-    """Set dotted `key` (e.g. "train.lr" or "deepspeed.bf16.enabled") on the config tree."""
+def _apply(config, key, value, raw=None):
+    """Set dotted `key` (e.g. "train.lr" or "deepspeed.bf16.enabled") on the config tree. `raw`:
+    the text of a --set value, kept as is for string settings that YAML would read as something
+    else (`--set data.query_prefix=query:` is the string "query:", not a mapping)."""
     parts = key.split(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if parts[0] not in sections:
@@ -220,6 +246,9 @@ def _apply(config, key, value):
     if len(parts) != 2 or parts[1] not in fields:
         raise ConfigError(f"unknown config key {key!r}{did_you_mean(parts[1], fields)}")
     hints = typing.get_type_hints(type(section))
+    takes_text = hints[parts[1]] is str or str in typing.get_args(hints[parts[1]])
+    if raw is not None and takes_text and value is not None and not isinstance(value, str):
+        value = raw
     value = _coerce(value, hints[parts[1]], key)
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
@@ -236,8 +265,10 @@ def recipe_path(recipe_or_path):
     shipped = RECIPES_DIR / f"{recipe_or_path}.yaml"
     if not shipped.is_file():
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise ConfigError(f"no recipe named {recipe_or_path!r}{did_you_mean(recipe_or_path, names)}; "
-                          f"shipped recipes: {', '.join(names)}")
+        raise ConfigError(
+            f"no recipe named {recipe_or_path!r}{did_you_mean(recipe_or_path, names)}; "
+            f"shipped recipes: {', '.join(names)}"
+        )
     return shipped
 
 
@@ -256,7 +287,7 @@ def parse_override(text):
 def resolve_path(value):
     """'assets:NAME' -> the folder shipped in embedtrain/assets; other paths as given."""
     if value.startswith(ASSET_PREFIX):
-        return str(ASSETS_DIR / value[len(ASSET_PREFIX):])
+        return str(ASSETS_DIR / value[len(ASSET_PREFIX) :])
     return value
 
 
@@ -273,7 +304,8 @@ def load_config(recipe_or_path, overrides=(), output_dir=None):
     for section, values in recipe.items():
         _apply(config, section, values)
     for text in overrides:
-        _apply(config, *parse_override(text))
+        key, value = parse_override(text)
+        _apply(config, key, value, raw=text.split("=", 1)[1])
     if output_dir is not None:
         config.train.output_dir = str(output_dir)
     config.model.path = resolve_path(config.model.path)
@@ -304,8 +336,12 @@ def validate(config):
             raise ConfigError(f"{key} must be positive, got {value}")
     chunk = config.train.grad_cache_chunk_size
     if chunk < 0 or (chunk and config.train.micro_batch_size % chunk):
-        raise ConfigError(f"train.grad_cache_chunk_size={chunk} must be 0 (off) or divide "
-                          f"train.micro_batch_size={config.train.micro_batch_size}")
+        raise ConfigError(
+            f"train.grad_cache_chunk_size={chunk} must be 0 (off) or divide "
+            f"train.micro_batch_size={config.train.micro_batch_size}"
+        )
+    if config.data.pack_length < 0:
+        raise ConfigError(f"data.pack_length must be >= 0 (0: the larger max length), got {config.data.pack_length}")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {config.data.num_workers}")
     if config.loss.gather_group_size < 0:
@@ -318,7 +354,9 @@ def validate(config):
     if weights is not None and (dims is None or len(weights) != len(dims)):
         raise ConfigError(f"loss.matryoshka_weights needs one weight per loss.matryoshka_dims entry, got {weights}")
     if config.loss.negatives == "group" and config.loss.hard_negatives == 0:
-        raise ConfigError("loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)")
+        raise ConfigError(
+            "loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)"
+        )
 
 
 def batch_layout(config, world_size):
@@ -380,21 +418,28 @@ def deepspeed_config(config, world_size):
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from err
     _merge(ds, {k: v for k, v in config.deepspeed.items() if k != "config"})
     micro, accumulation = deepspeed_micro_steps(config, world_size)
-    _resolve_auto(ds, {
-        "train_batch_size": config.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-    })
+    _resolve_auto(
+        ds,
+        {
+            "train_batch_size": config.train.global_batch_size,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accumulation,
+        },
+    )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
     if stage < 3 and ds.get("bf16", {}).get("enabled") and ds["bf16"].get("check_grad_overflow") is False:
         # ZeRO-1/2 in bf16 skip a step with a non-finite gradient only with this check on; without
         # it a NaN would reach the weights and train.max_skipped_steps could not act
-        raise ConfigError(f"{path}: bf16.check_grad_overflow=false under ZeRO stage {stage}: non-finite steps would "
-                          "be applied instead of skipped; remove the key or set it true")
+        raise ConfigError(
+            f"{path}: bf16.check_grad_overflow=false under ZeRO stage {stage}: non-finite steps would "
+            "be applied instead of skipped; remove the key or set it true"
+        )
     if ds.get("optimizer") or ds.get("scheduler"):
-        raise ConfigError(f"{path}: optimizer and scheduler belong to the recipe (optim.*, train.lr), not the DeepSpeed JSON")
+        raise ConfigError(
+            f"{path}: optimizer and scheduler belong to the recipe (optim.*, train.lr), not the DeepSpeed JSON"
+        )
     validate_with_deepspeed(ds, path)
     return ds
 

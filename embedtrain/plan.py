@@ -15,21 +15,57 @@ Memory per GPU under ZeRO-3 with bf16 (bytes):
   gather buffers the global pool: W x B x G x D fp32 embeddings, forward and gradient;
   reserve        2 GiB (CUDA context, NCCL) and 10 % fragmentation.
 An option fits when its total is at most 90 % of the GPU's memory (headroom for allocator peaks).
-Step time = model FLOPs of the step (6 x non-embedding params + 12 x layers x hidden x L per
-token; x 4/3 with checkpointing for the recomputed forward) / (GPUs x peak x MFU).
+Step time = compute + communication, added, not overlapped (DeepSpeed prefetches and overlaps
+part of it, so this is an upper bound):
+  compute        model FLOPs of the step (6 x non-embedding params + 12 x layers x hidden x L per
+                 token; x 4/3 with checkpointing for the recomputed forward) / (GPUs x peak x MFU);
+  communication  per GPU and optimizer step, under ZeRO-3 with A accumulation micro-steps and
+                 ONE encoder forward per micro-batch (queries and passages together):
+                   all-gathered    A x 2 x P x b_param  (bf16 parameters gathered for the forward and
+                                   again for the backward/recompute; GradCache with c chunks: A x c x 3,
+                                   its no-grad forward gathers once more),
+                   reduce-scattered A x P x b_grad     (gradients once per micro-step, x c with GradCache;
+                                   b_grad 4 with communication_data_type fp32, else 2),
+                 each moved in a ring: (N - 1) / N of it crosses one GPU's link, so
+                   seconds = (gathered + reduce-scattered) x (N - 1) / N / bandwidth per GPU.
+                 ZeRO-1/2: parameters all-gathered once per step, gradients reduce-scattered once per
+                 micro-step (ZeRO-2) or per step (ZeRO-1). One GPU communicates nothing.
+                 Default bandwidth (per GPU, each direction): within one node 3,600 Gb/s = 450 GB/s,
+                 half of the H100 SXM's 900 GB/s NVLink 4 figure, which counts both directions
+                 (NVIDIA H100 datasheet); across nodes 400 Gb/s, one ConnectX-7 NDR InfiniBand port per
+                 GPU (NVIDIA DGX H100 datasheet: 8 x 400 Gb/s for 8 GPUs). Persistent small parameters
+                 (below stage3_param_persistence_threshold) are counted too: a small overestimate.
+                 The backward's gather is shared with the recompute when a layer is smaller than
+                 stage3_max_reuse_distance (1e9 parameters in ds_configs); a whole model below it
+                 keeps its parameters from forward to backward and gathers about once per micro-step
+                 (tools/bench.py counts the fetches: the tiny model 1 x P per micro-step; with
+                 stage3_max_reuse_distance=0, 2.5 x P: its layers for forward, recompute and backward).
 """
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 2**30
+NVLINK_GBPS = 3600.0  # H100 SXM NVLink 4: 900 GB/s both directions -> 450 GB/s = 3,600 Gb/s each way
+INTER_NODE_GBPS = 400.0  # one ConnectX-7 NDR InfiniBand port (400 Gb/s) per GPU, as in a DGX H100
 SHAPES = {  # public architecture facts of the recipes' base models
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
 }
 RECIPE_SHAPES = {"llama3_2_1b": "llama-3.2-1b", "llama_embed_nemotron_8b": "llama-3.1-8b"}
 
@@ -70,11 +106,12 @@ def shape_for(config, recipe_name, shape_name=None):
     config_file = Path(config.model.path) / "config.json"
     if config_file.is_file():
         raw = json.loads(config_file.read_text())
-        return Shape(**{k: raw[k] if raw.get(k) is not None else raw["num_attention_heads"] for k in SHAPES["llama-3.1-8b"]})
+        return Shape(
+            **{k: raw[k] if raw.get(k) is not None else raw["num_attention_heads"] for k in SHAPES["llama-3.1-8b"]}
+        )
     if recipe_name in RECIPE_SHAPES:
         return Shape(**SHAPES[RECIPE_SHAPES[recipe_name]])
-    raise ValueError("no model shape: set model.path to a checkpoint folder or pass --shape "
-                     f"({', '.join(SHAPES)})")
+    raise ValueError(f"no model shape: set model.path to a checkpoint folder or pass --shape ({', '.join(SHAPES)})")
 
 
 def attention_score_bytes(shape, queries, lengths):
@@ -83,8 +120,18 @@ def attention_score_bytes(shape, queries, lengths):
     return queries * shape.num_attention_heads * sum(length * length for length in lengths) * 4
 
 
-def memory_per_gpu(shape, gpus, micro, tokens_per_query, passages_per_query, checkpointing, offload, global_pool,
-                   activation_queries=None, score_bytes_per_layer=0.0):
+def memory_per_gpu(
+    shape,
+    gpus,
+    micro,
+    tokens_per_query,
+    passages_per_query,
+    checkpointing,
+    offload,
+    global_pool,
+    activation_queries=None,
+    score_bytes_per_layer=0.0,
+):
     """Bytes per GPU by component, for micro-batch `micro` queries per GPU; activations are held
     for `activation_queries` of them at a time (GradCache chunks; default all)."""
     states = {"none": 18 * shape.params / gpus, "optimizer": 2 * shape.params / gpus, "optimizer+params": 0.0}[offload]
@@ -96,15 +143,70 @@ def memory_per_gpu(shape, gpus, micro, tokens_per_query, passages_per_query, che
         activations = layers * 34 * tokens * h
     activations += tokens * h * 4 * 2  # fp32 final states for pooling and their gradient
     pool = gpus * micro * passages_per_query * h * 4 * 2 if global_pool else micro * passages_per_query * h * 8
-    parts = {"model states": states, "gathered layers": 4 * shape.largest_layer_params, "activations": activations,
-             "embedding pool": pool}
+    parts = {
+        "model states": states,
+        "gathered layers": 4 * shape.largest_layer_params,
+        "activations": activations,
+        "embedding pool": pool,
+    }
     if score_bytes_per_layer:
         parts["attention scores"] = score_bytes_per_layer * (1 if checkpointing else layers)
     parts["reserve"] = 2 * GIB + 0.1 * sum(parts.values())
     return parts
 
 
-def plan(config, recipe_name, nodes, gpus_per_node, gpu_memory_gib=80.0, mfu=0.40, peak_tflops=989.0, shape_name=None):
+def default_bandwidth_gbps(nodes):
+    """Per-GPU bandwidth (Gb/s, each direction) the plan assumes: NVLink in one node, InfiniBand across."""
+    return NVLINK_GBPS if nodes == 1 else INTER_NODE_GBPS
+
+
+def communication_dtypes(config):
+    """(ZeRO stage, bytes per gathered parameter, bytes per reduced gradient element) from the run's
+    DeepSpeed JSON and its recipe overrides. Read here rather than through config.deepspeed_config,
+    which needs the recipe's micro-batch to divide the global batch on this cluster and DeepSpeed."""
+    from embedtrain.config import deepspeed_config_path
+
+    ds = json.loads(deepspeed_config_path(config.deepspeed.get("config", "zero3.json")).read_text())
+    overrides = {k: v for k, v in config.deepspeed.items() if k != "config"}
+    for key in ("bf16", "fp16", "zero_optimization"):
+        if isinstance(overrides.get(key), dict):
+            ds[key] = {**ds.get(key, {}), **overrides.pop(key)}
+    ds.update(overrides)
+    half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    param_bytes = 2 if half else 4
+    # DeepSpeed reduces gradients in communication_data_type when set, else in the parameters' dtype
+    grad_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}.get(ds.get("communication_data_type"), param_bytes)
+    return ds.get("zero_optimization", {}).get("stage", 0), param_bytes, grad_bytes
+
+
+def communication_bytes(params, accumulation, chunks=1, param_bytes=2, grad_bytes=2, stage=3):
+    """(all-gathered, reduce-scattered) bytes per GPU per optimizer step, full tensor sizes (see the
+    module docstring): ONE encoder forward per micro-batch, `chunks` GradCache chunks per micro-batch
+    (1 = no GradCache)."""
+    micro_steps = accumulation * chunks
+    if stage == 3:
+        forwards = 3 if chunks > 1 else 2  # forward + backward/recompute; GradCache's no-grad pass
+        return micro_steps * forwards * params * param_bytes, micro_steps * params * grad_bytes
+    reductions = micro_steps if stage == 2 else 1
+    return params * param_bytes, reductions * params * grad_bytes
+
+
+def communication_seconds(total_bytes, gpus, bandwidth_gbps):
+    """Ring collectives: (N - 1) / N of the bytes cross each GPU's link, at `bandwidth_gbps` Gb/s."""
+    return total_bytes * (gpus - 1) / gpus / (bandwidth_gbps * 1e9 / 8)
+
+
+def plan(
+    config,
+    recipe_name,
+    nodes,
+    gpus_per_node,
+    gpu_memory_gib=80.0,
+    mfu=0.40,
+    peak_tflops=989.0,
+    shape_name=None,
+    bandwidth_gbps=None,
+):
     """Options (micro-batch x checkpointing x offload) with memory and step time; the best that fits."""
     shape = shape_for(config, recipe_name, shape_name)
     gpus = nodes * gpus_per_node
@@ -115,6 +217,8 @@ def plan(config, recipe_name, nodes, gpus_per_node, gpu_memory_gib=80.0, mfu=0.4
     step_flops = global_batch * (shape.flops_per_token(lq) * lq + group * shape.flops_per_token(lp) * lp)
     chunk = config.train.grad_cache_chunk_size
     eager = config.model.attn_implementation == "eager"
+    bandwidth_gbps = bandwidth_gbps or default_bandwidth_gbps(nodes)
+    stage, param_bytes, grad_bytes = communication_dtypes(config)
     options = []
     for offload in ("none", "optimizer", "optimizer+params"):
         for checkpointing in (False, True):
@@ -122,44 +226,96 @@ def plan(config, recipe_name, nodes, gpus_per_node, gpu_memory_gib=80.0, mfu=0.4
             while micro * gpus <= global_batch and global_batch % (micro * gpus) == 0:
                 held = chunk if chunk and chunk < micro and micro % chunk == 0 else micro
                 scores = attention_score_bytes(shape, held, [lq] + [lp] * group) if eager else 0.0
-                parts = memory_per_gpu(shape, gpus, micro, tokens_per_query, group, checkpointing, offload,
-                                       config.loss.negatives == "global", held, scores)
+                parts = memory_per_gpu(
+                    shape,
+                    gpus,
+                    micro,
+                    tokens_per_query,
+                    group,
+                    checkpointing,
+                    offload,
+                    config.loss.negatives == "global",
+                    held,
+                    scores,
+                )
                 recompute = 4 / 3 if checkpointing else 1
                 if held < micro:  # GradCache: one more forward
                     recompute = 5 / 3 if checkpointing else 4 / 3
-                seconds = step_flops * recompute / (gpus * peak_tflops * 1e12 * mfu)
-                seconds *= {"none": 1.0, "optimizer": 1.15, "optimizer+params": 1.6}[offload]  # stated guesses
-                options.append({"micro_batch": micro, "accumulation": global_batch // (micro * gpus), "held": held,
-                                "checkpointing": checkpointing, "offload": offload,
-                                "memory_gib": sum(parts.values()) / GIB,
-                                "parts_gib": {k: v / GIB for k, v in parts.items()}, "step_seconds": seconds,
-                                "fits": sum(parts.values()) <= 0.9 * gpu_memory_gib * GIB})
+                compute = step_flops * recompute / (gpus * peak_tflops * 1e12 * mfu)
+                compute *= {"none": 1.0, "optimizer": 1.15, "optimizer+params": 1.6}[offload]  # stated guesses
+                accumulation = global_batch // (micro * gpus)
+                gathered, reduced = communication_bytes(
+                    shape.params, accumulation, micro // held, param_bytes, grad_bytes, stage
+                )
+                comm = communication_seconds(gathered + reduced, gpus, bandwidth_gbps)
+                options.append(
+                    {
+                        "micro_batch": micro,
+                        "accumulation": accumulation,
+                        "held": held,
+                        "checkpointing": checkpointing,
+                        "offload": offload,
+                        "memory_gib": sum(parts.values()) / GIB,
+                        "parts_gib": {k: v / GIB for k, v in parts.items()},
+                        "compute_seconds": compute,
+                        "comm_seconds": comm,
+                        "allgather_bytes": gathered,
+                        "reduce_scatter_bytes": reduced,
+                        "step_seconds": compute + comm,
+                        "fits": sum(parts.values()) <= 0.9 * gpu_memory_gib * GIB,
+                    }
+                )
                 micro *= 2
     fitting = [o for o in options if o["fits"]]
     best = min(fitting, key=lambda o: (o["step_seconds"], -o["micro_batch"])) if fitting else None
-    return {"shape": shape, "gpus": gpus, "params": shape.params, "tokens_per_step": global_batch * tokens_per_query,
-            "lengths": (lq, lp), "attention": config.model.attn_implementation, "grad_cache_chunk": chunk,
-            "options": options, "best": best, "mfu": mfu, "gpu_memory_gib": gpu_memory_gib}
+    return {
+        "shape": shape,
+        "gpus": gpus,
+        "params": shape.params,
+        "tokens_per_step": global_batch * tokens_per_query,
+        "lengths": (lq, lp),
+        "attention": config.model.attn_implementation,
+        "grad_cache_chunk": chunk,
+        "options": options,
+        "best": best,
+        "mfu": mfu,
+        "gpu_memory_gib": gpu_memory_gib,
+        "bandwidth_gbps": bandwidth_gbps,
+        "zero_stage": stage,
+        "grad_comm_bytes": grad_bytes,
+    }
 
 
 def format_plan(result):
     shape, best = result["shape"], result["best"]
-    lines = [f"model: {result['params'] / 1e9:.2f}B parameters ({shape.num_hidden_layers} layers, hidden "
-             f"{shape.hidden_size}); {result['gpus']} GPU(s) of {result['gpu_memory_gib']:.0f} GiB; "
-             f"{result['tokens_per_step']:,} padded tokens per step (query {result['lengths'][0]}, passages "
-             f"{result['lengths'][1]} tokens, {result['attention']} attention"
-             + (f", GradCache chunks of {result['grad_cache_chunk']}" if result["grad_cache_chunk"] else "")
-             + f"); step time at {result['mfu']:.0%} MFU",
-             f"{'micro':>5} {'accum':>5} {'ckpt':>5} {'offload':>16} {'GiB/GPU':>8} {'s/step':>7}  fits"]
+    lines = [
+        f"model: {result['params'] / 1e9:.2f}B parameters ({shape.num_hidden_layers} layers, hidden "
+        f"{shape.hidden_size}); {result['gpus']} GPU(s) of {result['gpu_memory_gib']:.0f} GiB; "
+        f"{result['tokens_per_step']:,} padded tokens per step (query {result['lengths'][0]}, passages "
+        f"{result['lengths'][1]} tokens, {result['attention']} attention"
+        + (f", GradCache chunks of {result['grad_cache_chunk']}" if result["grad_cache_chunk"] else "")
+        + f"); step time = compute at {result['mfu']:.0%} MFU + communication (ZeRO-{result['zero_stage']} "
+        f"all-gather + reduce-scatter with {'fp32' if result['grad_comm_bytes'] == 4 else '16-bit'} gradients, "
+        f"{result['bandwidth_gbps']:,.0f} Gb/s per GPU, added, not overlapped)",
+        f"{'micro':>5} {'accum':>5} {'ckpt':>5} {'offload':>16} {'GiB/GPU':>8} {'GB comm':>8} {'comm s':>7} "
+        f"{'s/step':>7}  fits",
+    ]
     for o in result["options"]:
-        lines.append(f"{o['micro_batch']:>5} {o['accumulation']:>5} {str(o['checkpointing']):>5} {o['offload']:>16} "
-                     f"{o['memory_gib']:>8.1f} {o['step_seconds']:>7.2f}  {'yes' if o['fits'] else 'no'}")
+        lines.append(
+            f"{o['micro_batch']:>5} {o['accumulation']:>5} {str(o['checkpointing']):>5} {o['offload']:>16} "
+            f"{o['memory_gib']:>8.1f} {(o['allgather_bytes'] + o['reduce_scatter_bytes']) / 1e9:>8.1f} "
+            f"{o['comm_seconds']:>7.2f} {o['step_seconds']:>7.2f}  {'yes' if o['fits'] else 'no'}"
+        )
     if best is None:
         lines.append("recommendation: nothing fits; use more GPUs, shorter sequences or fewer hard negatives")
     else:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in best["parts_gib"].items())
-        lines.append(f"recommendation: micro-batch {best['micro_batch']} x accumulation {best['accumulation']}, "
-                     f"activation checkpointing {'on' if best['checkpointing'] else 'off'}, offload "
-                     f"{best['offload']}: {best['memory_gib']:.1f} GiB per GPU ({parts}), "
-                     f"{best['step_seconds']:.2f} s per step")
+        lines.append(
+            f"recommendation: micro-batch {best['micro_batch']} x accumulation {best['accumulation']}, "
+            f"activation checkpointing {'on' if best['checkpointing'] else 'off'}, offload "
+            f"{best['offload']}: {best['memory_gib']:.1f} GiB per GPU ({parts}), "
+            f"{best['step_seconds']:.2f} s per step (communication {best['comm_seconds']:.2f} s: "
+            f"{best['allgather_bytes'] / 1e9:.1f} GB all-gathered + {best['reduce_scatter_bytes'] / 1e9:.1f} "
+            "GB reduce-scattered per GPU)"
+        )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from embedtrain.data.nemotron import DataError
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, rank_micro_batches
+from embedtrain.model.packing import pack_rows
 
 
 @pytest.fixture
@@ -47,8 +48,11 @@ def test_round_trip_texts_equal_the_source(prepared, demo_data):
             example = prepared.example(index, hard_negatives=6)
             negatives = [d["id"] for d in query["neg_doc"]]
             expected = [query["pos_doc"][0]["id"]] + [negatives[i % len(negatives)] for i in range(6)]
-            assert (example.subset, example.question_id, example.query) == (name, query["question_id"],
-                                                                            query["question"])
+            assert (example.subset, example.question_id, example.query) == (
+                name,
+                query["question_id"],
+                query["question"],
+            )
             assert example.passages == [corpora[name][i] for i in expected]
             index += 1
 
@@ -58,7 +62,9 @@ def test_an_epoch_with_two_ranks_and_two_workers_covers_every_query_once(prepare
     sampler = Sampler(prepared.subset_sizes(), global_batch, seed=3)
     seen = []
     for rank in range(2):
-        batches = StepBatches(prepared, sampler, lambda micro_examples: len(micro_examples), rank, 2, micro, 1, 0, steps)
+        batches = StepBatches(
+            prepared, sampler, lambda micro_examples: len(micro_examples), rank, 2, micro, 1, 0, steps
+        )
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2)
         steps_seen = []
         for step, sizes, examples in loader:
@@ -97,7 +103,7 @@ def test_weighted_mixing_follows_the_weights(prepared):
 
 
 def test_length_bucketing_keeps_the_batch_and_cuts_padding(prepared, tiny_llama):
-    config = load_config("tiny")
+    config = load_config("tiny", ["data.packing=false"])  # bucketing is for padded batches
     collator = Collator(load_tokenizer(tiny_llama), config.data, prepared.info)
     sampler = Sampler(prepared.subset_sizes(), 64, seed=1)
 
@@ -108,8 +114,8 @@ def test_length_bucketing_keeps_the_batch_and_cuts_padding(prepared, tiny_llama)
         for _, micro_batches, examples in stream:
             ids.append(sorted(e.question_id + e.subset for m in examples for e in m))
             for batch in micro_batches:
-                padded += batch["passage_ids"].numel() + batch["query_ids"].numel()
-                real += int(batch["passage_mask"].sum() + batch["query_mask"].sum())
+                padded += batch["input_ids"].numel()
+                real += int(batch["attention_mask"].sum())
         return real / padded, ids
 
     plain_efficiency, plain_ids = padding_and_ids(False)
@@ -157,22 +163,36 @@ def test_bad_rows_fail_with_subset_file_and_row(data_copy, tmp_path):
     with pytest.raises(DataError) as err:
         prepare(data_copy, tmp_path / "out")
     message = str(err.value)
-    for expected in ["queries.parquet row 3: doc id(s) d_99999 not in corpus 'FEVER'", "row 5: empty pos_doc",
-                     "row 7: duplicate question_id", "row 2: empty question", "corpus.parquet row 10: empty text",
-                     "corpus.parquet row 11: text is not valid UTF-8", "--skip-bad-rows"]:
+    for expected in [
+        "queries.parquet row 3: doc id(s) d_99999 not in corpus 'FEVER'",
+        "row 5: empty pos_doc",
+        "row 7: duplicate question_id",
+        "row 2: empty question",
+        "corpus.parquet row 10: empty text",
+        "corpus.parquet row 11: text is not valid UTF-8",
+        "--skip-bad-rows",
+    ]:
         assert expected in message, expected
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_skip_bad_rows_reports_every_skipped_row(data_copy, tmp_path):
     empty_id, latin_id = corrupt_everything(data_copy)
-    referencing = {q["question_id"] for q in rows(data_copy / "FEVER" / "queries.parquet")
-                   if {d["id"] for d in q["pos_doc"] + q["neg_doc"]} & {empty_id, latin_id}}
+    referencing = {
+        q["question_id"]
+        for q in rows(data_copy / "FEVER" / "queries.parquet")
+        if {d["id"] for d in q["pos_doc"] + q["neg_doc"]} & {empty_id, latin_id}
+    }
     manifest = prepare(data_copy, tmp_path / "out", skip_bad_rows=True)
     report = [json.loads(line) for line in (tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()]
     assert {(r["file"].split("/")[-1], r["row"]) for r in report} >= {
-        ("queries.parquet", 2), ("queries.parquet", 3), ("queries.parquet", 5), ("queries.parquet", 7),
-        ("corpus.parquet", 10), ("corpus.parquet", 11)}
+        ("queries.parquet", 2),
+        ("queries.parquet", 3),
+        ("queries.parquet", 5),
+        ("queries.parquet", 7),
+        ("corpus.parquet", 10),
+        ("corpus.parquet", 11),
+    }
     skipped_queries = {r["question_id"] for r in report if "question_id" in r}
     assert referencing <= skipped_queries  # queries whose docs were dropped are reported, not lost
     assert manifest["subsets"]["FEVER"]["num_queries"] == 400 - len(skipped_queries)
@@ -189,18 +209,57 @@ def test_ids_only_subsets_are_listed(data_copy, tmp_path):
 def test_collate_prompts_and_padding(prepared, tiny_llama):
     tokenizer = load_tokenizer(tiny_llama)
     assert tokenizer.pad_token == tokenizer.eos_token
-    config = load_config("tiny")
+    config = load_config("tiny", ["data.packing=false"])
     examples = [prepared.example(i, 2) for i in range(3)]
     batch = Collator(tokenizer, config.data, prepared.info)(examples)
-    assert batch["query_ids"].shape[0] == 3 and batch["passage_ids"].shape[0] == 9
-    assert batch["query_ids"].shape[1] % 8 == 0 and batch["passage_ids"].shape[1] % 8 == 0
+    # one encoder batch: 3 queries, then each query's 3 passages, padded to a multiple of 8
+    assert batch["input_ids"].shape[0] == 3 + 9 and batch["input_ids"].shape[1] % 8 == 0
+    assert batch["num_queries"] == 3
+    assert batch["real_tokens"] == int(batch["attention_mask"].sum()) and batch["tokens"] == batch["input_ids"].numel()
     instruction = prepared.info["FEVER"]["query_instruction"]
-    assert tokenizer.decode(batch["query_ids"][0], skip_special_tokens=True) == f"{instruction} {examples[0].query}"
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == f"{instruction} {examples[0].query}"
     config.data.query_prefix, config.data.passage_prefix = "query:", "passage:"
     batch = Collator(tokenizer, config.data, prepared.info)(examples[:1])
-    assert tokenizer.decode(batch["query_ids"][0], skip_special_tokens=True) == f"query: {examples[0].query}"
-    assert tokenizer.decode(batch["passage_ids"][0], skip_special_tokens=True) == f"passage: {examples[0].passages[0]}"
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == f"query: {examples[0].query}"
+    assert tokenizer.decode(batch["input_ids"][1], skip_special_tokens=True) == f"passage: {examples[0].passages[0]}"
     assert batch["positive_hash"][0] == batch["passage_hash"][0]
+
+
+def test_packed_batches_hold_the_same_sequences_with_little_padding(prepared, tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    examples = [prepared.example(i, 3) for i in range(8)]
+    padded = Collator(tokenizer, load_config("tiny", ["data.packing=false"]).data, prepared.info)(examples)
+    packed = Collator(tokenizer, load_config("tiny").data, prepared.info)(examples)
+    flat = torch.cat([packed["input_ids"].flatten(), torch.tensor([-1])])
+    for s in range(padded["input_ids"].shape[0]):  # sequence s, gathered back by index, is the padded row s
+        real = padded["input_ids"][s][padded["attention_mask"][s].bool()]
+        assert flat[packed["sequence_index"][s][packed["sequence_mask"][s].bool()]].tolist() == real.tolist()
+    assert packed["real_tokens"] == padded["real_tokens"]
+    # rows of at most 2 x 64 tokens; the demo data's narrow lengths (~50 tokens) leave a quarter empty
+    assert packed["input_ids"].shape[1] <= 128 and packed["real_tokens"] / packed["tokens"] > 0.7
+    assert packed["real_tokens"] / packed["tokens"] >= padded["real_tokens"] / padded["tokens"]
+
+
+def test_pack_rows_on_long_tailed_lengths():
+    """Realistic retrieval lengths (short queries, long-tailed passages, cut at 512) pack into rows
+    of 1,024 with under 5 % padding, where padding to the longest wastes most of the batch."""
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randint(15, 45, (16,), generator=generator).tolist()
+    passages = torch.distributions.LogNormal(5.05, 0.65).sample((80,)).clamp(8, 512).int().tolist()
+    lengths = queries + passages
+    packed = pack_rows([[1] * n for n in lengths], capacity=1024, pad_to_multiple_of=8)
+    assert packed["segments"].gt(0).sum() == sum(lengths)
+    assert sum(lengths) / packed["input_ids"].numel() > 0.95
+    assert sum(lengths) / (len(lengths) * max(lengths)) < 0.5
+
+
+def test_grad_cache_chunks_are_encoder_batches_of_their_queries(prepared, tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    examples = [prepared.example(i, 3) for i in range(8)]
+    batch = Collator(tokenizer, load_config("tiny").data, prepared.info, chunk_size=2)(examples)
+    assert [chunk["num_queries"] for chunk in batch["chunks"]] == [2, 2, 2, 2]
+    assert [chunk["sequence_index"].shape[0] for chunk in batch["chunks"]] == [2 + 8] * 4
+    assert batch["passage_hash"].shape[0] == 32 and "input_ids" not in batch
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

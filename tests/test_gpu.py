@@ -124,8 +124,10 @@ def test_attention_backends_agree_padded_and_packed(tiny_llama, backend, no_tf32
         for layout, got in fp32.items():
             error = float((got - reference[layout]).abs().max())
             assert error < FP32_EMBED_ATOL, (layout, error)
-    bf16 = {backend: embed_layouts(tiny_llama, backend, torch.bfloat16),
-            "eager": embed_layouts(tiny_llama, "eager", torch.bfloat16)}
+    bf16 = {
+        backend: embed_layouts(tiny_llama, backend, torch.bfloat16),
+        "eager": embed_layouts(tiny_llama, "eager", torch.bfloat16),
+    }
     for name, layouts in bf16.items():
         for layout, got in layouts.items():
             assert torch.isfinite(got).all(), (name, layout)
@@ -133,9 +135,35 @@ def test_attention_backends_agree_padded_and_packed(tiny_llama, backend, no_tf32
             assert worst >= BF16_EMBED_COSINE and error < BF16_EMBED_ATOL, (name, layout, worst, error)
 
 
+def test_flex_attention_gradients_equal_sdpa_on_packed_rows(tiny_llama, no_tf32):
+    """FlexAttention's backward (CUDA only) on a packed batch: the gradients of sdpa's block mask."""
+    if DEVICE != "cuda":
+        pytest.skip("FlexAttention has no backward on the CPU")
+    from embedtrain.model.packing import pack_rows
+
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 1000, (n,), generator=generator).tolist() for n in (5, 17, 9, 30, 12)]
+    batch = {k: v.to(DEVICE) for k, v in pack_rows(sequences, 40, pad_to_multiple_of=8).items()}
+    grads = {}
+    for implementation in ("sdpa", "flex_attention"):
+        encoder = BiEncoder(load_backbone(tiny_llama, attn_implementation=implementation)).to(DEVICE)
+        embeddings = encoder(
+            batch["input_ids"],
+            batch["segments"],
+            sequence_index=batch["sequence_index"],
+            sequence_mask=batch["sequence_mask"],
+        )
+        (embeddings * torch.arange(embeddings.numel(), device=DEVICE).view_as(embeddings)).sum().backward()
+        grads[implementation] = torch.cat([p.grad.flatten() for p in encoder.parameters()])
+    assert float((grads["flex_attention"] - grads["sdpa"]).norm() / grads["sdpa"].norm()) < 1e-4
+
+
 QUERIES = ["Shilin Linlofo is a chemist.", "Which material did Dorbra Ostmorven use?", "x"]
-DOCUMENTS = ["Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper.",
-             "A short one.", " ".join(["river copper north chemist born museum eleven glass map song"] * 40)]
+DOCUMENTS = [
+    "Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper.",
+    "A short one.",
+    " ".join(["river copper north chemist born museum eleven glass map song"] * 40),
+]
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +172,17 @@ def exported(tmp_path_factory):
     from test_cli import embedtrain
 
     root = tmp_path_factory.mktemp("gpu_export")
-    run = embedtrain("train", "--config", "tiny", "--output-dir", root / "run", "--set", "train.max_steps=2",
-                     "--set", "logging.every=1")
+    run = embedtrain(
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        root / "run",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "logging.every=1",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     done = embedtrain("export", root / "run", root / "model")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,6 @@
 """A DeepSpeed ZeRO-3 step with activation checkpointing gives the gradients of a plain PyTorch step
-(fp32, relative 1e-5); reentrant checkpointing does not."""
-
-import pytest
+(fp32, relative 1e-5), with queries and passages in one forward or in two; reentrant checkpointing
+with two forwards does not."""
 
 from conftest import run_worker
 
@@ -19,12 +18,19 @@ def test_local_pool_with_accumulation_matches_plain_pytorch(tmp_path):
     assert result["max_rel_error"] < TOLERANCE, result
 
 
-def test_reentrant_checkpointing_is_caught(tmp_path):
-    """Reentrant checkpointing with two encoder forwards before one backward under ZeRO-3: either
-    DeepSpeed's own bookkeeping trips (this DeepSpeed version asserts on a gradient reduced twice)
-    or the gradients are wrong. Either way the parity check must not pass."""
-    result, run = run_worker("grad_parity.py", tmp_path / "r.json", "--reentrant", check=False)
+def test_reentrant_checkpointing_with_two_forwards_is_caught(tmp_path):
+    """Reentrant checkpointing with two encoder forwards (queries, then passages) before one
+    backward under ZeRO-3: either DeepSpeed's own bookkeeping trips (this DeepSpeed version asserts
+    on a gradient reduced twice) or the gradients are wrong. Either way the parity check must not
+    pass. This is why the step never runs two forwards before a backward (and checkpointing is
+    non-reentrant all the same)."""
+    result, run = run_worker("grad_parity.py", tmp_path / "r.json", "--reentrant", "--separate-forwards", check=False)
     if run.returncode == 0:
         assert result["max_rel_error"] > TOLERANCE, result
     else:
         assert result is None and "AssertionError" in run.stderr
+
+
+def test_two_separate_forwards_with_non_reentrant_checkpointing_are_exact(tmp_path):
+    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--separate-forwards")
+    assert result["max_rel_error"] < TOLERANCE, result

@@ -2,18 +2,23 @@
 own estimator, and the recommendation is one that fits."""
 
 import pytest
-import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from test_cli import embedtrain
 from transformers import LlamaConfig, LlamaModel
 
 from embedtrain.config import load_config
-from embedtrain.plan import SHAPES, Shape, memory_per_gpu, plan
-from test_cli import embedtrain
+from embedtrain.plan import SHAPES, Shape, communication_bytes, communication_seconds, memory_per_gpu, plan
 
 
 def test_parameter_count_matches_a_built_model():
-    dims = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=8,
-                num_key_value_heads=2)
+    dims = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     model = LlamaModel(LlamaConfig(**dims))
     assert Shape(**dims).params == sum(p.numel() for p in model.parameters())
 
@@ -24,13 +29,21 @@ def test_8b_shape_is_the_published_size():
     assert abs(flops - 6.04e9) < 0.01e9  # docs/benchmarks.md, plain baselines on one H100 80GB
 
 
-@pytest.mark.parametrize("gpus, offload, ds_flags", [(8, "none", (False, False)), (64, "none", (False, False)),
-                                                      (8, "optimizer", (True, False)), (8, "optimizer+params", (True, True))])
+@pytest.mark.parametrize(
+    "gpus, offload, ds_flags",
+    [
+        (8, "none", (False, False)),
+        (64, "none", (False, False)),
+        (8, "optimizer", (True, False)),
+        (8, "optimizer+params", (True, True)),
+    ],
+)
 def test_model_states_match_deepspeed_estimator(gpus, offload, ds_flags):
     shape = Shape(**SHAPES["llama-3.1-8b"])
     parts = memory_per_gpu(shape, gpus, 1, 512 * 5, 5, True, offload, False)
-    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(shape.params, shape.largest_layer_params, gpus, 1,
-                                                         cpu_offload=ds_flags[0], cpu_offload_params=ds_flags[1])
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        shape.params, shape.largest_layer_params, gpus, 1, cpu_offload=ds_flags[0], cpu_offload_params=ds_flags[1]
+    )
     ours = parts["model states"] + parts["gathered layers"]
     assert abs(ours - ds_gpu) <= 0.01 * ds_gpu + 1
 
@@ -56,18 +69,31 @@ def test_plan_command():
     run = embedtrain("plan", "--config", "llama3_2_1b", "--nodes", "1", "--gpus-per-node", "1")
     assert run.returncode == 0, run.stderr
     assert "1.24B parameters" in run.stdout and "recommendation: micro-batch" in run.stdout
+    assert "comm s" in run.stdout and "Gb/s per GPU" in run.stdout
 
 
 def test_plan_accounts_for_sequence_length_and_attention():
     """Memory grows with passage length, linearly under sdpa and quadratically under eager; the
     1B recipe at 8,192-token passages fits one 80 GB GPU with micro-batch 1 and checkpointing."""
+
     def option(length, attn, micro=1, checkpointing=True, extra=()):
-        config = load_config("llama3_2_1b", ["model.path=unset", "data.path=unset",
-                                             f"data.passage_max_length={length}", f"model.attn_implementation={attn}",
-                                             *extra])
+        config = load_config(
+            "llama3_2_1b",
+            [
+                "model.path=unset",
+                "data.path=unset",
+                f"data.passage_max_length={length}",
+                f"model.attn_implementation={attn}",
+                *extra,
+            ],
+        )
         result = plan(config, "llama3_2_1b", 1, 1)
-        return next(o for o in result["options"] if o["micro_batch"] == micro and o["checkpointing"] == checkpointing
-                    and o["offload"] == "none")
+        return next(
+            o
+            for o in result["options"]
+            if o["micro_batch"] == micro and o["checkpointing"] == checkpointing and o["offload"] == "none"
+        )
+
     sdpa = [option(n, "sdpa")["parts_gib"]["activations"] for n in (2048, 4096, 8192)]
     assert sdpa[1] / sdpa[0] == pytest.approx(2, rel=0.05) and sdpa[2] / sdpa[1] == pytest.approx(2, rel=0.05)
     eager = [option(n, "eager")["parts_gib"]["attention scores"] for n in (2048, 8192)]
@@ -78,3 +104,52 @@ def test_plan_accounts_for_sequence_length_and_attention():
     plain = option(512, "sdpa", micro=32)
     assert cached["held"] == 4 and cached["parts_gib"]["activations"] < plain["parts_gib"]["activations"] / 4
     assert cached["step_seconds"] == pytest.approx(plain["step_seconds"] * 5 / 4)
+
+
+def test_communication_bytes_by_hand():
+    """A 2-layer toy shape: P counted by hand, then ZeRO-3's per-step bytes and seconds."""
+    shape = Shape(
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    # per layer: q, o 8x8; k, v 8x4; gate, up, down 8x16; two norms of 8 -> 128 + 64 + 384 + 16 = 592
+    params = 2 * 592 + 8 + 100 * 8  # layers, final norm, embeddings
+    assert shape.params == params == 1992
+    # accumulation 3, bf16 parameters gathered twice per micro-step, fp32 gradients once
+    assert communication_bytes(params, 3, param_bytes=2, grad_bytes=4) == (3 * 2 * 1992 * 2, 3 * 1992 * 4)
+    # GradCache with 2 chunks: 6 micro-steps, each gathered three times
+    assert communication_bytes(params, 3, chunks=2) == (6 * 3 * 1992 * 2, 6 * 1992 * 2)
+    # 4 GPUs in a ring at 8 Gb/s = 1 GB/s: 3/4 of the bytes cross each link
+    assert communication_seconds(4e9, 4, 8.0) == pytest.approx(3.0)
+    assert communication_seconds(4e9, 1, 8.0) == 0.0
+
+
+def test_micro_batch_changes_step_time_through_communication():
+    """Same global batch on 8 GPUs: micro 1 needs twice the accumulation of micro 2, so twice the
+    parameter gathers and gradient reductions; the FLOPs are the same."""
+    config = load_config("llama_embed_nemotron_8b", ["model.path=unset", "data.path=unset"])
+    result = plan(config, "llama_embed_nemotron_8b", 1, 8)
+
+    def option(micro):
+        return next(
+            o for o in result["options"] if o["micro_batch"] == micro and o["checkpointing"] and o["offload"] == "none"
+        )
+
+    one, two = option(1), option(2)
+    assert one["accumulation"] == 2 * two["accumulation"] == 16
+    assert one["compute_seconds"] == pytest.approx(two["compute_seconds"])
+    assert one["comm_seconds"] == pytest.approx(2 * two["comm_seconds"]) and two["comm_seconds"] > 0
+    assert one["step_seconds"] > two["step_seconds"]
+    # the 8B recipe reduces gradients in fp32: 16 x P x 4 bytes; gathers bf16: 16 x 2 x P x 2
+    params = Shape(**SHAPES["llama-3.1-8b"]).params
+    assert one["reduce_scatter_bytes"] == 16 * params * 4 and one["allgather_bytes"] == 16 * 2 * params * 2
+    # 8 GPUs over NVLink at 450 GB/s per direction: 7/8 of the bytes cross each link
+    assert one["comm_seconds"] == pytest.approx((16 * params * 8) * 7 / 8 / 450e9)
+    slow = plan(config, "llama_embed_nemotron_8b", 1, 8, bandwidth_gbps=400.0)["options"]
+    assert next(
+        o for o in slow if o is not None and o["micro_batch"] == 1 and o["checkpointing"] and o["offload"] == "none"
+    )["comm_seconds"] == pytest.approx(one["comm_seconds"] * 9)

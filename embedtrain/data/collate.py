@@ -6,6 +6,7 @@ from transformers import AutoTokenizer
 
 from embedtrain.data.nemotron import content_hash
 from embedtrain.model.encoder import ModelError
+from embedtrain.model.packing import pack_rows
 from embedtrain.prompts import training_policy
 
 
@@ -21,31 +22,92 @@ def load_tokenizer(path, padding_side="right"):
 
 
 class Collator:
-    """Tokenises a list of Examples into a query batch and a passage batch.
+    """Tokenises a list of Examples into one encoder batch for queries and passages together.
 
-    Returns a dict: query_ids/query_mask (Q, Lq), passage_ids/passage_mask (Q*G, Lp) with each
-    query's passages contiguous (positive first), positive_hash (Q,), passage_hash (Q*G,).
+    Returns a dict: input_ids / attention_mask, the queries first, then each query's passages
+    contiguous (positive first); num_queries; positive_hash (Q,), passage_hash (Q*G,); token counts
+    (tokens, real_tokens, squared_lengths: the sum of each sequence's length squared, for the
+    attention FLOPs). With data.packing the sequences are packed into rows (model/packing.py) and
+    attention_mask holds sequence labels, with sequence_index / sequence_mask to gather them
+    back; without it they are padded to the longest. With GradCache (chunk_size) the encoder
+    tensors come per chunk of queries with their passages, in "chunks".
     """
 
-    def __init__(self, tokenizer, data_config, subsets):
+    def __init__(self, tokenizer, data_config, subsets, chunk_size=0):
         """`subsets`: name -> {"query_instruction", "passage_instruction"} (the prepared manifest's)."""
         self.tokenizer = tokenizer
         self.config = data_config
+        self.chunk_size = chunk_size
         self.policy = training_policy(data_config, subsets)
         self.subset_prompts = {name: self.policy.for_subset(info) for name, info in subsets.items()}
+        self.pack_length = data_config.pack_length or 2 * max(
+            data_config.query_max_length, data_config.passage_max_length
+        )
 
-    def tokenize(self, texts, max_length):
-        return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True,
-                              pad_to_multiple_of=self.config.pad_to_multiple_of, return_tensors="pt")
-
-    def __call__(self, examples):
+    def tokenize(self, examples):
+        """(query token lists, passage token lists) with prompts, each side truncated to its max."""
         queries = [self.subset_prompts[e.subset][0] + e.query for e in examples]
         passages = [self.subset_prompts[e.subset][1] + p for e in examples for p in e.passages]
-        q = self.tokenize(queries, self.config.query_max_length)
-        p = self.tokenize(passages, self.config.passage_max_length)
-        return {
-            "query_ids": q["input_ids"], "query_mask": q["attention_mask"],
-            "passage_ids": p["input_ids"], "passage_mask": p["attention_mask"],
-            "positive_hash": torch.tensor([content_hash(e.passages[0]) for e in examples], dtype=torch.long),
-            "passage_hash": torch.tensor([content_hash(p) for e in examples for p in e.passages], dtype=torch.long),
+        return (
+            self.tokenizer(queries, max_length=self.config.query_max_length, truncation=True)["input_ids"],
+            self.tokenizer(passages, max_length=self.config.passage_max_length, truncation=True)["input_ids"],
+        )
+
+    def __call__(self, examples):
+        query_ids, passage_ids = self.tokenize(examples)
+        return self.assemble(
+            query_ids,
+            passage_ids,
+            [content_hash(e.passages[0]) for e in examples],
+            [content_hash(p) for e in examples for p in e.passages],
+        )
+
+    def assemble(self, query_ids, passage_ids, positive_hash, passage_hash):
+        """The batch dict of token lists (queries, then passages grouped by query) and hashes."""
+        per_query = len(passage_ids) // len(query_ids)
+        chunk = self.chunk_size or len(query_ids)
+        parts = [
+            self.encoder_inputs(
+                query_ids[start : start + chunk] + passage_ids[start * per_query : (start + chunk) * per_query],
+                len(query_ids[start : start + chunk]),
+            )
+            for start in range(0, len(query_ids), chunk)
+        ]
+        batch = {
+            "positive_hash": torch.tensor(positive_hash, dtype=torch.long),
+            "passage_hash": torch.tensor(passage_hash, dtype=torch.long),
         }
+        if self.chunk_size:
+            batch["chunks"] = parts
+        else:
+            batch.update(parts[0])
+        return batch
+
+    def encoder_inputs(self, sequences, num_queries):
+        """One encoder call's tensors for `sequences` (the first `num_queries` are queries)."""
+        pad_id, multiple = self.tokenizer.pad_token_id, self.config.pad_to_multiple_of
+        if self.config.packing:
+            packed = pack_rows(sequences, self.pack_length, pad_id, multiple)
+            inputs = {
+                "input_ids": packed["input_ids"],
+                "attention_mask": packed["segments"],
+                "sequence_index": packed["sequence_index"],
+                "sequence_mask": packed["sequence_mask"],
+            }
+        else:
+            inputs = dict(
+                self.tokenizer.pad({"input_ids": sequences}, pad_to_multiple_of=multiple, return_tensors="pt")
+            )
+        lengths = [len(sequence) for sequence in sequences]
+        return {
+            **inputs,
+            "num_queries": num_queries,
+            "tokens": inputs["input_ids"].numel(),
+            "real_tokens": sum(lengths),
+            "squared_lengths": sum(n * n for n in lengths),
+        }
+
+
+def encoder_parts(batch):
+    """The encoder calls of a micro-batch: its chunks under GradCache, else the batch itself."""
+    return batch.get("chunks", [batch])

@@ -11,8 +11,12 @@ attention mask here, and turning `is_causal` off on every attention module, work
 """
 
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
+
+# transformers 5's attention functions read is_causal from the module when no mask is given
+MASKLESS_IS_BIDIRECTIONAL = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class LlamaBidirectionalConfig(LlamaConfig):
@@ -32,7 +36,7 @@ class LlamaBidirectionalConfig(LlamaConfig):
         super().__init__(**kwargs)
 
 
-def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation):
+def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation, packed=None):
     """The mask handed to every decoder layer: padding keys masked, no causal triangle.
 
     `attention_mask_BL` is 0 on padding and 1 on tokens, or, in a padding-free (packed) row, the
@@ -40,12 +44,19 @@ def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation):
     own sequence. flash_attention_2 takes the 2-D padding mask (None when nothing is padded), and
     None for packed rows (transformers then runs variable-length attention from the position ids,
     which restart at each sequence). sdpa and eager take an additive float mask, (B, 1, 1, L) for
-    padding and (B, 1, L, L) for packed rows, even without padding: transformers 4.x's sdpa path
-    treats a missing mask as causal, whatever the module's is_causal says.
+    padding and (B, 1, L, L) for packed rows. A batch without padding gets no mask on transformers
+    5, whose attention functions honour the modules' is_causal=False (and a maskless call lets the
+    GPU run its flash kernel); transformers 4.x treats a missing mask as causal, so there it gets
+    zeros.
     """
-    packed = bool((attention_mask_BL > 1).any())
+    if packed is None:
+        packed = bool((attention_mask_BL > 1).any())
     if attn_implementation == "flash_attention_2":
         return None if packed or bool(attention_mask_BL.all()) else attention_mask_BL
+    if attn_implementation == "flex_attention":
+        return sequence_block_mask(attention_mask_BL)
+    if not packed and MASKLESS_IS_BIDIRECTIONAL and bool(attention_mask_BL.all()):
+        return None
     if packed:
         same_BLL = attention_mask_BL[:, :, None] == attention_mask_BL[:, None, :]
         keep = (same_BLL & (attention_mask_BL[:, None, :] > 0)).unsqueeze(1)
@@ -55,10 +66,28 @@ def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation):
     return mask.masked_fill(~keep, torch.finfo(dtype).min)
 
 
-def positions_from_mask(attention_mask_BL):
+def sequence_block_mask(attention_mask_BL):
+    """FlexAttention's BlockMask for a padded or packed batch: a token attends to the tokens of its
+    own sequence (the same label, above 0), in both directions; blocks with no such pair are
+    skipped, so a packed row costs the sum of its sequences' squared lengths, not the row's. A
+    padding position attends to itself only (its output is never used)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    labels_BL = attention_mask_BL.long()
+
+    def same_sequence(b, h, q, kv):
+        return ((labels_BL[b, q] == labels_BL[b, kv]) & (labels_BL[b, kv] > 0)) | (q == kv)
+
+    batch, length = labels_BL.shape
+    return create_block_mask(same_sequence, batch, None, length, length, device=labels_BL.device)
+
+
+def positions_from_mask(attention_mask_BL, packed=None):
     """Position ids that start at 0 on the first real token, so left and right padding agree; in a
     packed row they restart at 0 at the first token of each sequence."""
-    if not bool((attention_mask_BL > 1).any()):
+    if packed is None:
+        packed = bool((attention_mask_BL > 1).any())
+    if not packed:
         return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
     index = torch.arange(attention_mask_BL.shape[-1], device=attention_mask_BL.device).expand_as(attention_mask_BL)
     previous = torch.nn.functional.pad(attention_mask_BL, (1, 0), value=0)[..., :-1]
@@ -77,7 +106,11 @@ class LlamaBidirectionalModel(LlamaModel):
         for layer in self.layers:
             layer.self_attn.is_causal = False
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, packed=None, **kwargs
+    ):
+        """`packed`: whether `attention_mask` holds sequence labels (a padding-free batch); None reads
+        it from the mask, which costs a device-to-host sync on a GPU."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -85,10 +118,12 @@ class LlamaBidirectionalModel(LlamaModel):
         batch, length = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
+        if packed is None:
+            packed = bool((attention_mask > 1).any())
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)
+            position_ids = positions_from_mask(attention_mask, packed)
         mask = bidirectional_attention_mask(
-            attention_mask, inputs_embeds.dtype, getattr(self.config, "_attn_implementation", "sdpa")
+            attention_mask, inputs_embeds.dtype, getattr(self.config, "_attn_implementation", "sdpa"), packed
         )
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)

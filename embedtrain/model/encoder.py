@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.model.bidirectional import LlamaBidirectionalConfig, LlamaBidirectionalModel
-from embedtrain.model.packing import is_packed, unpack
+from embedtrain.model.packing import gather_sequences, is_packed, unpack
 from embedtrain.model.pooling import POOLING_MODES, pool
 
 LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
@@ -34,12 +34,54 @@ class BiEncoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
 
-    def forward(self, input_ids, attention_mask):
-        hidden_BLD = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if is_packed(attention_mask):
+    def forward(self, input_ids, attention_mask, sequence_index=None, sequence_mask=None):
+        """With `sequence_index` / `sequence_mask` (packing.pack_rows, made on the CPU) the batch is
+        packed and the sequences are gathered by index, without reading the mask on the host."""
+        packed = sequence_index is not None
+        hidden_BLD = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, packed=packed or None
+        ).last_hidden_state
+        if packed:
+            hidden_BLD, attention_mask = gather_sequences(hidden_BLD, sequence_index, sequence_mask)
+        elif is_packed(attention_mask):
             hidden_BLD, attention_mask = unpack(hidden_BLD, attention_mask)
         embeddings_BD = pool(hidden_BLD, attention_mask, self.pooling)
         return F.normalize(embeddings_BD, dim=-1) if self.normalize else embeddings_BD
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """An exported model folder (`embedtrain export`) ready for `encode`, in eval mode.
+
+        device: None/"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or a
+        torch.device; dtype: None/"auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16",
+        "float16" or a torch.dtype. The tokenizer, prompts and max_seq_length travel with the model.
+        """
+        from embedtrain.encode import load_encoder  # embedtrain.encode imports this module
+
+        return load_encoder(path, dtype=dtype, device=device)[0]
+
+    def encode(self, texts, prompt=None, batch_size=32, max_length=None, dim=None, normalize=True, progress=False):
+        """Embeddings of `texts` as a float32 numpy array (N, D) on the host, in input order (one
+        string gives one (D,) vector). prompt: "query" / "document" (the model's prompts,
+        embedtrain.prompts), any other string put in front literally, or None. max_length: tokens
+        per text (default the model's max_seq_length); dim: keep the first K dims (Matryoshka)."""
+        from embedtrain.encode import encode_texts, prompt_text
+
+        if getattr(self, "tokenizer", None) is None:
+            raise ValueError("BiEncoder.encode needs a model loaded with BiEncoder.from_pretrained (no tokenizer here)")
+        single = isinstance(texts, str)
+        vectors = encode_texts(
+            self,
+            self.tokenizer,
+            [texts] if single else list(texts),
+            batch_size,
+            max_length or self.max_seq_length,
+            dim,
+            progress=progress,
+            prompt=prompt_text(self.prompt_policy, prompt),
+            normalize=normalize,
+        )
+        return vectors[0] if single else vectors
 
 
 def read_llama_config(path):
@@ -76,8 +118,10 @@ def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling
     )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise ModelError(f"model.path: {path} lacks backbone weights: {', '.join(missing[:5])}"
-                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        raise ModelError(
+            f"model.path: {path} lacks backbone weights: {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
     return model
 
 

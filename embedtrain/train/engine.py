@@ -47,23 +47,48 @@ def lr_multiplier(step, warmup_steps, max_steps, schedule, min_ratio):
 
 
 def build_encoder(config, dtype, use_reentrant=False):
-    backbone = load_backbone(config.model.path, dtype=dtype, attn_implementation=config.model.attn_implementation,
-                             pooling=config.model.pooling)
+    backbone = load_backbone(
+        config.model.path,
+        dtype=dtype,
+        attn_implementation=config.model.attn_implementation,
+        pooling=config.model.pooling,
+    )
     backbone.config.temperature = config.loss.temperature
     if config.loss.matryoshka_dims:
         too_large = [d for d in config.loss.matryoshka_dims if d > backbone.config.hidden_size]
         if too_large:
-            raise ConfigError(f"loss.matryoshka_dims {too_large} exceed the model's hidden size "
-                              f"{backbone.config.hidden_size}")
+            raise ConfigError(
+                f"loss.matryoshka_dims {too_large} exceed the model's hidden size {backbone.config.hidden_size}"
+            )
         backbone.config.matryoshka_dims = list(config.loss.matryoshka_dims)  # recorded in exports
+    if config.model.liger_kernels:
+        apply_liger_kernels(backbone)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(backbone, use_reentrant=use_reentrant)
     return BiEncoder(backbone, config.model.pooling, config.model.normalize)
 
 
+def apply_liger_kernels(backbone):
+    """Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE on this model's modules
+    (model.liger_kernels; `pip install liger-kernel`, CUDA only). Same results within dtype
+    tolerance (tests/test_gpu.py), less activation memory and fewer kernel launches."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError as err:
+        raise ConfigError(f"model.liger_kernels=true needs the liger-kernel package (CUDA and Triton): {err}") from err
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=backbone
+    )
+
+
 def build_engine(config, ds_config, use_reentrant=False):
     """deepspeed.initialize on the encoder. Under ZeRO-3 the weights are partitioned while they
     load: HfDeepSpeedConfig must stay alive during from_pretrained (zero.Init directly crashed)."""
+    if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.attn_implementation=flex_attention: FlexAttention has no backward on the CPU; "
+            "train with sdpa there (the two give the same embeddings)"
+        )
     dtype = precision_dtype(ds_config)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (kept alive on purpose)
@@ -77,11 +102,18 @@ def build_engine(config, ds_config, use_reentrant=False):
         optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
     else:
         optimizer = torch.optim.AdamW(groups, **adam)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, config.optim.warmup_steps, config.train.max_steps, config.optim.schedule, config.optim.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, config.optim.warmup_steps, config.train.max_steps, config.optim.schedule, config.optim.min_lr_ratio
+        ),
+    )
+    engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     check_bidirectional(engine.module.backbone)
+    if config.train.compile:
+        # DeepSpeed's own compile keeps the ZeRO-3 parameter hooks out of the graphs; dynamic shapes
+        # because packed rows and padded batches change length from one micro-batch to the next
+        engine.compile(compile_kwargs={"dynamic": True})
     del hf_ds_config
     engine.train()  # from_pretrained leaves the model in eval mode, which also disables checkpointing
     return engine

@@ -12,13 +12,21 @@ import yaml
 
 from embedtrain import distributed
 from embedtrain.config import ConfigError, batch_layout, deepspeed_config
-from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.collate import Collator, encoder_parts, load_tokenizer
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.model.encoder import read_llama_config
-from embedtrain.train.checkpoint import (CheckpointError, checkpoint_root, load_checkpoint_file, load_resharded,
-                                        restore_rng, resume_checkpoint, save_checkpoint, write_base_model)
+from embedtrain.train.checkpoint import (
+    CheckpointError,
+    checkpoint_root,
+    load_checkpoint_file,
+    load_resharded,
+    restore_rng,
+    resume_checkpoint,
+    save_checkpoint,
+    write_base_model,
+)
 from embedtrain.train.engine import build_engine
 from embedtrain.train.evaluation import evaluate_in_training, load_sources
 from embedtrain.train.step import micro_batch_backward
@@ -40,12 +48,20 @@ def make_sampler(config, dataset):
     if config.data.subset_weights is not None:
         unknown = sorted(set(config.data.subset_weights) - set(dataset.names))
         if unknown:
-            raise ConfigError(f"data.subset_weights names unknown subset(s) {', '.join(unknown)}; "
-                              f"training subsets: {', '.join(dataset.names)}")
+            raise ConfigError(
+                f"data.subset_weights names unknown subset(s) {', '.join(unknown)}; "
+                f"training subsets: {', '.join(dataset.names)}"
+            )
         weights = [float(config.data.subset_weights.get(name, 0.0)) for name in dataset.names]
     try:
-        return Sampler(dataset.subset_sizes(), config.train.global_batch_size, config.train.seed,
-                       config.data.mixing, config.data.mixing_temperature, weights)
+        return Sampler(
+            dataset.subset_sizes(),
+            config.train.global_batch_size,
+            config.train.seed,
+            config.data.mixing,
+            config.data.mixing_temperature,
+            weights,
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -56,8 +72,10 @@ def check_lengths(config, llama_config):
     limit = llama_config.max_position_embeddings
     for key in ("query_max_length", "passage_max_length"):
         if getattr(config.data, key) > limit:
-            raise ConfigError(f"data.{key}={getattr(config.data, key)} exceeds the model's max_position_embeddings="
-                              f"{limit} ({config.model.path}/config.json)")
+            raise ConfigError(
+                f"data.{key}={getattr(config.data, key)} exceeds the model's max_position_embeddings="
+                f"{limit} ({config.model.path}/config.json)"
+            )
 
 
 def seed_everything(seed, rank):
@@ -80,7 +98,7 @@ def train(config, on_step=None):
     dataset = open_dataset(config.data, run_dir)
     sampler = make_sampler(config, dataset)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
-    collator = Collator(tokenizer, config.data, dataset.info)
+    collator = Collator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size)
     config_dict = config.to_dict()
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config)
@@ -92,27 +110,40 @@ def train(config, on_step=None):
         print(describe_run(config, world, micro, accumulation, dataset, ds_config, resume_from, start), flush=True)
 
     def save(step):
-        save_checkpoint(engine, run_dir, step, stream_state(step, sampler, dataset), config_dict,
-                        config.train.keep_checkpoints)
+        save_checkpoint(
+            engine, run_dir, step, stream_state(step, sampler, dataset), config_dict, config.train.keep_checkpoints
+        )
 
     eval_sources = load_sources(config.eval, collator.policy) if config.eval.path else None
     stop = StopRequest()
+    flops = FlopsCounter(engine.module.backbone.config)
     window = new_window()
     skipped = engine.skipped_steps
-    batches = StepBatches(dataset, sampler, collator, rank, world, micro, config.loss.hard_negatives,
-                          start=start, stop=config.train.max_steps, length_bucketing=config.data.length_bucketing)
+    batches = StepBatches(
+        dataset,
+        sampler,
+        collator,
+        rank,
+        world,
+        micro,
+        config.loss.hard_negatives,
+        start=start,
+        stop=config.train.max_steps,
+        length_bucketing=config.data.length_bucketing,
+    )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.num_workers)
     for step, micro_batches, examples in loader:
-        step_stats = optimizer_step(engine, micro_batches, config, accumulation, group, window)
+        step_stats = optimizer_step(engine, micro_batches, config, accumulation, group, window, flops)
         if on_step is not None:
-            on_step(step, step_stats, examples)
+            on_step(step, {key: float(value) for key, value in step_stats.items()}, examples)
         done = step + 1
         skipped = check_skipped_steps(engine, skipped, done, config, save)
-        if done % config.logging.every == 0 or done == config.train.max_steps:
-            log_window(engine, writer, step, step_stats, window)
-            window = new_window()
-        if eval_sources is not None and (done == config.train.max_steps
-                                         or (config.eval.every and done % config.eval.every == 0)):
+        logged = done % config.logging.every == 0 or done == config.train.max_steps
+        if logged:
+            log_window(engine, writer, done, step_stats, window, config)
+        if eval_sources is not None and (
+            done == config.train.max_steps or (config.eval.every and done % config.eval.every == 0)
+        ):
             evaluate(engine, tokenizer, eval_sources, config, writer, done)
         if done % config.train.stop_check_every == 0 and stop.requested():
             save(done)
@@ -121,6 +152,8 @@ def train(config, on_step=None):
             break
         if done == config.train.max_steps or (config.train.save_every and done % config.train.save_every == 0):
             save(done)
+        if logged:
+            window = new_window()  # after evaluation and saving: the window times training steps only
     stop.restore()
     if writer is not None:
         writer.close()
@@ -130,30 +163,64 @@ def train(config, on_step=None):
 def describe_run(config, world, micro, accumulation, dataset, ds_config, resume_from, start):
     """The start-up line: batch layout, data, GradCache, ZeRO stage, resume point."""
     chunk = config.train.grad_cache_chunk_size
-    return (f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
-            f"accumulation {accumulation} x world {world}; {len(dataset)} queries from {len(dataset.names)} "
-            f"subset(s)" + (f"; GradCache chunks of {chunk}" if chunk else "")
-            + f"; ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
-            + (f"; resumed from {resume_from} at step {start}" if resume_from else ""))
+    return (
+        f"[embedtrain] {world} rank(s), global batch {config.train.global_batch_size} = micro {micro} x "
+        f"accumulation {accumulation} x world {world}; {len(dataset)} queries from {len(dataset.names)} "
+        f"subset(s)"
+        + (f"; GradCache chunks of {chunk}" if chunk else "")
+        + f"; ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
+        + (f"; resumed from {resume_from} at step {start}" if resume_from else "")
+    )
 
 
-def optimizer_step(engine, micro_batches, config, accumulation, group, window):
+def optimizer_step(engine, micro_batches, config, accumulation, group, window, flops):
     """Backward over the step's micro-batches, DeepSpeed steps (the optimizer updates at the
-    accumulation boundary); returns the step's mean stats and adds its counts to `window`."""
-    step_stats = {"loss": 0.0}
+    accumulation boundary); returns the step's mean stats as device tensors (no host sync: they
+    are read at logging steps only) and adds the step's token and FLOP counts to `window`."""
+    step_stats = {}
     for batch in micro_batches:
-        loss, stats = micro_batch_backward(engine, batch, config.loss, accumulation,
-                                           config.train.grad_cache_chunk_size, group)
+        loss, stats = micro_batch_backward(
+            engine, batch, config.loss, accumulation, config.train.grad_cache_chunk_size, group
+        )
         engine.step()
-        step_stats["loss"] += loss.item() / accumulation
-        window["tokens"] += batch["query_ids"].numel() + batch["passage_ids"].numel()
-        window["real_tokens"] += int(batch["query_mask"].sum() + batch["passage_mask"].sum())
-        for key, value in stats.items():
-            step_stats[key] = step_stats.get(key, 0.0) + float(value) / accumulation
+        for key, value in {"loss": loss, **stats}.items():
+            step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / accumulation
+        for part in encoder_parts(batch):  # counted on the host from the CPU batch: no sync
+            window["tokens"] += part["tokens"]
+            window["real_tokens"] += part["real_tokens"]
+            window["flops"] += flops.of(part)
     window["steps"] += 1
-    window["loss"] += step_stats["loss"]
-    step_stats["skipped_steps"] = float(engine.skipped_steps)
+    window["loss"] = window["loss"] + step_stats["loss"]
+    step_stats["skipped_steps"] = torch.tensor(float(engine.skipped_steps))
     return step_stats
+
+
+class FlopsCounter:
+    """Model FLOPs of a training step (forward and backward, no recompute): 6 x non-embedding
+    parameters per token plus the attention term 12 x layers x hidden x the token's sequence
+    length (Chinchilla/PaLM accounting; docs/benchmarks.md), over real tokens only."""
+
+    def __init__(self, backbone_config):
+        from embedtrain.plan import Shape
+
+        shape = Shape(
+            **{
+                key: getattr(backbone_config, key)
+                for key in (
+                    "vocab_size",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                )
+            }
+        )
+        self.per_token = 6 * shape.non_embedding_params
+        self.per_token_and_length = 12 * shape.num_hidden_layers * shape.hidden_size
+
+    def of(self, part):
+        return self.per_token * part["real_tokens"] + self.per_token_and_length * part["squared_lengths"]
 
 
 def check_skipped_steps(engine, seen, done, config, save):
@@ -164,26 +231,35 @@ def check_skipped_steps(engine, seen, done, config, save):
         return skipped
     limit = config.train.max_skipped_steps
     if distributed.is_main_process():
-        print(f"[embedtrain] warning: step {done} skipped: non-finite loss or gradient ({skipped} skipped so far, "
-              f"limit train.max_skipped_steps={limit})", flush=True)
+        print(
+            f"[embedtrain] warning: step {done} skipped: non-finite loss or gradient ({skipped} skipped so far, "
+            f"limit train.max_skipped_steps={limit})",
+            flush=True,
+        )
     if skipped > limit:
         save(done)
         folder = checkpoint_root(Path(config.train.output_dir)) / f"step_{done}"
-        raise TrainingError(f"{skipped} steps skipped for non-finite losses or gradients, more than "
-                            f"train.max_skipped_steps={limit}; stopped at step {done} with a checkpoint in {folder}. "
-                            "Check the learning rate, the data around these steps, and bf16 overflow.")
+        raise TrainingError(
+            f"{skipped} steps skipped for non-finite losses or gradients, more than "
+            f"train.max_skipped_steps={limit}; stopped at step {done} with a checkpoint in {folder}. "
+            "Check the learning rate, the data around these steps, and bf16 overflow."
+        )
     return skipped
 
 
 def evaluate(engine, tokenizer, eval_sources, config, writer, step):
     """In-training evaluation on every rank; rank 0 prints and logs the results."""
-    results = evaluate_in_training(engine, tokenizer, eval_sources, config.eval.batch_size,
-                                   config.data.passage_max_length)
+    results = evaluate_in_training(
+        engine, tokenizer, eval_sources, config.eval.batch_size, config.data.passage_max_length
+    )
     if results is None:
         return
     mean = results["mean"]
-    print(f"[embedtrain] eval at step {step}: nDCG@10 {mean['ndcg@10']:.4f}  Recall@10 "
-          f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}", flush=True)
+    print(
+        f"[embedtrain] eval at step {step}: nDCG@10 {mean['ndcg@10']:.4f}  Recall@10 "
+        f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}",
+        flush=True,
+    )
     if writer is not None:
         for subset, values in results.items():
             for key, value in values.items():
@@ -196,7 +272,7 @@ class TrainingError(RuntimeError):
 
 
 def new_window():
-    return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
+    return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "flops": 0, "start": time.perf_counter(), "steps": 0}
 
 
 class StopRequest:
@@ -242,20 +318,24 @@ def load_state(engine, folder, config, world):
     saved = load_checkpoint_file(sorted(folder.glob("*_model_states.pt"))[0])
     stream = saved["stream"]
     if stream["global_batch_size"] != config.train.global_batch_size or stream["seed"] != config.train.seed:
-        raise CheckpointError(f"{folder}: train.global_batch_size/train.seed were {stream['global_batch_size']}/"
-                              f"{stream['seed']}, now {config.train.global_batch_size}/{config.train.seed}: the data "
-                              "order would change; keep them to resume")
+        raise CheckpointError(
+            f"{folder}: train.global_batch_size/train.seed were {stream['global_batch_size']}/"
+            f"{stream['seed']}, now {config.train.global_batch_size}/{config.train.seed}: the data "
+            "order would change; keep them to resume"
+        )
     stage = engine.zero_optimization_stage()
     if saved["dp_world_size"] != world and stage != 3:
         raise CheckpointError(
             f"{folder} was written by {saved['dp_world_size']} rank(s) and this run has {world}: resuming on another "
             f"world size is supported under ZeRO-3 only (this run uses ZeRO stage {stage}). Resume on "
             f"{saved['dp_world_size']} rank(s), or export the checkpoint and start a new run from the export "
-            "(the optimizer state is then lost)")
+            "(the optimizer state is then lost)"
+        )
     try:
         if saved["dp_world_size"] == world:
-            _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            _, client = engine.load_checkpoint(
+                str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         else:
             client = load_resharded(engine, folder)
     except (RuntimeError, KeyError, ValueError, AssertionError) as err:
@@ -275,24 +355,50 @@ def make_writer(config, run_dir, start_step):
     return SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
 
-def log_window(engine, writer, step, step_stats, window):
-    """Console line and TensorBoard scalars; all ranks join the reductions, rank 0 writes."""
+def log_window(engine, writer, done, step_stats, window, config):
+    """Console line and TensorBoard scalars; all ranks join the reductions, rank 0 writes. This is
+    where device values are read (one sync per logging step)."""
     elapsed = time.perf_counter() - window["start"]
-    loss = distributed.all_reduce_mean(window["loss"] / window["steps"])
-    tokens_per_s = distributed.all_reduce_mean(window["tokens"]) * distributed.world_size() / elapsed
-    real_fraction = window["real_tokens"] / max(1, window["tokens"])
+    world = distributed.world_size()
+    loss = distributed.all_reduce_mean(float(window["loss"]) / window["steps"])
+    tokens, real, flops = (
+        distributed.all_reduce_mean(window[key]) * world for key in ("tokens", "real_tokens", "flops")
+    )
+    step_time = elapsed / window["steps"]
+    scalars = {
+        "train/loss": loss,
+        "train/lr": engine.get_lr()[0],
+        "perf/tokens_per_s": tokens / elapsed,
+        "perf/real_tokens_per_s": real / elapsed,
+        "perf/padding_efficiency": real / max(1, tokens),
+        "perf/step_time_s": step_time,
+        "perf/mfu": flops / elapsed / (world * config.logging.peak_tflops * 1e12),
+    }
+    if torch.cuda.is_available():
+        scalars["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     grad_norm = engine.get_global_grad_norm()
-    scalars = {"train/loss": loss, "train/lr": engine.get_lr()[0], "perf/tokens_per_s": tokens_per_s,
-               "perf/padding_efficiency": real_fraction}
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
     for key, value in step_stats.items():
         if key != "loss":
-            scalars[f"train/{key}"] = distributed.all_reduce_mean(value)
+            scalars[f"train/{key}"] = distributed.all_reduce_mean(float(value))
     if distributed.is_main_process():
-        print(f"[embedtrain] step {step + 1}: loss {loss:.4f}  acc {scalars.get('train/accuracy', 0):.3f}  "
-              f"lr {scalars['train/lr']:.2e}  {tokens_per_s:,.0f} tok/s", flush=True)
+        eta = format_duration(step_time * (config.train.max_steps - done))
+        memory = f"  {scalars['perf/peak_memory_gib']:.1f} GiB" if "perf/peak_memory_gib" in scalars else ""
+        print(
+            f"[embedtrain] step {done}: loss {loss:.4f}  acc {scalars.get('train/accuracy', 0):.3f}  "
+            f"lr {scalars['train/lr']:.2e}  {scalars['perf/tokens_per_s']:,.0f} tok/s  "
+            f"{scalars['perf/real_tokens_per_s']:,.0f} real tok/s  pad-eff {scalars['perf/padding_efficiency']:.3f}  "
+            f"MFU {scalars['perf/mfu']:.1%}  {step_time:.2f} s/step{memory}  ETA {eta}",
+            flush=True,
+        )
         if writer is not None:
             for key, value in scalars.items():
-                writer.add_scalar(key, value, step + 1)
+                writer.add_scalar(key, value, done)
             writer.flush()
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"

@@ -7,31 +7,58 @@ same step for micro-batches far larger than activation memory allows (GradCache)
 import torch
 
 from embedtrain import distributed
+from embedtrain.data.collate import encoder_parts
 from embedtrain.losses import duplicate_positive_mask, group_accuracy, group_info_nce, pooled_info_nce, positive_targets
 from embedtrain.model.pooling import truncate
 
+ENCODER_KEYS = ("input_ids", "attention_mask", "sequence_index", "sequence_mask")
 
-def contrastive_loss(encoder, batch, loss_config, device, group=None):
-    """Encode one micro-batch with a DeepSpeed engine or a plain BiEncoder; return (loss, stats)."""
-    queries_QD = encoder(batch["query_ids"].to(device), batch["query_mask"].to(device))
-    passages_PD = encoder(batch["passage_ids"].to(device), batch["passage_mask"].to(device))
-    return negatives_loss(queries_QD, passages_PD, batch["positive_hash"].to(device),
-                          batch["passage_hash"].to(device), loss_config, group)
+
+def encode_part(encoder, part, device):
+    """(queries_QD, passages_PD) of one encoder call: queries and passages in ONE forward (under
+    ZeRO-3 one gather of each layer's weights, and one recompute under checkpointing)."""
+    inputs = {key: part[key].to(device, non_blocking=True) for key in ENCODER_KEYS if key in part}
+    embeddings_SD = encoder(**inputs)
+    return embeddings_SD[: part["num_queries"]], embeddings_SD[part["num_queries"] :]
+
+
+def encode_micro_batch(encoder, batch, device):
+    """(queries_QD, passages_PD) of a micro-batch, chunk by chunk when it is cut for GradCache."""
+    parts = [encode_part(encoder, part, device) for part in encoder_parts(batch)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([q for q, _ in parts]), torch.cat([p for _, p in parts])
+
+
+def contrastive_loss(encoder, batch, loss_config, device, group=None, uniform=False):
+    """Encode one micro-batch with a DeepSpeed engine or a plain BiEncoder; return (loss, stats).
+    `uniform`: every rank's micro-batch has this one's size (the training loop's always do)."""
+    queries_QD, passages_PD = encode_micro_batch(encoder, batch, device)
+    return negatives_loss(
+        queries_QD,
+        passages_PD,
+        batch["positive_hash"].to(device),
+        batch["passage_hash"].to(device),
+        loss_config,
+        group,
+        uniform,
+    )
 
 
 def micro_batch_backward(engine, batch, loss_config, accumulation, chunk_size=0, group=None):
     """engine.backward for one micro-batch, plain or (chunk_size > 0) through GradCache; returns
     (loss, stats). The caller calls engine.step() after it, as after engine.backward."""
     if chunk_size:
-        return grad_cache_backward(engine, batch, loss_config, chunk_size, accumulation, group)
-    loss, stats = contrastive_loss(engine, batch, loss_config, engine.device, group)
+        return grad_cache_backward(engine, batch, loss_config, accumulation, group)
+    loss, stats = contrastive_loss(engine, batch, loss_config, engine.device, group, uniform=True)
     engine.backward(loss)
     return loss, stats
 
 
-def grad_cache_backward(engine, batch, loss_config, chunk_size, accumulation, group=None):
+def grad_cache_backward(engine, batch, loss_config, accumulation, group=None):
     """GradCache (Gao et al., 2021): the gradient of the whole micro-batch's loss, with activation
-    memory for only `chunk_size` queries (and their passages) at a time.
+    memory for only one chunk of queries (and their passages) at a time. The collator cut the
+    micro-batch into chunks (train.grad_cache_chunk_size), each one encoder call.
 
     1. Encode every chunk without grad, saving the RNG state before each.
     2. The loss over all embeddings (the pool gathered across ranks as usual), and its gradient
@@ -51,40 +78,42 @@ def grad_cache_backward(engine, batch, loss_config, chunk_size, accumulation, gr
     deterministic given the RNG state).
     """
     device = engine.device
-    num_queries = batch["query_ids"].shape[0]
-    per_query = batch["passage_ids"].shape[0] // num_queries
-    if num_queries % chunk_size:
-        raise ValueError(f"micro-batch of {num_queries} queries is not divisible by GradCache chunks of {chunk_size}")
-    chunks = [(slice(start, start + chunk_size), slice(start * per_query, (start + chunk_size) * per_query))
-              for start in range(0, num_queries, chunk_size)]
-
-    def encode(queries, passages):
-        return (engine(batch["query_ids"][queries].to(device), batch["query_mask"][queries].to(device)),
-                engine(batch["passage_ids"][passages].to(device), batch["passage_mask"][passages].to(device)))
-
+    parts = encoder_parts(batch)
     rng_states, cached = [], []
     with torch.no_grad():
-        for queries, passages in chunks:
+        for part in parts:
             rng_states.append(RngState(device))
-            cached.append(encode(queries, passages))
+            cached.append(encode_part(engine, part, device))
     queries_QD = torch.cat([q for q, _ in cached]).requires_grad_()
     passages_PD = torch.cat([p for _, p in cached]).requires_grad_()
-    loss, stats = negatives_loss(queries_QD, passages_PD, batch["positive_hash"].to(device),
-                                 batch["passage_hash"].to(device), loss_config, group)
+    loss, stats = negatives_loss(
+        queries_QD,
+        passages_PD,
+        batch["positive_hash"].to(device),
+        batch["passage_hash"].to(device),
+        loss_config,
+        group,
+        uniform=True,
+    )
     query_grad_QD, passage_grad_PD = torch.autograd.grad(loss, [queries_QD, passages_PD])
 
     replay_error = torch.zeros((), device=device)
     after = RngState(device)
-    for index, ((queries, passages), rng) in enumerate(zip(chunks, rng_states)):
+    query_start = passage_start = 0
+    for index, (part, rng, (cached_q, cached_p)) in enumerate(zip(parts, rng_states, cached)):
         rng.restore()
-        query_emb, passage_emb = encode(queries, passages)
+        query_emb, passage_emb = encode_part(engine, part, device)
+        queries = slice(query_start, query_start + cached_q.shape[0])
+        passages = slice(passage_start, passage_start + cached_p.shape[0])
+        query_start, passage_start = queries.stop, passages.stop
         surrogate = (query_emb * query_grad_QD[queries]).sum() + (passage_emb * passage_grad_PD[passages]).sum()
         engine.backward(surrogate / accumulation, scale_wrt_gas=False)
-        if index < len(chunks) - 1:
+        if index < len(parts) - 1:
             engine.step()  # a DeepSpeed micro-step inside the accumulation window: no update
-        replay_error = torch.maximum(replay_error, torch.maximum(
-            (query_emb.detach() - queries_QD.detach()[queries]).abs().max(),
-            (passage_emb.detach() - passages_PD.detach()[passages]).abs().max()))
+        replay_error = torch.maximum(
+            replay_error,
+            torch.maximum((query_emb.detach() - cached_q).abs().max(), (passage_emb.detach() - cached_p).abs().max()),
+        )
     after.restore()
     stats["grad_cache_replay_error"] = replay_error
     return loss.detach(), stats
@@ -104,7 +133,7 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def negatives_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None):
+def negatives_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None, uniform=False):
     """InfoNCE of this rank's queries against the pool that `loss_config.negatives` names; with
     loss.matryoshka_dims, the weighted sum over the embeddings truncated to each dim and
     re-normalised (Kusupati et al., 2022). The pool is assembled (and gathered) once for all dims.
@@ -118,13 +147,21 @@ def negatives_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, los
     weights = loss_config.matryoshka_weights or [1.0] * len(dims)
     stats = group_accuracy(queries_QD, passages_PD)
     if loss_config.negatives == "group":
-        losses = [group_info_nce(truncate_to(queries_QD, d), truncate_to(passages_PD, d), loss_config.temperature)[0]
-                  for d in dims]
+        losses = [
+            group_info_nce(truncate_to(queries_QD, d), truncate_to(passages_PD, d), loss_config.temperature)[0]
+            for d in dims
+        ]
     else:
-        pool_ND, targets_Q, masked_QN, share = assemble_pool(queries_QD, passages_PD, positive_hash_Q, passage_hash_P,
-                                                             loss_config, group)
-        losses = [share * pooled_info_nce(truncate_to(queries_QD, d), truncate_to(pool_ND, d), targets_Q,
-                                          loss_config.temperature, masked_QN)[0] for d in dims]
+        pool_ND, targets_Q, masked_QN, share = assemble_pool(
+            queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group, uniform
+        )
+        losses = [
+            share
+            * pooled_info_nce(
+                truncate_to(queries_QD, d), truncate_to(pool_ND, d), targets_Q, loss_config.temperature, masked_QN
+            )[0]
+            for d in dims
+        ]
         stats["masked_fraction"] = masked_QN.float().mean()
         stats["negatives_per_query"] = (~masked_QN).float().sum(-1).mean() - 1.0
     if loss_config.matryoshka_dims:
@@ -136,18 +173,18 @@ def truncate_to(embeddings, dim):
     return embeddings if dim is None else truncate(embeddings, dim)
 
 
-def assemble_pool(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None):
+def assemble_pool(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None, uniform=False):
     """(pool_ND, targets_Q, masked_QN, share) for the `local` or `global` pool."""
     num_queries, per_query = queries_QD.shape[0], passages_PD.shape[0] // queries_QD.shape[0]
     share = 1.0
     query_pool_MD, query_offset = queries_QD, 0
     if loss_config.negatives == "global":
-        pool_ND, offset = distributed.gather_with_grad(passages_PD, group)
-        pool_hash_N = distributed.gather_no_grad(passage_hash_P, group)
+        pool_ND, offset = distributed.gather_with_grad(passages_PD, group, uniform)
+        pool_hash_N = distributed.gather_no_grad(passage_hash_P, group, uniform)
         total_queries = pool_ND.shape[0] // per_query
         share = num_queries * distributed.world_size(group) / total_queries
         if loss_config.query_negatives:
-            query_pool_MD, query_offset = distributed.gather_with_grad(queries_QD, group)
+            query_pool_MD, query_offset = distributed.gather_with_grad(queries_QD, group, uniform)
     else:
         pool_ND, offset, pool_hash_N = passages_PD, 0, passage_hash_P
     targets_Q = positive_targets(num_queries, per_query, offset, queries_QD.device)

@@ -18,32 +18,28 @@ from deepspeed.utils import safe_get_full_grad
 from embedtrain import distributed
 from embedtrain.config import deepspeed_config, load_config
 from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.nemotron import content_hash
 from embedtrain.data.stream import Sampler, rank_micro_batches
+from embedtrain.train import step as step_module
 from embedtrain.train.engine import build_encoder, build_engine
 from embedtrain.train.loop import open_dataset
-from embedtrain.train import step as step_module
 from embedtrain.train.step import contrastive_loss, micro_batch_backward
 
 
-def detached_gather(tensor, group=None):
+def detached_gather(tensor, group=None, uniform=False):
     """The scheme the test must reject: gather without grad, put the local slice back."""
     pool = distributed.gather_no_grad(tensor.detach(), group)
     sizes = distributed.gather_sizes(tensor.shape[0], group)
     offset = sum(sizes[: distributed.rank()])
-    return torch.cat([pool[:offset], tensor, pool[offset + tensor.shape[0]:]]), offset
+    return torch.cat([pool[:offset], tensor, pool[offset + tensor.shape[0] :]]), offset
 
 
-def lengthen(batch, length):
-    """Replace every passage by `length` synthetic tokens, up to 255 of them right padding; tokens
-    and padding depend only on the passage (its content hash), not on how batches are cut."""
-    ids = torch.zeros(batch["passage_ids"].shape[0], length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, content in enumerate(batch["passage_hash"].tolist()):
-        generator = torch.Generator().manual_seed(content % 2**31)
-        real = length - int(torch.randint(0, 256, (1,), generator=generator))
-        ids[row, :real] = torch.randint(0, 1000, (real,), generator=generator)
-        mask[row, :real] = 1
-    return {**batch, "passage_ids": ids, "passage_mask": mask}
+def synthetic_passage(content, length):
+    """`length` synthetic tokens less up to 255 (so lengths differ); they depend only on the
+    passage (its content hash), not on how batches are cut."""
+    generator = torch.Generator().manual_seed(content % 2**31)
+    real = length - int(torch.randint(0, 256, (1,), generator=generator))
+    return torch.randint(0, 1000, (real,), generator=generator).tolist()
 
 
 def relative_errors(grads, reference):
@@ -69,28 +65,69 @@ def main():
     parser.add_argument("--no-replay", action="store_true", help="GradCache without RNG replay (must be caught)")
     parser.add_argument("--long", type=int, default=0, help="replace passages by synthetic ones of this many tokens")
     parser.add_argument("--matryoshka", action="store_true", help="loss summed over dims 16 and 64")
+    parser.add_argument(
+        "--reference-padded",
+        action="store_true",
+        help="the plain reference on padded batches (DeepSpeed's are packed, as configured)",
+    )
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (DeepSpeed's engine.compile)")
+    parser.add_argument(
+        "--separate-forwards",
+        action="store_true",
+        help="queries and passages in two encoder forwards (the layout embedtrain does not use)",
+    )
     args = parser.parse_args()
 
     rank, world, _ = distributed.init_distributed()
     global_batch = world * args.micro * args.accumulation
-    overrides = [f"train.micro_batch_size={args.micro}", f"train.global_batch_size={global_batch}",
-                 f"loss.negatives={args.negatives}", f"loss.query_negatives={str(args.query_negatives).lower()}",
-                 "deepspeed.bf16.enabled=false",
-                 f"deepspeed.zero_optimization.stage={args.stage}",
-                 f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}",
-                 f"train.grad_cache_chunk_size={args.grad_cache}",
-                 *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else [])]
+    overrides = [
+        f"train.micro_batch_size={args.micro}",
+        f"train.global_batch_size={global_batch}",
+        f"loss.negatives={args.negatives}",
+        f"loss.query_negatives={str(args.query_negatives).lower()}",
+        "deepspeed.bf16.enabled=false",
+        f"deepspeed.zero_optimization.stage={args.stage}",
+        f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}",
+        f"train.grad_cache_chunk_size={args.grad_cache}",
+        f"train.compile={str(args.compile).lower()}",
+        *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else []),
+    ]
     # one folder for all ranks: rank 0 prepares the demo data there, every rank reads it
     config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
     torch.manual_seed(0)
     dataset = open_dataset(config.data, config.train.output_dir)
-    collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info)
+    collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info, args.grad_cache)
     indices = Sampler(dataset.subset_sizes(), global_batch, 0).global_batch(0)
 
+    def batch_of(examples):
+        if args.separate_forwards:  # two encoder calls: all queries, then all passages
+            query_ids, passage_ids = collator.tokenize(examples)
+            return {
+                **collator(examples),
+                "chunks": [collator.encoder_inputs(query_ids, len(query_ids)), collator.encoder_inputs(passage_ids, 0)],
+            }
+        if not args.long:
+            return collator(examples)
+        query_ids, _ = collator.tokenize(examples)  # every passage replaced by a long synthetic one
+        passage_hash = [content_hash(p) for e in examples for p in e.passages]
+        return collator.assemble(
+            query_ids,
+            [synthetic_passage(h, args.long) for h in passage_hash],
+            [content_hash(e.passages[0]) for e in examples],
+            passage_hash,
+        )
+
     def micro_batches(rank_, world_, micro_):
-        batches = [collator([dataset.example(i, config.loss.hard_negatives) for i in micro])
-                   for micro in rank_micro_batches(indices, rank_, world_, micro_)]
-        return [lengthen(batch, args.long) for batch in batches] if args.long else batches
+        return [
+            batch_of([dataset.example(i, config.loss.hard_negatives) for i in micro])
+            for micro in rank_micro_batches(indices, rank_, world_, micro_)
+        ]
+
+    def reference_micro_batches():
+        if args.reference_padded:
+            collator.config = type(config.data)(**{**vars(config.data), "packing": False})
+        return micro_batches(0, 1, world * args.micro)
+
     if args.no_replay:
         step_module.RngState.restore = lambda self: None
     if args.detached:
@@ -110,10 +147,11 @@ def main():
     ds_loss = distributed.all_reduce_mean(sum(losses) / len(losses))
 
     config.train.activation_checkpointing = False
+    config.train.compile = False
     config.loss.negatives = "local" if args.negatives == "global" else args.negatives
     reference = build_encoder(config, torch.float32)
     ref_loss = 0.0
-    for batch in micro_batches(0, 1, world * args.micro):
+    for batch in reference_micro_batches():
         loss, _ = contrastive_loss(reference, batch, config.loss, "cpu")
         (loss / args.accumulation).backward()
         ref_loss += loss.item() / args.accumulation
@@ -121,10 +159,20 @@ def main():
     if rank == 0:
         worst = max(errors, key=errors.get)
         with open(args.out, "w") as f:
-            json.dump({"ds_loss": ds_loss, "ref_loss": ref_loss, "max_rel_error": errors[worst],
-                       "worst_param": worst, "world": world,
-                       "replay_error": replay, "micro_steps": engine.micro_steps,
-                       "ds_accumulation": engine.gradient_accumulation_steps()}, f)
+            json.dump(
+                {
+                    "ds_loss": ds_loss,
+                    "ref_loss": ref_loss,
+                    "max_rel_error": errors[worst],
+                    "worst_param": worst,
+                    "world": world,
+                    "compiled": bool(getattr(engine, "is_compiled", False)),
+                    "replay_error": replay,
+                    "micro_steps": engine.micro_steps,
+                    "ds_accumulation": engine.gradient_accumulation_steps(),
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":
