@@ -20,13 +20,22 @@ from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
 from embedtrain.prompts import MODEL_METADATA, model_policy
-from embedtrain.train.checkpoint import (CheckpointError, load_checkpoint_file, rank_files, resolve_checkpoint,
-                                        zero3_full_tensors)
+from embedtrain.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint_file,
+    rank_files,
+    resolve_checkpoint,
+    zero3_full_tensors,
+)
 
 MODELING_FILE = "llama_bidirectional_model.py"
 BACKBONE_PREFIX = "backbone."
-ST_POOLING = {"avg": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
-              "last": "pooling_mode_lasttoken", "weighted_avg": "pooling_mode_weightedmean_tokens"}
+ST_POOLING = {
+    "avg": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last": "pooling_mode_lasttoken",
+    "weighted_avg": "pooling_mode_weightedmean_tokens",
+}
 
 
 def hf_config_dict(model_config):
@@ -35,8 +44,10 @@ def hf_config_dict(model_config):
     config = dict(model_config)
     config["model_type"] = "llama_bidirec"
     config["architectures"] = ["LlamaBidirectionalModel"]
-    config["auto_map"] = {"AutoConfig": f"{MODELING_FILE[:-3]}.LlamaBidirectionalConfig",
-                          "AutoModel": f"{MODELING_FILE[:-3]}.LlamaBidirectionalModel"}
+    config["auto_map"] = {
+        "AutoConfig": f"{MODELING_FILE[:-3]}.LlamaBidirectionalConfig",
+        "AutoModel": f"{MODELING_FILE[:-3]}.LlamaBidirectionalModel",
+    }
     config["is_causal"] = False
     rope = config.get("rope_parameters") or {}
     if "rope_theta" in rope:
@@ -48,7 +59,9 @@ def hf_config_dict(model_config):
 
 def checkpoint_parameters(folder):
     """(name, fp32 tensor) of the backbone, streamed for ZeRO-3, in memory for other stages."""
-    stage = load_checkpoint_file(rank_files(folder, "model")[0])["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    stage = (
+        load_checkpoint_file(rank_files(folder, "model")[0])["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    )
     if stage == 3:
         items = ((name, full["fp32"]) for name, full in zero3_full_tensors(folder))
     else:  # ZeRO 0-2: DeepSpeed's own consolidation, which holds the model in memory once
@@ -59,7 +72,7 @@ def checkpoint_parameters(folder):
     for name, tensor in items:
         if name.startswith(BACKBONE_PREFIX):
             found = True
-            yield name[len(BACKBONE_PREFIX):], tensor
+            yield name[len(BACKBONE_PREFIX) :], tensor
     if not found:
         raise CheckpointError(f"{folder}: no '{BACKBONE_PREFIX}*' weights in the checkpoint (not an embedtrain run?)")
 
@@ -97,22 +110,39 @@ def write_shards(named_tensors, folder, dtype, max_shard_bytes):
 
 def sentence_transformers_files(folder, config, prompts, max_seq_length):
     """modules.json (Transformer -> Pooling -> Normalize) and each module's config."""
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
     (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
-    pooling = {mode: False for mode in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
-                                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
-                                        "pooling_mode_lasttoken")}
+    pooling = {
+        mode: False
+        for mode in (
+            "pooling_mode_cls_token",
+            "pooling_mode_mean_tokens",
+            "pooling_mode_max_tokens",
+            "pooling_mode_mean_sqrt_len_tokens",
+            "pooling_mode_weightedmean_tokens",
+            "pooling_mode_lasttoken",
+        )
+    }
     pooling[ST_POOLING[config["pooling"]]] = True
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": config["hidden_size"], **pooling, "include_prompt": True}, indent=2) + "\n")
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": config["hidden_size"], **pooling, "include_prompt": True}, indent=2)
+        + "\n"
+    )
     (folder / "2_Normalize").mkdir()
-    (folder / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2) + "\n")
-    st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
-                 "model_type": "SentenceTransformer"}
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2) + "\n"
+    )
+    st_config = {
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+        "model_type": "SentenceTransformer",
+    }
     if config.get("matryoshka_dims"):
         st_config["matryoshka_dims"] = config["matryoshka_dims"]
     (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
@@ -127,14 +157,15 @@ pipeline_tag: feature-extraction
 ---
 # Bidirectional Llama embedding model
 
-Trained with embedtrain from `{run_config.get('model', {}).get('path', '?')}` for {step} steps.
+Trained with embedtrain from `{run_config.get("model", {}).get("path", "?")}` for {step} steps.
 
-- Architecture: Llama, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, bidirectional attention
-- Pooling: `{config['pooling']}`, L2-normalised; similarity: cosine
-- Data: `{data.get('path', '?')}`, subsets {data.get('subsets') or 'all'}
-- Loss: InfoNCE, negatives `{loss.get('negatives')}`, {loss.get('hard_negatives')} hard negatives, temperature {loss.get('temperature')}
-- Optimisation: lr {train.get('lr')}, global batch {train.get('global_batch_size')}, seed {train.get('seed')}
-- Prompts: query `{prompts['query']!r}`, document `{prompts['document']!r}`
+- Architecture: Llama, {config["num_hidden_layers"]} layers, hidden {config["hidden_size"]}, bidirectional attention
+- Pooling: `{config["pooling"]}`, L2-normalised; similarity: cosine
+- Data: `{data.get("path", "?")}`, subsets {data.get("subsets") or "all"}
+- Loss: InfoNCE, negatives `{loss.get("negatives")}`, {loss.get("hard_negatives")} hard negatives, \
+temperature {loss.get("temperature")}
+- Optimisation: lr {train.get("lr")}, global batch {train.get("global_batch_size")}, seed {train.get("seed")}
+- Prompts: query `{prompts["query"]!r}`, document `{prompts["document"]!r}`
 
 ```python
 from sentence_transformers import SentenceTransformer

@@ -78,8 +78,9 @@ def merge(out, models, weights=None, dtype="float32", overwrite=False, max_shard
         for name in names:
             yield name, sum(w * read_tensor(f, name).to(torch.float32) for w, f in zip(weights, files))
 
-    write_shards(averaged(), tmp, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype],
-                 int(max_shard_gb * 2**30))
+    write_shards(
+        averaged(), tmp, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], int(max_shard_gb * 2**30)
+    )
     (tmp / "merge.json").write_text(json.dumps({"models": [str(m) for m in models], "weights": weights}, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -13,8 +13,11 @@ WORKERS = REPO / "tests" / "workers"
 
 def worker_env(threads=1):
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        TOKENIZERS_PARALLELISM="false",
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -25,12 +28,19 @@ def run_ranks(args, nproc=1, timeout=300, check=True):
     if nproc == 1:
         command = [sys.executable, *map(str, args)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   *map(str, args)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *map(str, args),
+        ]
     result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -53,8 +63,11 @@ def demo_data():
 
 def pytest_configure(config):
     # registered here rather than in a pytest.ini: the repository's top level stays as documented
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when torch.cuda.is_available() is False "
-                                       "(python -m pytest -q -m gpu tests runs only these; docs/gpu.md)")
+    config.addinivalue_line(
+        "markers",
+        "gpu: needs a CUDA device; skipped when torch.cuda.is_available() is False "
+        "(python -m pytest -q -m gpu tests runs only these; docs/gpu.md)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,15 +8,21 @@ import sys
 
 import pytest
 import torch
+from test_training import embed_with_transformers
 
 from conftest import REPO, worker_env
 from embedtrain.model import BiEncoder, load_backbone
-from test_training import embed_with_transformers
 
 
 def embedtrain(*args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "embedtrain.cli", *map(str, args)], cwd=REPO,
-                          env=worker_env(threads=2), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "embedtrain.cli", *map(str, args)],
+        cwd=REPO,
+        env=worker_env(threads=2),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_tiny_recipe_trains_then_exports(tmp_path):
@@ -38,17 +44,23 @@ def test_tiny_recipe_trains_then_exports(tmp_path):
 
     batch = load_tokenizer(tmp_path / "out")(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(native(batch["input_ids"], batch["attention_mask"]), from_transformers,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            native(batch["input_ids"], batch["attention_mask"]), from_transformers, rtol=1e-5, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "train.lrr=1"], "unknown config key 'train.lrr' \\(did you mean 'lr'\\?\\)"),
-    (["--set", "model.path=/nonexistent"], "model.path: /nonexistent is not a model folder"),
-    (["--set", "data.path=/nonexistent"], "data.path: /nonexistent is not a folder"),
-    (["--set", "data.passage_max_length=16384"], "data.passage_max_length=16384 exceeds the model's "
-                                                 "max_position_embeddings=8192"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "train.lrr=1"], "unknown config key 'train.lrr' \\(did you mean 'lr'\\?\\)"),
+        (["--set", "model.path=/nonexistent"], "model.path: /nonexistent is not a model folder"),
+        (["--set", "data.path=/nonexistent"], "data.path: /nonexistent is not a folder"),
+        (
+            ["--set", "data.passage_max_length=16384"],
+            "data.passage_max_length=16384 exceeds the model's max_position_embeddings=8192",
+        ),
+    ],
+)
 def test_bad_input_stops_before_training(tmp_path, args, message):
     run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", *args)
     assert run.returncode == 2
@@ -70,13 +82,15 @@ def test_dataset_missing_a_column_stops_before_training(tmp_path, demo_data):
 def test_a_non_llama_model_stops_before_training(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run",
-                     "--set", f"model.path={tmp_path / 'bert'}")
+    run = embedtrain(
+        "train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set", f"model.path={tmp_path / 'bert'}"
+    )
     assert run.returncode == 2 and "is not a Llama checkpoint (config.json model_type='bert'" in run.stderr
 
 
-@pytest.mark.parametrize("command, example", [("train", "embedtrain train --config tiny"),
-                                              ("export", "embedtrain export runs/tiny")])
+@pytest.mark.parametrize(
+    "command, example", [("train", "embedtrain train --config tiny"), ("export", "embedtrain export runs/tiny")]
+)
 def test_help_has_examples(command, example):
     run = embedtrain(command, "--help")
     assert run.returncode == 0 and example in run.stdout

@@ -14,8 +14,16 @@ EXPECTED_PATHS = {
 
 
 def test_every_collective_uses_the_communication_device(tmp_path):
-    result, _ = run_worker("collective_devices.py", tmp_path / "r.json", "--run-dir", tmp_path / "run",
-                           "--eval-path", ASSETS / "demo-data", nproc=2, timeout=400)
+    result, _ = run_worker(
+        "collective_devices.py",
+        tmp_path / "r.json",
+        "--run-dir",
+        tmp_path / "run",
+        "--eval-path",
+        ASSETS / "demo-data",
+        nproc=2,
+        timeout=400,
+    )
     assert result["checker_refuses_plain_tensor"]
     for rank in result["ranks"]:
         assert rank["violations"] == []

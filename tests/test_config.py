@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from embedtrain.config import (DS_CONFIGS_DIR, RECIPES_DIR, ConfigError, batch_layout, deepspeed_config,
-                               load_config)
+from embedtrain.config import DS_CONFIGS_DIR, RECIPES_DIR, ConfigError, batch_layout, deepspeed_config, load_config
 
 PATHS = ["model.path=/models/x", "data.path=/data/x"]
 
@@ -35,23 +34,34 @@ def test_recipe_values_from_their_sources():
 
 
 def test_overrides_are_typed():
-    config = load_config("tiny", ["train.lr=1e-5", "train.max_steps=7", "data.subsets=[FEVER]",
-                                  "deepspeed.bf16.enabled=false", "loss.negatives=local"])
+    config = load_config(
+        "tiny",
+        [
+            "train.lr=1e-5",
+            "train.max_steps=7",
+            "data.subsets=[FEVER]",
+            "deepspeed.bf16.enabled=false",
+            "loss.negatives=local",
+        ],
+    )
     assert config.train.lr == 1e-5 and config.train.max_steps == 7 and config.data.subsets == ["FEVER"]
     assert deepspeed_config(config, 1)["bf16"]["enabled"] is False
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.learning_rate=1e-5", "unknown config key 'train.learning_rate'"),
-    ("train.lrr=1e-5", "did you mean 'lr'"),
-    ("trian.lr=1e-5", "unknown config section 'trian'.*did you mean 'train'"),
-    ("train.max_steps=ten", "train.max_steps: expected an integer"),
-    ("model.pooling=max", "model.pooling: 'max' is not one of avg, cls, last, weighted_avg"),
-    ("loss.negatives=everything", "loss.negatives: 'everything' is not one of group, local, global"),
-    ("deepspeed.bf17.enabled=true", "unknown DeepSpeed key.*did you mean 'bf16'"),
-    ("train.global_batch_size=-4", "train.global_batch_size must be positive"),
-    ("train.lr", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=1e-5", "unknown config key 'train.learning_rate'"),
+        ("train.lrr=1e-5", "did you mean 'lr'"),
+        ("trian.lr=1e-5", "unknown config section 'trian'.*did you mean 'train'"),
+        ("train.max_steps=ten", "train.max_steps: expected an integer"),
+        ("model.pooling=max", "model.pooling: 'max' is not one of avg, cls, last, weighted_avg"),
+        ("loss.negatives=everything", "loss.negatives: 'everything' is not one of group, local, global"),
+        ("deepspeed.bf17.enabled=true", "unknown DeepSpeed key.*did you mean 'bf16'"),
+        ("train.global_batch_size=-4", "train.global_batch_size must be positive"),
+        ("train.lr", "expected key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
@@ -95,10 +105,21 @@ def test_optimizer_in_ds_json_is_refused(tmp_path):
 
 
 def test_bf16_zero2_without_the_overflow_check_is_refused():
-    config = load_config("tiny", ["deepspeed.config=zero2.json", "deepspeed.bf16.enabled=true",
-                                  "deepspeed.bf16.check_grad_overflow=false"])
+    config = load_config(
+        "tiny",
+        ["deepspeed.config=zero2.json", "deepspeed.bf16.enabled=true", "deepspeed.bf16.check_grad_overflow=false"],
+    )
     with pytest.raises(ConfigError, match="bf16.check_grad_overflow=false under ZeRO stage 2"):
         deepspeed_config(config, 1)
     # ZeRO-3 skips on a non-finite gradient norm whatever this key says
     config = load_config("tiny", ["deepspeed.bf16.enabled=true", "deepspeed.bf16.check_grad_overflow=false"])
     assert deepspeed_config(config, 1)["zero_optimization"]["stage"] == 3
+
+
+def test_string_settings_take_the_text_as_given():
+    config = load_config("tiny", ["data.query_prefix=query:", "data.passage_prefix=passage: x", "model.path=/m/1.0"])
+    assert (config.data.query_prefix, config.data.passage_prefix) == ("query:", "passage: x")
+    assert config.model.path == "/m/1.0"
+    assert load_config("tiny", ["data.query_prefix=null"]).data.query_prefix is None
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config("tiny", ["train.lr=fast"])

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import embedtrain
 
 from conftest import REPO
 from embedtrain.eval import evaluate, metrics, mrr_at_k, ndcg_at_k, recall_at_k
 from embedtrain.merge import MergeError, merge
 from embedtrain.mine import mine, mine_rankings
-from test_cli import embedtrain
 
 
 def make_demo_data(out, seed, queries):
@@ -44,8 +44,11 @@ def models(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-3000:]
     assert embedtrain("export", root / "run", root / "trained").returncode == 0
     make_demo_data(root / "heldout", seed=1, queries=60)
-    return {"trained": root / "trained", "untrained": REPO / "embedtrain" / "assets" / "tiny-llama",
-            "heldout": root / "heldout"}
+    return {
+        "trained": root / "trained",
+        "untrained": REPO / "embedtrain" / "assets" / "tiny-llama",
+        "heldout": root / "heldout",
+    }
 
 
 def test_trained_model_beats_the_untrained_one_on_held_out_data(models):
@@ -61,12 +64,15 @@ def test_eval_reads_beir_layout(models, tmp_path):
     subset = models["heldout"] / "FEVER"
     corpus = pq.read_table(subset / "corpus.parquet").to_pylist()
     queries = pq.read_table(subset / "queries.parquet").to_pylist()
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": d["id"], "title": "", "text": d["text"]}) + "\n"
-                                                 for d in corpus))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": q["question_id"], "text": q["question"]}) + "\n"
-                                                  for q in queries))
-    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q['question_id']}\t{q['pos_doc'][0]['id']}\t1\n" for q in queries))
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d["id"], "title": "", "text": d["text"]}) + "\n" for d in corpus)
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q["question_id"], "text": q["question"]}) + "\n" for q in queries)
+    )
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q['question_id']}\t{q['pos_doc'][0]['id']}\t1\n" for q in queries)
+    )
     instruction = json.loads((subset / "dataset_metadata.json").read_text())["query_instruction"]
     beir = evaluate(models["trained"], folder, query_prompt=instruction + " ")
     native = evaluate(models["trained"], subset)
@@ -131,8 +137,9 @@ def test_merging_a_model_with_itself_returns_it_and_two_give_their_mean(models, 
     mean = load_file(str(merge(tmp_path / "mean", [models["trained"], other]) / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(mean[name], (a[name] + b[name]) / 2)
-    weighted = load_file(str(merge(tmp_path / "w", [models["trained"], other], weights=[0.25, 0.75]) /
-                             "model.safetensors"))
+    weighted = load_file(
+        str(merge(tmp_path / "w", [models["trained"], other], weights=[0.25, 0.75]) / "model.safetensors")
+    )
     torch.testing.assert_close(weighted["norm.weight"], 0.25 * a["norm.weight"] + 0.75 * b["norm.weight"])
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
@@ -145,9 +152,25 @@ def test_merging_a_model_with_itself_returns_it_and_two_give_their_mean(models, 
 def test_in_training_evaluation_is_rank_sharded_and_equals_offline_eval(models, tmp_path):
     from conftest import run_ranks
 
-    run = run_ranks([REPO / "launch" / "train.py", "--config", "tiny", "--output-dir", tmp_path / "run",
-                     "--set", "train.max_steps=4", "--set", f"eval.path={models['heldout']}", "--set", "eval.every=2",
-                     "--set", "eval.max_queries=20"], nproc=2, timeout=400)
+    run = run_ranks(
+        [
+            REPO / "launch" / "train.py",
+            "--config",
+            "tiny",
+            "--output-dir",
+            tmp_path / "run",
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            f"eval.path={models['heldout']}",
+            "--set",
+            "eval.every=2",
+            "--set",
+            "eval.max_queries=20",
+        ],
+        nproc=2,
+        timeout=400,
+    )
     import re
 
     logged = {int(s): float(v) for s, v in re.findall(r"eval at step (\d+): nDCG@10 ([0-9.]+)", run.stdout)}
@@ -165,7 +188,9 @@ def test_in_training_evaluation_is_rank_sharded_and_equals_offline_eval(models, 
 
 
 def test_matryoshka_training_retrieves_better_at_a_truncated_dim(models, tmp_path):
-    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set", "loss.matryoshka_dims=[8,64]")
+    run = embedtrain(
+        "train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set", "loss.matryoshka_dims=[8,64]"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert embedtrain("export", tmp_path / "run", tmp_path / "model").returncode == 0
     st_config = json.loads((tmp_path / "model" / "config_sentence_transformers.json").read_text())

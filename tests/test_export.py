@@ -12,29 +12,48 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import embedtrain
 from transformers import AutoModel, AutoTokenizer
 
 from conftest import REPO, worker_env
 from embedtrain.export import export_checkpoint
 from embedtrain.model.encoder import attention_is_bidirectional
 from embedtrain.train.checkpoint import CheckpointError, load_checkpoint_file
-from test_cli import embedtrain
 
 QUERIES = ["Shilin Linlofo is a chemist.", "Which material did Dorbra Ostmorven use?"]
-DOCUMENTS = ["Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper.",
-             "A short one."]
+DOCUMENTS = [
+    "Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper.",
+    "A short one.",
+]
 TF451 = Path(os.environ.get("EMBEDTRAIN_TF451", Path.home() / ".cache" / "embedtrain" / "transformers-4.51.3"))
 # transformers 4.51 and the packages it needs that the current environment lacks (huggingface_hub
 # 1.x dropped requests); everything else (numpy, safetensors, regex, ...) comes from the environment.
-TF451_PACKAGES = ["transformers==4.51.3", "tokenizers==0.21.1", "huggingface_hub==0.30.2", "requests",
-                  "urllib3", "idna", "charset-normalizer", "certifi"]
+TF451_PACKAGES = [
+    "transformers==4.51.3",
+    "tokenizers==0.21.1",
+    "huggingface_hub==0.30.2",
+    "requests",
+    "urllib3",
+    "idna",
+    "charset-normalizer",
+    "certifi",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    run = embedtrain("train", "--config", "tiny", "--output-dir", root / "run", "--set", "train.max_steps=4",
-                     "--set", "train.save_every=2")
+    run = embedtrain(
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        root / "run",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.save_every=2",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     exported = embedtrain("export", root / "run", root / "model")
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -54,16 +73,29 @@ def cosines(a, b):
 
 def test_folder_has_the_released_layout(trained):
     model = trained / "model"
-    for name in ("config.json", "model.safetensors", "llama_bidirectional_model.py", "tokenizer.json",
-                 "tokenizer_config.json", "modules.json", "1_Pooling/config.json", "sentence_bert_config.json",
-                 "config_sentence_transformers.json", "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "llama_bidirectional_model.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "modules.json",
+        "1_Pooling/config.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+        "README.md",
+    ):
         assert (model / name).is_file(), name
     st = json.loads((model / "config_sentence_transformers.json").read_text())
     assert st["similarity_fn_name"] == "cosine"
-    assert st["prompts"] == {"query": "Instruct: Given a claim, retrieve documents that support or refute the claim\nQuery: ",
-                             "document": ""}
+    assert st["prompts"] == {
+        "query": "Instruct: Given a claim, retrieve documents that support or refute the claim\nQuery: ",
+        "document": "",
+    }
     pooling = json.loads((model / "1_Pooling" / "config.json").read_text())
-    assert pooling["pooling_mode_mean_tokens"] and pooling["include_prompt"] and pooling["word_embedding_dimension"] == 64
+    assert (
+        pooling["pooling_mode_mean_tokens"] and pooling["include_prompt"] and pooling["word_embedding_dimension"] == 64
+    )
     assert "4 steps" in (model / "README.md").read_text()
 
 
@@ -101,15 +133,23 @@ def test_bidirectional_and_equal_under_transformers_4_51(trained, tmp_path):
     marker = TF451 / "embedtrain-installed.txt"
     if not marker.is_file() or marker.read_text() != " ".join(TF451_PACKAGES):
         shutil.rmtree(TF451, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(TF451), "--no-deps",
-                        *TF451_PACKAGES], check=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--target", str(TF451), "--no-deps", *TF451_PACKAGES],
+            check=True,
+            timeout=600,
+        )
         marker.write_text(" ".join(TF451_PACKAGES))
     expected = encode_cli(trained / "model", DOCUMENTS, tmp_path, "docs")
     script = REPO / "tests" / "workers" / "old_transformers.py"
     env = worker_env()
     env["PYTHONPATH"] = str(TF451)  # the old transformers only; embedtrain is not importable there
-    run = subprocess.run([sys.executable, str(script), str(trained / "model"), *DOCUMENTS], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(script), str(trained / "model"), *DOCUMENTS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["transformers"] == "4.51.3" and result["bidirectional"]
@@ -117,8 +157,17 @@ def test_bidirectional_and_equal_under_transformers_4_51(trained, tmp_path):
 
 
 def test_exported_folder_trains_further(trained, tmp_path):
-    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "again", "--set", "train.max_steps=2",
-                     "--set", f"model.path={trained / 'model'}")
+    run = embedtrain(
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        tmp_path / "again",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        f"model.path={trained / 'model'}",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "again" / "checkpoints" / "step_2").is_dir()
 
@@ -165,13 +214,34 @@ def test_encode_cli_long_documents_and_token_budget(trained, tmp_path):
     a --max-length beyond the model's positions is refused."""
     texts = DOCUMENTS + [" ".join(DOCUMENTS * 20)]
     plain = encode_cli(trained / "model", texts, tmp_path, "plain", "--prompt", "document", "--max-length", "32")
-    budget = encode_cli(trained / "model", texts, tmp_path, "budget", "--prompt", "document", "--max-length", "32",
-                        "--max-tokens", "64")
+    budget = encode_cli(
+        trained / "model", texts, tmp_path, "budget", "--prompt", "document", "--max-length", "32", "--max-tokens", "64"
+    )
     np.testing.assert_allclose(budget, plain, atol=1e-5)
-    chunked = encode_cli(trained / "model", texts, tmp_path, "chunked", "--prompt", "document", "--max-length", "32",
-                         "--long-documents", "chunk", "--chunk-overlap", "4")
+    chunked = encode_cli(
+        trained / "model",
+        texts,
+        tmp_path,
+        "chunked",
+        "--prompt",
+        "document",
+        "--max-length",
+        "32",
+        "--long-documents",
+        "chunk",
+        "--chunk-overlap",
+        "4",
+    )
     np.testing.assert_allclose(chunked[1], plain[1], atol=1e-5)  # "A short one." fits in 32 tokens
     assert np.abs(chunked[2] - plain[2]).max() > 1e-3
-    refused = embedtrain("encode", trained / "model", "--input", tmp_path / "plain.txt", "--output",
-                         tmp_path / "x.npy", "--max-length", "100000")
+    refused = embedtrain(
+        "encode",
+        trained / "model",
+        "--input",
+        tmp_path / "plain.txt",
+        "--output",
+        tmp_path / "x.npy",
+        "--max-length",
+        "100000",
+    )
     assert refused.returncode != 0 and "exceeds" in refused.stderr and "max_position_embeddings" in refused.stderr

@@ -3,7 +3,6 @@ batch (fp32, relative 1e-5), a detached gather fails the same check, uneven rank
 batch order does not depend on the world size."""
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import run_worker
@@ -12,13 +11,16 @@ from embedtrain.export import export_checkpoint
 TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("world, extra", [
-    (2, []),
-    (3, []),
-    (2, ["--accumulation", "2"]),
-    (2, ["--query-negatives"]),
-    (2, ["--matryoshka"]),
-])
+@pytest.mark.parametrize(
+    "world, extra",
+    [
+        (2, []),
+        (3, []),
+        (2, ["--accumulation", "2"]),
+        (2, ["--query-negatives"]),
+        (2, ["--matryoshka"]),
+    ],
+)
 def test_global_pool_gradients_match_one_rank(tmp_path, world, extra):
     result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", *extra, nproc=world)
     assert result["world"] == world
@@ -36,8 +38,9 @@ def test_a_detached_gather_fails_the_parity_check(tmp_path):
 
 @pytest.mark.parametrize("sizes, extra", [("3,1", []), ("3,1,2", []), ("4,1", ["--query-negatives"])])
 def test_uneven_rank_sizes_finish_with_the_right_loss(tmp_path, sizes, extra):
-    result, _ = run_worker("gather_uneven.py", tmp_path / "r.json", "--sizes", sizes, *extra,
-                           nproc=len(sizes.split(",")), timeout=300)
+    result, _ = run_worker(
+        "gather_uneven.py", tmp_path / "r.json", "--sizes", sizes, *extra, nproc=len(sizes.split(",")), timeout=300
+    )
     assert abs(result["loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"]), result
     assert result["max_grad_error"] < 1e-5 and result["masked_fraction"] > 0, result
 
@@ -48,9 +51,20 @@ def test_one_and_two_ranks_see_the_same_batches_and_end_equal(tmp_path):
     results, weights = {}, {}
     for world in (1, 2):
         run = tmp_path / f"run{world}"
-        results[world], _ = run_worker("train_and_embed.py", tmp_path / f"r{world}.json", "--run-dir", run,
-                                       "--steps", "5", "--set", "loss.negatives=global",
-                                       "--set", f"train.micro_batch_size={16 // world}", nproc=world, timeout=400)
+        results[world], _ = run_worker(
+            "train_and_embed.py",
+            tmp_path / f"r{world}.json",
+            "--run-dir",
+            run,
+            "--steps",
+            "5",
+            "--set",
+            "loss.negatives=global",
+            "--set",
+            f"train.micro_batch_size={16 // world}",
+            nproc=world,
+            timeout=400,
+        )
         weights[world] = load_file(str(export_checkpoint(run, tmp_path / f"out{world}") / "model.safetensors"))
     assert results[1]["batches"] == results[2]["batches"]
     assert len(results[1]["batches"]) == 5 and len(results[1]["batches"][0]) == 16

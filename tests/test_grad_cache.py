@@ -10,12 +10,15 @@ from embedtrain.config import ConfigError, deepspeed_config, deepspeed_micro_ste
 TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("world, extra", [
-    (1, ["--stage", "3", "--micro", "4", "--grad-cache", "2"]),
-    (2, ["--stage", "3", "--micro", "4", "--grad-cache", "2", "--accumulation", "2"]),
-    (2, ["--stage", "2", "--micro", "2", "--grad-cache", "1", "--query-negatives"]),
-    (2, ["--stage", "3", "--micro", "4", "--grad-cache", "1", "--matryoshka"]),
-])
+@pytest.mark.parametrize(
+    "world, extra",
+    [
+        (1, ["--stage", "3", "--micro", "4", "--grad-cache", "2"]),
+        (2, ["--stage", "3", "--micro", "4", "--grad-cache", "2", "--accumulation", "2"]),
+        (2, ["--stage", "2", "--micro", "2", "--grad-cache", "1", "--query-negatives"]),
+        (2, ["--stage", "3", "--micro", "4", "--grad-cache", "1", "--matryoshka"]),
+    ],
+)
 def test_grad_cache_matches_the_plain_step(tmp_path, world, extra):
     """DeepSpeed + GradCache on W ranks against one plain PyTorch step on the whole global batch."""
     result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", *extra, nproc=world)
@@ -30,11 +33,13 @@ def test_grad_cache_matches_the_plain_step(tmp_path, world, extra):
 def test_grad_cache_replays_dropout_and_the_check_can_fail(tmp_path):
     """With attention dropout, the second pass reproduces the cached embeddings exactly only
     because the RNG state is replayed; without replay the difference shows."""
-    replayed, _ = run_worker("grad_parity.py", tmp_path / "a.json", "--micro", "4", "--grad-cache", "2",
-                             "--dropout", "0.3")
+    replayed, _ = run_worker(
+        "grad_parity.py", tmp_path / "a.json", "--micro", "4", "--grad-cache", "2", "--dropout", "0.3"
+    )
     assert replayed["replay_error"] == 0.0, replayed
-    broken, _ = run_worker("grad_parity.py", tmp_path / "b.json", "--micro", "4", "--grad-cache", "2",
-                           "--dropout", "0.3", "--no-replay")
+    broken, _ = run_worker(
+        "grad_parity.py", tmp_path / "b.json", "--micro", "4", "--grad-cache", "2", "--dropout", "0.3", "--no-replay"
+    )
     assert broken["replay_error"] > 1e-3, broken
 
 
@@ -44,8 +49,17 @@ def test_grad_cache_trains_like_the_plain_step(tmp_path):
     batch, not once per chunk."""
     losses = {}
     for name, chunk in (("plain", 0), ("grad_cache", 2)):
-        result, _ = run_worker("train_and_embed.py", tmp_path / f"{name}.json", "--run-dir", tmp_path / name,
-                               "--steps", "3", "--set", f"train.grad_cache_chunk_size={chunk}", timeout=300)
+        result, _ = run_worker(
+            "train_and_embed.py",
+            tmp_path / f"{name}.json",
+            "--run-dir",
+            tmp_path / name,
+            "--steps",
+            "3",
+            "--set",
+            f"train.grad_cache_chunk_size={chunk}",
+            timeout=300,
+        )
         losses[name] = result["losses"]
     assert len(losses["plain"]) == 3
     for plain, cached in zip(losses["plain"], losses["grad_cache"]):
@@ -53,14 +67,20 @@ def test_grad_cache_trains_like_the_plain_step(tmp_path):
 
 
 def test_grad_cache_chunk_must_divide_the_micro_batch():
-    with pytest.raises(ConfigError, match="train.grad_cache_chunk_size=3 must be 0 .off. or divide "
-                                          "train.micro_batch_size=8"):
+    with pytest.raises(
+        ConfigError, match="train.grad_cache_chunk_size=3 must be 0 .off. or divide train.micro_batch_size=8"
+    ):
         load_config("tiny", ["train.grad_cache_chunk_size=3"])
 
 
 def test_deepspeed_sees_one_micro_step_per_chunk():
-    config = load_config("tiny", ["train.global_batch_size=32", "train.micro_batch_size=8",
-                                  "train.grad_cache_chunk_size=2"])
+    config = load_config(
+        "tiny", ["train.global_batch_size=32", "train.micro_batch_size=8", "train.grad_cache_chunk_size=2"]
+    )
     assert deepspeed_micro_steps(config, 2) == (2, 8)  # 2 accumulation x 4 chunks
     ds = deepspeed_config(config, 2)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 8, 32)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        2,
+        8,
+        32,
+    )

@@ -23,10 +23,30 @@ def test_deepspeed_launcher_with_a_localhost_hostfile_trains(tmp_path):
     deepspeed = Path(sys.executable).with_name("deepspeed")
     env = worker_env()
     env["DS_ACCELERATOR"] = "cpu"
-    run = subprocess.run([str(deepspeed), "--hostfile", str(tmp_path / "hosts"), "--no_ssh_check", "--master_addr",
-                          "127.0.0.1", "--master_port", "29731", str(REPO / "launch" / "train.py"), "--config", "tiny",
-                          "--output-dir", str(tmp_path / "run"), "--set", "train.max_steps=2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    run = subprocess.run(
+        [
+            str(deepspeed),
+            "--hostfile",
+            str(tmp_path / "hosts"),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            "29731",
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            "tiny",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--set",
+            "train.max_steps=2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 rank(s)" in run.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
@@ -40,32 +60,53 @@ def fake_slurm(tmp_path):
     (bin_dir / "srun").write_text(f'#!/bin/bash\necho "srun $*" >> {tmp_path}/calls\n')
     (bin_dir / "scontrol").write_text(
         f'#!/bin/bash\necho "scontrol $*" >> {tmp_path}/calls\n'
-        'if [ "$1 $2" = "show hostnames" ]; then printf "gpu-a01\\ngpu-a02\\n"; fi\n')
+        'if [ "$1 $2" = "show hostnames" ]; then printf "gpu-a01\\ngpu-a02\\n"; fi\n'
+    )
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_JOB_NAME="embedtrain", SLURM_GPUS_PER_NODE="h100:8",
-               SLURM_SUBMIT_DIR=str(REPO), RUN_DIR=str(tmp_path / "run"))
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_NNODES="2",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu-a[01-02]",
+        SLURM_JOB_NAME="embedtrain",
+        SLURM_GPUS_PER_NODE="h100:8",
+        SLURM_SUBMIT_DIR=str(REPO),
+        RUN_DIR=str(tmp_path / "run"),
+    )
     return env, tmp_path
 
 
 def test_multinode_sbatch_dry_run_prints_the_commands(fake_slurm):
     env, _ = fake_slurm
-    run = subprocess.run(["bash", str(REPO / "launch/slurm/train_multinode.sbatch"), "--config", "tiny"],
-                         env=dict(env, DRY_RUN="1"), capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["bash", str(REPO / "launch/slurm/train_multinode.sbatch"), "--config", "tiny"],
+        env=dict(env, DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     first, command = run.stdout.strip().splitlines()
     assert "MASTER_ADDR=gpu-a01 MASTER_PORT=24242 NNODES=2 GPUS_PER_NODE=8" in first
     assert command.startswith("srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1")
-    assert (f"python -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
-            f"--rdzv_endpoint gpu-a01:24242 --rdzv_id 4242 {REPO}/launch/train.py") in command
+    assert (
+        f"python -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
+        f"--rdzv_endpoint gpu-a01:24242 --rdzv_id 4242 {REPO}/launch/train.py"
+    ) in command
     assert command.endswith("--config tiny")
 
 
 def test_multinode_sbatch_runs_srun_and_records_the_job(fake_slurm):
     env, tmp = fake_slurm
-    run = subprocess.run(["bash", str(REPO / "launch/slurm/train_multinode.sbatch"), "--config", "tiny"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["bash", str(REPO / "launch/slurm/train_multinode.sbatch"), "--config", "tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     calls = (tmp / "calls").read_text()
     assert "scontrol show hostnames gpu-a[01-02]" in calls
@@ -75,6 +116,11 @@ def test_multinode_sbatch_runs_srun_and_records_the_job(fake_slurm):
 
 def test_single_node_sbatch_dry_run(fake_slurm):
     env, _ = fake_slurm
-    run = subprocess.run(["bash", str(REPO / "launch/slurm/train_single_node.sbatch"), "--config", "tiny"],
-                         env=dict(env, DRY_RUN="1"), capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["bash", str(REPO / "launch/slurm/train_single_node.sbatch"), "--config", "tiny"],
+        env=dict(env, DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0 and "--standalone --nproc_per_node 8" in run.stdout

@@ -76,8 +76,14 @@ def test_packed_positions_restart_and_unpack_restores_rows():
     assert left[0, 2:].tolist() == right[0, :3].tolist() == [0, 1, 2]
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 512, "rope_theta": 500000.0}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 512,
+    "rope_theta": 500000.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +101,8 @@ def rope_scaled_llama(tiny_llama, tmp_path_factory):
 
 
 def test_rope_scaling_is_honoured_and_survives_export(tiny_llama, rope_scaled_llama, tmp_path):
-    from transformers import AutoModel
-
     from test_cli import embedtrain
+    from transformers import AutoModel
 
     scaled = BiEncoder(load_backbone(rope_scaled_llama, dtype=torch.float32)).eval()
     plain = BiEncoder(load_backbone(tiny_llama, dtype=torch.float32)).eval()
@@ -107,9 +112,21 @@ def test_rope_scaling_is_honoured_and_survives_export(tiny_llama, rope_scaled_ll
         difference = (scaled(ids, torch.ones_like(ids)) - plain(ids, torch.ones_like(ids))).abs().max()
     assert difference > 1e-4  # the scaled frequencies change attention (numerical noise is ~1e-7)
 
-    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set",
-                     f"model.path={rope_scaled_llama}", "--set", "train.max_steps=1",
-                     "--set", "data.passage_max_length=1024", "--set", "logging.every=1")
+    run = embedtrain(
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        tmp_path / "run",
+        "--set",
+        f"model.path={rope_scaled_llama}",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "data.passage_max_length=1024",
+        "--set",
+        "logging.every=1",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     exported = embedtrain("export", tmp_path / "run", tmp_path / "out")
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -168,13 +185,22 @@ def test_long_documents_chunk_mean_of_window_embeddings(encoder, tokenizer):
     from embedtrain.encode import encode_texts
 
     text, prompt, max_length, overlap = words(300, 7), "passage: ", 64, 8
-    got = encode_texts(encoder, tokenizer, [text, "short one"], max_length=max_length, long_documents="chunk",
-                       chunk_overlap=overlap, prompt=prompt)
+    got = encode_texts(
+        encoder,
+        tokenizer,
+        [text, "short one"],
+        max_length=max_length,
+        long_documents="chunk",
+        chunk_overlap=overlap,
+        prompt=prompt,
+    )
     content = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
     head = tokenizer("passage:", add_special_tokens=False)["input_ids"]
-    assert content[:len(head)] == head
-    body, window = content[len(head):], max_length - 1 - len(head)
-    windows = [[tokenizer.bos_token_id] + head + body[i:i + window] for i in range(0, len(body) - overlap, window - overlap)]
+    assert content[: len(head)] == head
+    body, window = content[len(head) :], max_length - 1 - len(head)
+    windows = [
+        [tokenizer.bos_token_id] + head + body[i : i + window] for i in range(0, len(body) - overlap, window - overlap)
+    ]
     assert len(windows) > 3 and all(len(w) <= max_length for w in windows)
     with torch.no_grad():
         vectors = torch.cat([encoder(torch.tensor([w]), torch.ones(1, len(w), dtype=torch.long)) for w in windows])

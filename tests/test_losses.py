@@ -5,8 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from embedtrain.losses import (duplicate_positive_mask, group_info_nce, pooled_info_nce, positive_targets,
-                               scores)
+from embedtrain.losses import duplicate_positive_mask, group_info_nce, pooled_info_nce, positive_targets, scores
 
 
 def unit(rows):

@@ -10,8 +10,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from embedtrain.model import BiEncoder, LlamaBidirectionalConfig, LlamaBidirectionalModel, load_backbone
 from embedtrain.model.encoder import attention_is_bidirectional, check_bidirectional
 
-SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def small_model(attn="sdpa"):

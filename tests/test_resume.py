@@ -11,16 +11,20 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import embedtrain
 
 from conftest import REPO, WORKERS, run_ranks, worker_env
 from embedtrain.export import export_checkpoint
-from test_cli import embedtrain
 
 
 def run(run_dir, records, *args, nproc=1, expect_kill=False, expect_code=None):
     """Run the worker; with expect_kill it must die by SIGKILL (as planned, not by a bug)."""
-    result = run_ranks([WORKERS / "resumable.py", "--run-dir", run_dir, "--records", records, *args], nproc=nproc,
-                       timeout=400, check=not (expect_kill or expect_code))
+    result = run_ranks(
+        [WORKERS / "resumable.py", "--run-dir", run_dir, "--records", records, *args],
+        nproc=nproc,
+        timeout=400,
+        check=not (expect_kill or expect_code),
+    )
     if expect_code is not None:
         assert result.returncode == expect_code, result.stdout[-2000:] + result.stderr[-3000:]
     if expect_kill:
@@ -90,10 +94,23 @@ def test_damaged_latest_falls_back_to_the_previous_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
-    command = [sys.executable, "-m", "embedtrain.cli", "train", "--config", "tiny", "--output-dir",
-               str(tmp_path / "run"), "--set", "train.max_steps=500", "--set", "logging.every=1"]
-    process = subprocess.Popen(command, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "embedtrain.cli",
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "train.max_steps=500",
+        "--set",
+        "logging.every=1",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     for line in process.stdout:
         if "step 3:" in line or time.time() > deadline:
@@ -116,14 +133,33 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "2")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "other")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=1024,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "other")
     import shutil
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REPO / "embedtrain" / "assets" / "tiny-llama" / name, tmp_path / "other" / name)
-    result = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "again", "--resume",
-                        tmp_path / "run", "--set", f"model.path={tmp_path / 'other'}", "--set", "train.max_steps=4")
+    result = embedtrain(
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        tmp_path / "again",
+        "--resume",
+        tmp_path / "run",
+        "--set",
+        f"model.path={tmp_path / 'other'}",
+        "--set",
+        "train.max_steps=4",
+    )
     assert result.returncode == 2 and "does not match this model" in result.stderr
 
 
@@ -195,8 +231,17 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, precision):
 
 
 def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
-    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "8", "--nan-at", "3,4,5",
-                 "--set", "train.max_skipped_steps=2", expect_code=2)
+    result = run(
+        tmp_path / "run",
+        tmp_path / "r.jsonl",
+        "--steps",
+        "8",
+        "--nan-at",
+        "3,4,5",
+        "--set",
+        "train.max_skipped_steps=2",
+        expect_code=2,
+    )
     assert "3 steps skipped for non-finite losses or gradients, more than train.max_skipped_steps=2" in result.stdout
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_6"
 
@@ -230,16 +275,32 @@ def test_bf16_zero3_checkpoints_export_and_resume_on_another_world_size(tmp_path
     assert "1 rank(s)" in result.stdout and "step_2 at step 2" in result.stdout
 
 
-@pytest.mark.parametrize("case, override, code", [
-    ("config error", "train.global_batch_size=24", 2),  # 24 = micro 8 x world 2 x 1.5: refused after init
-    ("failure", "model.attn_implementation=flash_attention_2", 1),  # flash-attn is not installed: a crash
-])
+@pytest.mark.parametrize(
+    "case, override, code",
+    [
+        ("config error", "train.global_batch_size=24", 2),  # 24 = micro 8 x world 2 x 1.5: refused after init
+        ("failure", "model.attn_implementation=flash_attention_2", 1),  # flash-attn is not installed: a crash
+    ],
+)
 def test_two_rank_errors_exit_with_their_code_not_a_signal(tmp_path, case, override, code):
     """Exit codes 2 (bad input) and 1 (failure) come through as such on every rank, not as an
     abort (SIGABRT, -6) in the process-group teardown."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "embedtrain.cli", "train", "--config", "tiny", "--output-dir", str(tmp_path / "run"),
-               "--set", override]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "embedtrain.cli",
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        override,
+    ]
     result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "embedtrain: error:" in result.stderr

@@ -43,8 +43,8 @@ def test_two_rank_zero3_trains_partitions_checkpoints_and_exports(tmp_path):
 
     reference = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag="step_4")
     streamed = load_file(str(out / "model.safetensors"))
-    assert streamed.keys() == {k[len("backbone."):] for k in reference}
-    assert all(torch.equal(streamed[k[len("backbone."):]], v) for k, v in reference.items())
+    assert streamed.keys() == {k[len("backbone.") :] for k in reference}
+    assert all(torch.equal(streamed[k[len("backbone.") :]], v) for k, v in reference.items())
     exported, model = embed_with_transformers(out, result["texts"])
     torch.testing.assert_close(exported, torch.tensor(result["embeddings"]), rtol=1e-5, atol=1e-5)
     assert attention_is_bidirectional(model)

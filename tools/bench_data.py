@@ -26,14 +26,16 @@ sys.path.insert(0, str(REPO))
 
 from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded  # noqa: E402
 
-WORDS = np.array("the of and to in a is that for it as was with be by on not he this are or his from at which "
-                 "but have an they you were her she there been one all we their has would when if so no what "
-                 "up out who them some only its into time two may first then do any like my now over such "
-                 "our man me even most made after also did many before must through back years where much "
-                 "your way well down should because each just those people how too little state good very "
-                 "make world still own see men work long get here between both life being under never day "
-                 "same another know while last might us great old year off come since against go came right "
-                 "used take three".split())
+WORDS = np.array(
+    "the of and to in a is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there been one all we their has would when if so no what "
+    "up out who them some only its into time two may first then do any like my now over such "
+    "our man me even most made after also did many before must through back years where much "
+    "your way well down should because each just those people how too little state good very "
+    "make world still own see men work long get here between both life being under never day "
+    "same another know while last might us great old year off come since against go came right "
+    "used take three".split()
+)
 
 
 def synthetic_text(rng, count, mean_words):
@@ -52,19 +54,33 @@ def write_dataset(out, target_bytes, seed=0):
         queries = docs // 2
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
-        corpus = pa.table({"id": [f"d_{i}" for i in range(docs)], "text": synthetic_text(rng, docs, 120)},
-                          schema=CORPUS_SCHEMA)
+        corpus = pa.table(
+            {"id": [f"d_{i}" for i in range(docs)], "text": synthetic_text(rng, docs, 120)}, schema=CORPUS_SCHEMA
+        )
         question = synthetic_text(rng, queries, 12)
         negs = rng.integers(0, docs, (queries, 8))
-        table = pa.table({"question_id": [f"q_{i}" for i in range(queries)], "question": question,
-                          "corpus": [name] * queries, "pos": np.arange(queries) * 2,
-                          "negs": pa.array(list(negs), pa.list_(pa.int64())),
-                          "length": [len(q) + 700 for q in question]}, schema=QUERY_SCHEMA)
-        subsets[name] = {"corpus_id": name, "query_instruction": "Instruct: Retrieve passages\nQuery:",
-                         "passage_instruction": "", "task_type": "Retrieval", "num_queries": queries,
-                         "num_docs": docs, "skipped_rows": 0,
-                         "corpus_shards": write_sharded(folder, "corpus", corpus, 256 << 20),
-                         "query_shards": write_sharded(folder, "queries", table, 256 << 20)}
+        table = pa.table(
+            {
+                "question_id": [f"q_{i}" for i in range(queries)],
+                "question": question,
+                "corpus": [name] * queries,
+                "pos": np.arange(queries) * 2,
+                "negs": pa.array(list(negs), pa.list_(pa.int64())),
+                "length": [len(q) + 700 for q in question],
+            },
+            schema=QUERY_SCHEMA,
+        )
+        subsets[name] = {
+            "corpus_id": name,
+            "query_instruction": "Instruct: Retrieve passages\nQuery:",
+            "passage_instruction": "",
+            "task_type": "Retrieval",
+            "num_queries": queries,
+            "num_docs": docs,
+            "skipped_rows": 0,
+            "corpus_shards": write_sharded(folder, "corpus", corpus, 256 << 20),
+            "query_shards": write_sharded(folder, "queries", table, 256 << 20),
+        }
     (Path(out) / MANIFEST).write_text(json.dumps({"format": FORMAT, "source": "synthetic", "subsets": subsets}))
     return sum(f.stat().st_size for f in Path(out).rglob("*.arrow"))
 
@@ -127,8 +143,13 @@ def main():
             written = write_dataset(folder, size)
         else:
             written = sum(f.stat().st_size for f in folder.rglob("*.arrow"))
-        child = subprocess.run([sys.executable, __file__, "--child", str(folder), "--steps", str(args.steps)],
-                               capture_output=True, text=True, check=True, env={**os.environ, **torch_threads})
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", str(folder), "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **torch_threads},
+        )
         results[label] = {"bytes": written, **json.loads(child.stdout.strip().splitlines()[-1])}
         print(label, json.dumps(results[label]), flush=True)
     rate = collate_throughput(Path(args.out) / "0.2GB", 20)

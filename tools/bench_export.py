@@ -72,24 +72,60 @@ def main():
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=2048,
+        )
         LlamaForCausalLM(config).save_pretrained(model_dir)
         AutoTokenizer.from_pretrained(REPO / "embedtrain" / "assets" / "tiny-llama").save_pretrained(model_dir)
     if not (run / "checkpoints" / "latest").is_file():
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "launch" / "train.py"), "--config", "tiny", "--output-dir", str(run),
-                        "--set", f"model.path={model_dir}", "--set", "train.max_steps=1",
-                        "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=1",
-                        "--set", "data.query_max_length=16", "--set", "data.passage_max_length=16",
-                        "--set", "loss.hard_negatives=1", "--set", "train.activation_checkpointing=false"],
-                       check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(REPO / "launch" / "train.py"),
+                "--config",
+                "tiny",
+                "--output-dir",
+                str(run),
+                "--set",
+                f"model.path={model_dir}",
+                "--set",
+                "train.max_steps=1",
+                "--set",
+                "train.global_batch_size=2",
+                "--set",
+                "train.micro_batch_size=1",
+                "--set",
+                "data.query_max_length=16",
+                "--set",
+                "data.passage_max_length=16",
+                "--set",
+                "loss.hard_negatives=1",
+                "--set",
+                "train.activation_checkpointing=false",
+            ],
+            check=True,
+            env=env,
+        )
     size = sum(f.stat().st_size for f in (run / "checkpoints").rglob("*optim_states.pt"))
     results = {"optimizer_partition_files_mib": round(size / 2**20, 1)}
     for mode in ("embedtrain", "deepspeed"):
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, str(run), str(out / "exported")],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", mode, str(run), str(out / "exported")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(mode, results[mode], flush=True)
     weights = sum(f.stat().st_size for f in (out / "exported").glob("*.safetensors"))

@@ -59,72 +59,104 @@ class PeakMemory:
             self.peak = read_status("VmHWM") - self.before
 
 
-def synthetic_batch(vocab, queries, per_query, query_length, passage_length, seed=0):
+def synthetic_batch(collator, vocab, queries, per_query, query_length, passage_length, seed=0):
+    """A micro-batch of random tokens at exactly these lengths, laid out by the real collator
+    (packed or padded, cut into GradCache chunks, as the run's config says)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     passages = queries * per_query
-    return {"query_ids": torch.randint(0, vocab - 2, (queries, query_length), generator=generator),
-            "query_mask": torch.ones(queries, query_length, dtype=torch.long),
-            "passage_ids": torch.randint(0, vocab - 2, (passages, passage_length), generator=generator),
-            "passage_mask": torch.ones(passages, passage_length, dtype=torch.long),
-            "positive_hash": torch.arange(queries, dtype=torch.int64) * per_query,
-            "passage_hash": torch.arange(passages, dtype=torch.int64)}
+
+    def texts(count, length):
+        return torch.randint(0, vocab - 2, (count, length), generator=generator).tolist()
+
+    return collator.assemble(
+        texts(queries, query_length),
+        texts(passages, passage_length),
+        [q * per_query for q in range(queries)],
+        list(range(passages)),
+    )
 
 
 def measure_point(point):
     """One step in this process; returns {peak_bytes, seconds, tokens}."""
-    import torch
 
     from embedtrain import distributed
     from embedtrain.config import deepspeed_config, load_config
+    from embedtrain.data.collate import Collator, encoder_parts, load_tokenizer
     from embedtrain.model.encoder import read_llama_config
     from embedtrain.train.engine import build_engine
     from embedtrain.train.step import micro_batch_backward
 
     distributed.init_distributed()
     chunk = point["chunk"]
-    overrides = [f"model.path={point['model']}", f"train.micro_batch_size={point['batch']}",
-                 f"train.global_batch_size={point['batch']}", f"train.grad_cache_chunk_size={chunk}",
-                 f"loss.negatives={point['negatives']}", f"loss.hard_negatives={point['hard_negatives']}",
-                 f"data.query_max_length={point['query_length']}",
-                 f"data.passage_max_length={point['passage_length']}",
-                 f"deepspeed.bf16.enabled={'true' if point['bf16'] else 'false'}",
-                 f"model.attn_implementation={point['attn']}"]
+    overrides = [
+        f"model.path={point['model']}",
+        f"train.micro_batch_size={point['batch']}",
+        f"train.global_batch_size={point['batch']}",
+        f"train.grad_cache_chunk_size={chunk}",
+        f"loss.negatives={point['negatives']}",
+        f"loss.hard_negatives={point['hard_negatives']}",
+        f"data.query_max_length={point['query_length']}",
+        f"data.passage_max_length={point['passage_length']}",
+        f"deepspeed.bf16.enabled={'true' if point['bf16'] else 'false'}",
+        f"model.attn_implementation={point['attn']}",
+    ]
     config = load_config("tiny", overrides, output_dir="/tmp/embedtrain-bench-memory")
     engine = build_engine(config, deepspeed_config(config, 1))
     vocab = read_llama_config(config.model.path).vocab_size
-    batch = synthetic_batch(vocab, point["batch"], 1 + point["hard_negatives"], point["query_length"],
-                            point["passage_length"])
+    collator = Collator(load_tokenizer(config.model.path), config.data, {}, chunk)
+    batch = synthetic_batch(
+        collator, vocab, point["batch"], 1 + point["hard_negatives"], point["query_length"], point["passage_length"]
+    )
     start = time.perf_counter()
     with PeakMemory(engine.device) as peak:
         loss, _ = micro_batch_backward(engine, batch, config.loss, 1, chunk)
     seconds = time.perf_counter() - start
     engine.step()
-    return {"peak_bytes": peak.peak, "seconds": seconds, "loss": float(loss),
-            "tokens": batch["query_ids"].numel() + batch["passage_ids"].numel()}
+    return {
+        "peak_bytes": peak.peak,
+        "seconds": seconds,
+        "loss": float(loss),
+        "tokens": sum(part["tokens"] for part in encoder_parts(batch)),
+    }
 
 
 def run_point(point, timeout):
     """measure_point in a fresh process (torch.distributed single rank)."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", TOKENIZERS_PARALLELISM="false"
+    )
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
-    result = subprocess.run([sys.executable, __file__, "_point", json.dumps(point)], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, __file__, "_point", json.dumps(point)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     for line in result.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"point {point} failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
 
 def base_point(args):
-    return {"model": args.model, "chunk": 0, "negatives": "global", "hard_negatives": args.hard_negatives,
-            "query_length": args.query_length, "passage_length": args.length, "bf16": args.bf16,
-            "attn": args.attn, "batch": 1}
+    return {
+        "model": args.model,
+        "chunk": 0,
+        "negatives": "global",
+        "hard_negatives": args.hard_negatives,
+        "query_length": args.query_length,
+        "passage_length": args.length,
+        "bf16": args.bf16,
+        "attn": args.attn,
+        "batch": 1,
+    }
 
 
 def sweep(points, label, timeout):
@@ -132,8 +164,11 @@ def sweep(points, label, timeout):
     for point in points:
         result = run_point(point, timeout)
         rows.append({**point, **result})
-        print(f"{label(point):<40} peak {result['peak_bytes'] / 2**20:>9.1f} MiB   {result['seconds']:>7.2f} s   "
-              f"{result['tokens']:>8,} tokens   loss {result['loss']:.4f}", flush=True)
+        print(
+            f"{label(point):<40} peak {result['peak_bytes'] / 2**20:>9.1f} MiB   {result['seconds']:>7.2f} s   "
+            f"{result['tokens']:>8,} tokens   loss {result['loss']:.4f}",
+            flush=True,
+        )
     return rows
 
 
@@ -160,13 +195,22 @@ def main():
     args = parser.parse_args()
     base = base_point(args)
     if args.sweep == "grad-cache":
-        points = [{**base, "batch": b, "chunk": c} for b in map(int, args.batches.split(",")) for c in (0, args.chunk)
-                  if c <= b]
-        rows = sweep(points, lambda p: f"micro {p['batch']:>4} {'GradCache ' + str(p['chunk']) if p['chunk'] else 'plain'}",
-                     args.timeout)
+        points = [
+            {**base, "batch": b, "chunk": c}
+            for b in map(int, args.batches.split(","))
+            for c in (0, args.chunk)
+            if c <= b
+        ]
+        rows = sweep(
+            points,
+            lambda p: f"micro {p['batch']:>4} {'GradCache ' + str(p['chunk']) if p['chunk'] else 'plain'}",
+            args.timeout,
+        )
     else:
-        points = [{**base, "batch": 1, "hard_negatives": args.hard_negatives, "passage_length": n}
-                  for n in map(int, args.lengths.split(","))]
+        points = [
+            {**base, "batch": 1, "hard_negatives": args.hard_negatives, "passage_length": n}
+            for n in map(int, args.lengths.split(","))
+        ]
         rows = sweep(points, lambda p: f"passage length {p['passage_length']:>5}", args.timeout)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

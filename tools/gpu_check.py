@@ -7,7 +7,8 @@ Stages, each a subprocess with its own timeout (one failure does not hide the re
 input is missing is skipped and says why):
 
   environment    torch, CUDA device, versions (fails on a GPU run when CUDA is not available)
-  pytest -m gpu  python -m pytest -q -m gpu tests (skipped on --cpu: "skipped (no CUDA)")
+  pytest -m gpu  python -m pytest -q -m gpu tests (on --cpu run on the CPU, EMBEDTRAIN_GPU_TESTS_ON_CPU=1:
+                 that checks the tests themselves, not the GPU)
   build model    a Llama-3.2-1B-shaped model from a config, random weights, no download, saved in
                  bf16 with the tiny tokenizer (on --cpu: embedtrain/assets/tiny-llama itself)
   train          the llama3_2_1b recipe (on --cpu: tiny), ZeRO-3, one device, steps 1-20 (--cpu: 1-6)
@@ -53,11 +54,28 @@ TAIL_CHARS = 4000
 
 # Llama-3.2-1B's published config.json, without its weights.
 LLAMA_3_2_1B = dict(
-    hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
-    rms_norm_eps=1e-5, hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=0.02,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    initializer_range=0.02,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 
 # Runs `embedtrain ARGS` in this process and prints the peak memory before it ends.
@@ -105,8 +123,10 @@ print("GPU_CHECK_ENV " + json.dumps(info))
 """
 
 STEP_LINE = re.compile(r"\[embedtrain\] step (\d+): loss (\S+).*?([\d,.]+) tok/s")
-PEAK_LINE = re.compile(r"\[gpu_check\] peak host RSS (\d+) MiB(?:; peak device memory allocated ([\d.]+) GiB"
-                       r", reserved ([\d.]+) GiB)?")
+PEAK_LINE = re.compile(
+    r"\[gpu_check\] peak host RSS (\d+) MiB(?:; peak device memory allocated ([\d.]+) GiB"
+    r", reserved ([\d.]+) GiB)?"
+)
 
 
 def shown(command):
@@ -134,8 +154,16 @@ def run_command(command, log_path, timeout, env):
     lines = []
     with open(log_path, "w") as log:
         log.write("$ " + shown(command) + "\n")
-        process = subprocess.Popen(list(map(str, command)), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        process = subprocess.Popen(
+            list(map(str, command)),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
 
         def read():
             for line in process.stdout:
@@ -173,26 +201,26 @@ class Check:
         print(f"[gpu_check] {name}: {status} ({seconds:.1f} s){' - ' + note if note else ''}", flush=True)
         return stage
 
-    def run(self, name, command, timeout, check=None):
+    def run(self, name, command, timeout, check=None, env=None):
         """Run a stage's command; `check(lines)` returns a note (passed) or raises AssertionError
         (failed, with its message). Returns (stage dict, lines)."""
         log = self.logs / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".log")
         print(f"[gpu_check] {name}: running (timeout {timeout} s, log {log})", flush=True)
         started = time.perf_counter()
-        code, lines = run_command(command, log, timeout, self.env)
+        code, lines = run_command(command, log, timeout, env or self.env)
         seconds = time.perf_counter() - started
         text = "\n".join(line for _, line in lines)
         extra = {"command": shown(command), "log": str(log), "exit_code": code}
         if code is None:
-            return self.record(name, "failed", seconds, f"timed out after {timeout} s",
-                               tail=text[-TAIL_CHARS:], **extra), lines
+            return self.record(
+                name, "failed", seconds, f"timed out after {timeout} s", tail=text[-TAIL_CHARS:], **extra
+            ), lines
         if code != 0:
             return self.record(name, "failed", seconds, f"exit code {code}", tail=text[-TAIL_CHARS:], **extra), lines
         try:
             note = check(lines) if check else ""
         except (AssertionError, ValueError, OSError, KeyError) as err:
-            return self.record(name, "failed", seconds, f"check failed: {err}", tail=text[-TAIL_CHARS:],
-                               **extra), lines
+            return self.record(name, "failed", seconds, f"check failed: {err}", tail=text[-TAIL_CHARS:], **extra), lines
         return self.record(name, "passed", seconds, note or "", **extra), lines
 
     def skip(self, name, why):
@@ -205,8 +233,9 @@ class Check:
         """--device/--dtype for encode and eval: cuda + bf16, or cpu + fp32. A CLI without them
         (older embedtrain) runs on its default, the CPU: fine for --cpu, a failure on a GPU run."""
         if command not in self.cli_options:
-            code, lines = run_command(self.embedtrain(command, "--help"), self.logs / f"{command}_help.log", 120,
-                                      self.env)
+            code, lines = run_command(
+                self.embedtrain(command, "--help"), self.logs / f"{command}_help.log", 120, self.env
+            )
             help_text = "\n".join(line for _, line in lines)
             self.cli_options[command] = {option for option in ("--device", "--dtype") if option in help_text}
         have = self.cli_options[command]
@@ -220,27 +249,33 @@ class Check:
     def environment(self):
         def check(lines):
             line = next(text for _, text in lines if text.startswith("GPU_CHECK_ENV "))
-            self.info = json.loads(line[len("GPU_CHECK_ENV "):])
+            self.info = json.loads(line[len("GPU_CHECK_ENV ") :])
             if not self.cpu:
-                assert self.info["cuda_available"], (f"torch {self.info['torch']} sees no CUDA device "
-                                                     "(a CPU build of torch, or no driver?)")
+                assert self.info["cuda_available"], (
+                    f"torch {self.info['torch']} sees no CUDA device (a CPU build of torch, or no driver?)"
+                )
             device = self.info.get("device_name", "CPU")
-            return (f"{device}; torch {self.info['torch']} (CUDA {self.info['torch_cuda']}), deepspeed "
-                    f"{self.info['deepspeed']}, transformers {self.info['transformers']}, "
-                    f"flash_attn {self.info['flash_attn']}")
+            return (
+                f"{device}; torch {self.info['torch']} (CUDA {self.info['torch_cuda']}), deepspeed "
+                f"{self.info['deepspeed']}, transformers {self.info['transformers']}, "
+                f"flash_attn {self.info['flash_attn']}"
+            )
 
         return self.run("environment", [sys.executable, "-c", ENVIRONMENT], 120, check)
 
     def pytest(self):
-        if self.cpu:
-            return self.skip("pytest -m gpu", "no CUDA")
+        # on --cpu the GPU tests run on the CPU (EMBEDTRAIN_GPU_TESTS_ON_CPU): that checks the tests
+        # themselves, so that they cannot rot between GPU runs; it proves nothing about a GPU
+        env = {**self.env, "EMBEDTRAIN_GPU_TESTS_ON_CPU": "1"} if self.cpu else None
 
         def check(lines):
             summary = next((text for _, text in reversed(lines) if re.search(r"\d+ (passed|skipped)", text)), "")
             assert "passed" in summary, f"no test passed: {summary!r}"
             return summary.strip("= ")
 
-        return self.run("pytest -m gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], 300, check)[0]
+        return self.run("pytest -m gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], 300, check, env)[
+            0
+        ]
 
     def build_model(self):
         if self.cpu:
@@ -266,10 +301,26 @@ class Check:
             # the recipe's settings; micro 16 x accumulation 8 = global 128 on one GPU. One
             # checkpoint kept, written at steps 20 and 30 only: a 1B ZeRO-3 checkpoint with Adam
             # states is about 17 GB.
-            common = ["--config", "llama3_2_1b", "--set", "train.save_every=20", "--set", "train.micro_batch_size=16",
-                      "--set", "train.keep_checkpoints=1"]
-        common += ["--output-dir", run_dir, "--set", f"model.path={model}", "--set", "data.path=assets:demo-data",
-                   "--set", "logging.every=1"]
+            common = [
+                "--config",
+                "llama3_2_1b",
+                "--set",
+                "train.save_every=20",
+                "--set",
+                "train.micro_batch_size=16",
+                "--set",
+                "train.keep_checkpoints=1",
+            ]
+        common += [
+            "--output-dir",
+            run_dir,
+            "--set",
+            f"model.path={model}",
+            "--set",
+            "data.path=assets:demo-data",
+            "--set",
+            "logging.every=1",
+        ]
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old one would be resumed
         wrapper = [sys.executable, "-c", PEAK_WRAPPER, "train"]
         runs = {}
@@ -289,18 +340,26 @@ class Check:
                     assert found and int(found.group(2)) == start, f"the log does not say it resumed from step {start}"
                 runs[stop] = lines
                 return f"loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}" + (
-                    f"; resumed from {Path(found.group(1)).name}" if start else "")
+                    f"; resumed from {Path(found.group(1)).name}" if start else ""
+                )
+
             return check
 
-        first_stage, _ = self.run(f"train (steps 1-{first})",
-                                  [*wrapper, *common, "--set", f"train.max_steps={first}"], 420,
-                                  check_steps(0, first))
+        first_stage, _ = self.run(
+            f"train (steps 1-{first})",
+            [*wrapper, *common, "--set", f"train.max_steps={first}"],
+            420,
+            check_steps(0, first),
+        )
         if not (run_dir / "checkpoints" / f"step_{first}").is_dir():
             second = self.skip(f"resume (steps {first + 1}-{total})", f"no checkpoint step_{first} to resume from")
         else:
-            second, _ = self.run(f"resume (steps {first + 1}-{total})",
-                                 [*wrapper, *common, "--set", f"train.max_steps={total}"], 360,
-                                 check_steps(first, total))
+            second, _ = self.run(
+                f"resume (steps {first + 1}-{total})",
+                [*wrapper, *common, "--set", f"train.max_steps={total}"],
+                360,
+                check_steps(first, total),
+            )
         return first_stage, second, runs
 
     def export(self, run_dir, out):
@@ -336,11 +395,17 @@ class Check:
             assert np.isfinite(vectors).all(), "non-finite embeddings"
             norms = np.linalg.norm(vectors, axis=1)
             assert np.allclose(norms, 1, atol=1e-3), f"norms {norms.min():.4f}..{norms.max():.4f}, expected 1"
-            return (f"{vectors.shape[0]} x {vectors.shape[1]}, unit norm ({' '.join(options) or 'CLI default device'})"
-                    + where(model))
+            return (
+                f"{vectors.shape[0]} x {vectors.shape[1]}, unit norm ({' '.join(options) or 'CLI default device'})"
+                + where(model)
+            )
 
-        stage, _ = self.run("encode", self.embedtrain("encode", model, "--input", source, "--output", output,
-                                                      "--prompt", "query", *options), 300, check)
+        stage, _ = self.run(
+            "encode",
+            self.embedtrain("encode", model, "--input", source, "--output", output, "--prompt", "query", *options),
+            300,
+            check,
+        )
         if stage["status"] == "passed" and not self.cpu:
             self.compare_with_cpu(model, source, output, stage)
         return stage
@@ -352,9 +417,25 @@ class Check:
 
         cpu_output = self.workdir / "embeddings_cpu.npy"
         cpu_env = dict(self.env, CUDA_VISIBLE_DEVICES="")
-        code, _ = run_command(self.embedtrain("encode", model, "--input", source, "--output", cpu_output, "--prompt",
-                                              "query", "--device", "cpu", "--dtype", "float32"),
-                              self.logs / "encode_cpu_fp32.log", 300, cpu_env)
+        code, _ = run_command(
+            self.embedtrain(
+                "encode",
+                model,
+                "--input",
+                source,
+                "--output",
+                cpu_output,
+                "--prompt",
+                "query",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+            ),
+            self.logs / "encode_cpu_fp32.log",
+            300,
+            cpu_env,
+        )
         if code != 0:
             stage["cpu_fp32_cosine_min"] = None
             stage["note"] += "; CPU fp32 comparison did not run (logs/encode_cpu_fp32.log)"
@@ -379,8 +460,10 @@ class Check:
             mean = result["mean"]
             for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
                 assert key in mean and math.isfinite(mean[key]) and 0 <= mean[key] <= 1, f"mean {key}: {mean.get(key)}"
-            return (f"nDCG@10 {mean['ndcg@10']:.4f}, Recall@10 {mean['recall@10']:.4f}, "
-                    f"MRR@10 {mean['mrr@10']:.4f} over {len(result.get('subsets', {}))} subset(s)" + where(model))
+            return (
+                f"nDCG@10 {mean['ndcg@10']:.4f}, Recall@10 {mean['recall@10']:.4f}, "
+                f"MRR@10 {mean['mrr@10']:.4f} over {len(result.get('subsets', {}))} subset(s)" + where(model)
+            )
 
         data = DEMO / "FEVER" if self.cpu else DEMO  # 2 CPU cores: one subset keeps the CPU run near a minute
         return self.run("eval", self.embedtrain("eval", model, data, "--output", output, *options), 300, check)[0]
@@ -407,8 +490,11 @@ class Check:
             memory = f"peak device memory {training['peak_device_memory_gib']:.2f} GiB"
         else:
             memory = f"peak device memory n/a (CPU; peak RSS {training['peak_host_rss_mib']} MiB)"
-        note = (f"step {training['step_time_s']} s, {training['tokens_per_s']:,} tok/s, {memory}"
-                if training["step_time_s"] and training["tokens_per_s"] else "")
+        note = (
+            f"step {training['step_time_s']} s, {training['tokens_per_s']:,} tok/s, {memory}"
+            if training["step_time_s"] and training["tokens_per_s"]
+            else ""
+        )
         status = "passed" if note and (self.cpu or training["peak_device_memory_gib"] is not None) else "failed"
         if status == "failed":
             note = note or "no step time / tokens/s in the training logs"
@@ -425,8 +511,14 @@ def parse_steps(lines):
     for seconds, text in lines:
         found = STEP_LINE.search(text)
         if found:
-            steps.append({"step": int(found.group(1)), "loss": float(found.group(2)), "time": seconds,
-                          "tokens_per_s": float(found.group(3).replace(",", ""))})
+            steps.append(
+                {
+                    "step": int(found.group(1)),
+                    "loss": float(found.group(2)),
+                    "time": seconds,
+                    "tokens_per_s": float(found.group(3).replace(",", "")),
+                }
+            )
     return steps
 
 
@@ -476,9 +568,11 @@ def main():
     parser.add_argument("--cpu", action="store_true", help="the same sequence on the CPU with the tiny model")
     parser.add_argument("--workdir", default=None, help="work folder (default: a new temporary folder)")
     parser.add_argument("--out", default=None, help="JSON results (default: WORKDIR/gpu_check.json)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the checkpoints, export and built model (GPU run: about 25 GB); "
-                             "logs and JSON are always kept")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the checkpoints, export and built model (GPU run: about 25 GB); logs and JSON are always kept",
+    )
     parser.add_argument("--build-model", default=None, help=argparse.SUPPRESS)  # the build stage's subprocess
     args = parser.parse_args()
     if args.build_model:
@@ -525,9 +619,16 @@ def finish(check, args, out, started):
     total = time.perf_counter() - started
     passed = all(s["status"] == "passed" or s["status"].startswith("skipped") for s in check.stages)
     training = next((s["training"] for s in check.stages if "training" in s), {})
-    result = {"mode": "cpu" if args.cpu else "cuda", "passed": passed, "total_seconds": round(total, 1),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workdir": str(check.workdir), "environment": check.info,
-              "training": training, "stages": check.stages}
+    result = {
+        "mode": "cpu" if args.cpu else "cuda",
+        "passed": passed,
+        "total_seconds": round(total, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "workdir": str(check.workdir),
+        "environment": check.info,
+        "training": training,
+        "stages": check.stages,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print()

@@ -44,15 +44,12 @@ QUERIES_SCHEMA = pa.schema(
 
 METADATA = {
     "FEVER": {
-        "query_instruction": (
-            "Instruct: Given a claim, retrieve documents that support or refute the claim\nQuery:"
-        ),
+        "query_instruction": ("Instruct: Given a claim, retrieve documents that support or refute the claim\nQuery:"),
         "task_type": "Retrieval",
     },
     "SciFact": {
         "query_instruction": (
-            "Instruct: Given a scientific claim, retrieve documents that support or refute "
-            "the claim\nQuery:"
+            "Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery:"
         ),
         "task_type": "Retrieval",
     },
@@ -67,51 +64,157 @@ MIN_NEGATIVES = 2
 MAX_NEGATIVES = 6
 
 SYLLABLES = [
-    "ka", "lo", "ven", "dru", "mi", "sor", "tal", "ne", "qui", "bra", "zel", "fo",
-    "ri", "tu", "gan", "mor", "pe", "shi", "va", "dor", "lin", "ex", "ul", "cas",
-    "tir", "om", "bel", "nau", "ryn", "sa", "vek", "ju", "hal", "ost", "pri", "mek",
+    "ka",
+    "lo",
+    "ven",
+    "dru",
+    "mi",
+    "sor",
+    "tal",
+    "ne",
+    "qui",
+    "bra",
+    "zel",
+    "fo",
+    "ri",
+    "tu",
+    "gan",
+    "mor",
+    "pe",
+    "shi",
+    "va",
+    "dor",
+    "lin",
+    "ex",
+    "ul",
+    "cas",
+    "tir",
+    "om",
+    "bel",
+    "nau",
+    "ryn",
+    "sa",
+    "vek",
+    "ju",
+    "hal",
+    "ost",
+    "pri",
+    "mek",
 ]
 
 # Attribute value pools are deliberately small so that many entities share values:
 # that is what makes the hard negatives hard.
 FEVER_ATTRIBUTES = {
     "place": [
-        "Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Quebec", "Dublin", "Krakow",
-        "Perth", "Cusco", "Tbilisi", "Hanoi", "Porto", "Tunis", "Bergen", "Quito",
+        "Lisbon",
+        "Oslo",
+        "Nairobi",
+        "Lima",
+        "Osaka",
+        "Quebec",
+        "Dublin",
+        "Krakow",
+        "Perth",
+        "Cusco",
+        "Tbilisi",
+        "Hanoi",
+        "Porto",
+        "Tunis",
+        "Bergen",
+        "Quito",
     ],
     "profession": [
-        "painter", "sculptor", "architect", "violinist", "chemist", "sailor", "poet",
-        "botanist", "astronomer", "blacksmith", "weaver", "cartographer", "surgeon",
-        "novelist", "engineer", "glassblower",
+        "painter",
+        "sculptor",
+        "architect",
+        "violinist",
+        "chemist",
+        "sailor",
+        "poet",
+        "botanist",
+        "astronomer",
+        "blacksmith",
+        "weaver",
+        "cartographer",
+        "surgeon",
+        "novelist",
+        "engineer",
+        "glassblower",
     ],
     "material": [
-        "bronze", "marble", "oak", "silk", "glass", "copper", "clay", "granite",
-        "linen", "silver", "cedar", "porcelain",
+        "bronze",
+        "marble",
+        "oak",
+        "silk",
+        "glass",
+        "copper",
+        "clay",
+        "granite",
+        "linen",
+        "silver",
+        "cedar",
+        "porcelain",
     ],
     "colour": [
-        "crimson", "amber", "teal", "violet", "ochre", "indigo", "emerald", "scarlet",
-        "cobalt", "saffron",
+        "crimson",
+        "amber",
+        "teal",
+        "violet",
+        "ochre",
+        "indigo",
+        "emerald",
+        "scarlet",
+        "cobalt",
+        "saffron",
     ],
     "year": [str(year) for year in range(1780, 1960, 7)],
 }
 
 SCIFACT_ATTRIBUTES = {
     "kind": [
-        "small molecule inhibitor", "peptide hormone", "bacterial enzyme", "protein kinase",
-        "transcription factor", "membrane transporter", "antibody fragment", "plant alkaloid",
+        "small molecule inhibitor",
+        "peptide hormone",
+        "bacterial enzyme",
+        "protein kinase",
+        "transcription factor",
+        "membrane transporter",
+        "antibody fragment",
+        "plant alkaloid",
     ],
     "organism": [
-        "mice", "rats", "zebrafish", "human cell lines", "yeast", "fruit flies",
-        "pigs", "nematodes",
+        "mice",
+        "rats",
+        "zebrafish",
+        "human cell lines",
+        "yeast",
+        "fruit flies",
+        "pigs",
+        "nematodes",
     ],
     "tissue": [
-        "liver", "kidney", "retina", "lung", "heart", "skin", "bone marrow", "pancreas",
-        "intestine", "brain",
+        "liver",
+        "kidney",
+        "retina",
+        "lung",
+        "heart",
+        "skin",
+        "bone marrow",
+        "pancreas",
+        "intestine",
+        "brain",
     ],
     "effect": ["increases", "reduces", "blocks", "activates"],
     "process": [
-        "apoptosis", "inflammation", "insulin secretion", "cell migration", "DNA repair",
-        "collagen synthesis", "fat storage", "neuron growth", "iron uptake", "autophagy",
+        "apoptosis",
+        "inflammation",
+        "insulin secretion",
+        "cell migration",
+        "DNA repair",
+        "collagen synthesis",
+        "fat storage",
+        "neuron growth",
+        "iron uptake",
+        "autophagy",
     ],
     "year": [str(year) for year in range(1988, 2024, 3)],
 }
@@ -179,10 +282,7 @@ def unique_names(rng: random.Random, count: int, build) -> list[str]:
 
 
 def random_entities(rng: random.Random, names: list[str], attributes: dict) -> list[dict]:
-    return [
-        {"name": name, **{key: rng.choice(values) for key, values in attributes.items()}}
-        for name in names
-    ]
+    return [{"name": name, **{key: rng.choice(values) for key, values in attributes.items()}} for name in names]
 
 
 def rank_hard_negatives(
@@ -333,16 +433,21 @@ def make_fever(rng: random.Random, queries_per_subset: int) -> tuple[list[dict],
         return rng.choice([other for other in FEVER_ATTRIBUTES[key] if other != value])
 
     return entity_queries(
-        rng, "FEVER", queries_per_subset, FEVER_ATTRIBUTES, names, firsts,
-        fever_passage, fever_claim, refute,
+        rng,
+        "FEVER",
+        queries_per_subset,
+        FEVER_ATTRIBUTES,
+        names,
+        firsts,
+        fever_passage,
+        fever_claim,
+        refute,
     )
 
 
 def make_scifact(rng: random.Random, queries_per_subset: int) -> tuple[list[dict], list[dict]]:
     _, total = entity_counts(queries_per_subset)
-    names = unique_names(
-        rng, total, lambda r: make_name(r, r.choice([1, 2])) + r.choice(COMPOUND_SUFFIXES)
-    )
+    names = unique_names(rng, total, lambda r: make_name(r, r.choice([1, 2])) + r.choice(COMPOUND_SUFFIXES))
 
     def refute(rng: random.Random, key: str, value: str) -> str:
         # Contradicting the direction of the effect is the classic SciFact refutation.
@@ -351,8 +456,15 @@ def make_scifact(rng: random.Random, queries_per_subset: int) -> tuple[list[dict
         return rng.choice([other for other in SCIFACT_ATTRIBUTES[key] if other != value])
 
     return entity_queries(
-        rng, "SciFact", queries_per_subset, SCIFACT_ATTRIBUTES, names, [None] * total,
-        scifact_passage, scifact_claim, refute,
+        rng,
+        "SciFact",
+        queries_per_subset,
+        SCIFACT_ATTRIBUTES,
+        names,
+        [None] * total,
+        scifact_passage,
+        scifact_claim,
+        refute,
     )
 
 

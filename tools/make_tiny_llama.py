@@ -1,4 +1,5 @@
-"""python tools/make_tiny_llama.py embedtrain/assets/tiny-llama [--vocab-size 1024] [--hidden-size 64] [--layers 2] [--heads 4] [--kv-heads 2] [--intermediate-size 128] [--seed 0] [--corpus-dir DIR]
+"""python tools/make_tiny_llama.py embedtrain/assets/tiny-llama [--vocab-size 1024] [--hidden-size 64]
+    [--layers 2] [--heads 4] [--kv-heads 2] [--intermediate-size 128] [--seed 0] [--corpus-dir DIR]
 
 Build a tiny, randomly initialised Llama-3-shaped model plus a real tokenizer, fully
 offline, for tests and the CPU demo.
@@ -61,7 +62,7 @@ BUILTIN_SENTENCES = [
     "Instruct: Given a web search query, retrieve relevant passages that answer the query",
     "Query: how long does it take to learn to play the piano",
     "Numbers like 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024 and 3.14 appear in text.",
-    "Punctuation matters: commas, periods. Questions? Exclamations! (Parentheses) and \"quotes\".",
+    'Punctuation matters: commas, periods. Questions? Exclamations! (Parentheses) and "quotes".',
 ]
 BUILTIN_WORDS = """
 the of and to in is was for on that with as by at from it his an were are which this be

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 METADATA_KEYS = ("corpus_id", "query_instruction", "passage_instruction", "ids_only")
 QUERY_COLUMNS = ("question_id", "question", "corpus_id", "pos_doc", "neg_doc")
 CORPUS_COLUMNS = ("id", "text")
@@ -42,8 +41,9 @@ def subset_folders(root, names=None):
         return found
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
-        raise DataError(f"data.subsets: {', '.join(missing)} not found under {root}; "
-                        f"available: {', '.join(p.name for p in found)}")
+        raise DataError(
+            f"data.subsets: {', '.join(missing)} not found under {root}; available: {', '.join(p.name for p in found)}"
+        )
     return [root / n for n in names]
 
 

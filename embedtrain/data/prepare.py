@@ -17,8 +17,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embedtrain.data.nemotron import (CORPUS_COLUMNS, METADATA_KEYS, QUERY_COLUMNS, DataError, read_metadata,
-                                      subset_folders)
+from embedtrain.data.nemotron import (
+    CORPUS_COLUMNS,
+    METADATA_KEYS,
+    QUERY_COLUMNS,
+    DataError,
+    read_metadata,
+    subset_folders,
+)
 from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded
 
 DONE = "done.json"
@@ -93,9 +99,12 @@ def resolve_queries(folder, subset, corpus_ids, texts_by_corpus):
     rows = pq.read_table(path, columns=list(QUERY_COLUMNS)).to_pylist()
     resolved, problems, seen = [], [], set()
     for row, q in enumerate(tqdm(rows, desc=f"{subset} queries", unit="q", leave=False, disable=len(rows) < 50_000)):
-        def bad(reason):
-            problems.append({"subset": subset, "file": str(path), "row": row, "question_id": q["question_id"],
-                             "reason": reason})
+
+        def bad(reason, row=row, q=q):
+            problems.append(
+                {"subset": subset, "file": str(path), "row": row, "question_id": q["question_id"], "reason": reason}
+            )
+
         if q["question_id"] in seen:
             bad(f"duplicate question_id {q['question_id']!r}")
             continue
@@ -116,9 +125,16 @@ def resolve_queries(folder, subset, corpus_ids, texts_by_corpus):
             bad(f"doc id(s) {', '.join(dangling)} not in corpus {q['corpus_id']!r} (missing or bad rows)")
             continue
         rows_ = [id_to_row[d] for d in doc_ids]
-        resolved.append({"question_id": q["question_id"], "question": q["question"], "corpus": q["corpus_id"],
-                         "pos": rows_[0], "negs": rows_[1:],
-                         "length": len(q["question"]) + len(texts_by_corpus[q["corpus_id"]](rows_[0]))})
+        resolved.append(
+            {
+                "question_id": q["question_id"],
+                "question": q["question"],
+                "corpus": q["corpus_id"],
+                "pos": rows_[0],
+                "negs": rows_[1:],
+                "length": len(q["question"]) + len(texts_by_corpus[q["corpus_id"]](rows_[0])),
+            }
+        )
     return pa.Table.from_pylist(resolved, schema=QUERY_SCHEMA), problems
 
 
@@ -143,10 +159,14 @@ def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes):
         return None, problems
     target.mkdir(parents=True, exist_ok=True)
     entry = {key: meta[key] for key in METADATA_KEYS if key != "ids_only"}
-    entry.update(task_type=meta.get("task_type", ""), num_queries=queries.num_rows,
-                 num_docs=corpora[meta["corpus_id"]].num_rows, skipped_rows=len(problems),
-                 corpus_shards=write_sharded(target, "corpus", corpora[meta["corpus_id"]], shard_bytes),
-                 query_shards=write_sharded(target, "queries", queries, shard_bytes))
+    entry.update(
+        task_type=meta.get("task_type", ""),
+        num_queries=queries.num_rows,
+        num_docs=corpora[meta["corpus_id"]].num_rows,
+        skipped_rows=len(problems),
+        corpus_shards=write_sharded(target, "corpus", corpora[meta["corpus_id"]], shard_bytes),
+        query_shards=write_sharded(target, "queries", queries, shard_bytes),
+    )
     (target / DONE).write_text(json.dumps({"entry": entry, "source": fingerprint(folder)}, indent=2))
     return entry, problems
 
@@ -166,8 +186,10 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
     metas = {f: read_metadata(f) for f in folders}
     ids_only = [f.name for f, m in metas.items() if m["ids_only"]]
     if ids_only:
-        raise DataError("these subsets are ids_only (their text is not redistributed) and must be rebuilt from "
-                        f"their original source first: {', '.join(ids_only)}; exclude them with --subset")
+        raise DataError(
+            "these subsets are ids_only (their text is not redistributed) and must be rebuilt from "
+            f"their original source first: {', '.join(ids_only)}; exclude them with --subset"
+        )
     problems = [p for f in folders for p in structural_problems(f)]
     if problems:
         raise DataError("cannot prepare:\n  " + "\n  ".join(problems))
@@ -200,8 +222,11 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
             for problem in all_problems:
                 f.write(json.dumps(problem) + "\n")
         print(f"[embedtrain] skipped {len(all_problems)} bad row(s); each is listed in {out / 'skipped_rows.jsonl'}")
-    manifest = {"format": FORMAT, "source": str(Path(src).resolve()),
-                "subsets": {f.name: entries[f.name] for f in folders}}
+    manifest = {
+        "format": FORMAT,
+        "source": str(Path(src).resolve()),
+        "subsets": {f.name: entries[f.name] for f in folders},
+    }
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)

@@ -26,8 +26,16 @@ from embedtrain.data.nemotron import DataError, Example
 
 MANIFEST = "manifest.json"
 FORMAT = "embedtrain-shards-v1"
-QUERY_SCHEMA = pa.schema([("question_id", pa.string()), ("question", pa.string()), ("corpus", pa.string()),
-                          ("pos", pa.int64()), ("negs", pa.list_(pa.int64())), ("length", pa.int64())])
+QUERY_SCHEMA = pa.schema(
+    [
+        ("question_id", pa.string()),
+        ("question", pa.string()),
+        ("corpus", pa.string()),
+        ("pos", pa.int64()),
+        ("negs", pa.list_(pa.int64())),
+        ("length", pa.int64()),
+    ]
+)
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 
 
@@ -44,8 +52,11 @@ def write_shard(path, table):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_batch(table.combine_chunks().to_batches()[0] if table.num_rows else
-                           pa.RecordBatch.from_pylist([], schema=table.schema))
+        writer.write_batch(
+            table.combine_chunks().to_batches()[0]
+            if table.num_rows
+            else pa.RecordBatch.from_pylist([], schema=table.schema)
+        )
     os.replace(tmp, path)
     return {"file": path.name, "rows": table.num_rows, "sha256": sha256_of(path)}
 
@@ -119,14 +130,17 @@ class PreparedDataset:
         names = list(subsets) if subsets else list(available)
         missing = [n for n in names if n not in available]
         if missing:
-            raise DataError(f"data.subsets: {', '.join(missing)} not in {self.folder / MANIFEST}; "
-                             f"available: {', '.join(available)}")
+            raise DataError(
+                f"data.subsets: {', '.join(missing)} not in {self.folder / MANIFEST}; available: {', '.join(available)}"
+            )
         self.names = names
         self.info = {n: available[n] for n in names}
         self.queries = {n: ShardedTable(self.folder / n, available[n]["query_shards"]) for n in names}
         # corpora are keyed by corpus_id: a query's doc rows resolve in the corpus its row names
-        self.corpora = {meta["corpus_id"]: ShardedTable(self.folder / name, meta["corpus_shards"])
-                        for name, meta in available.items()}
+        self.corpora = {
+            meta["corpus_id"]: ShardedTable(self.folder / name, meta["corpus_shards"])
+            for name, meta in available.items()
+        }
         self.starts = [0]
         for name in names:
             self.starts.append(self.starts[-1] + len(self.queries[name]))
@@ -157,8 +171,14 @@ class PreparedDataset:
         doc_rows = [batch.column("pos")[offset].as_py()]
         if hard_negatives:
             if not negatives:
-                raise DataError(f"{name}: question_id {batch.column('question_id')[offset].as_py()!r} has no "
-                                f"neg_doc but loss.hard_negatives={hard_negatives}")
+                raise DataError(
+                    f"{name}: question_id {batch.column('question_id')[offset].as_py()!r} has no "
+                    f"neg_doc but loss.hard_negatives={hard_negatives}"
+                )
             doc_rows += [negatives[i % len(negatives)] for i in range(hard_negatives)]
-        return Example(name, batch.column("question")[offset].as_py(), [corpus.value(r, "text") for r in doc_rows],
-                       batch.column("question_id")[offset].as_py())
+        return Example(
+            name,
+            batch.column("question")[offset].as_py(),
+            [corpus.value(r, "text") for r in doc_rows],
+            batch.column("question_id")[offset].as_py(),
+        )

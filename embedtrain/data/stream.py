@@ -115,8 +115,10 @@ class Sampler:
 def rank_micro_batches(indices, rank, world_size, micro_batch_size):
     """Rank r's micro-batches of one global batch: slice r of each global micro-batch."""
     stride = world_size * micro_batch_size
-    return [indices[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size]
-            for start in range(0, len(indices), stride)]
+    return [
+        indices[start + rank * micro_batch_size : start + (rank + 1) * micro_batch_size]
+        for start in range(0, len(indices), stride)
+    ]
 
 
 class StepBatches(torch.utils.data.IterableDataset):
@@ -126,8 +128,19 @@ class StepBatches(torch.utils.data.IterableDataset):
     which is also the order in which the DataLoader returns them: no duplicates, no reordering.
     """
 
-    def __init__(self, dataset, sampler, collator, rank, world_size, micro_batch_size, hard_negatives,
-                 start, stop, length_bucketing=False):
+    def __init__(
+        self,
+        dataset,
+        sampler,
+        collator,
+        rank,
+        world_size,
+        micro_batch_size,
+        hard_negatives,
+        start,
+        stop,
+        length_bucketing=False,
+    ):
         self.dataset, self.sampler, self.collator = dataset, sampler, collator
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.hard_negatives, self.start, self.stop = hard_negatives, start, stop
@@ -144,13 +157,21 @@ class StepBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start + worker, self.stop, workers):
-            examples = [[self.dataset.example(i, self.hard_negatives) for i in micro]
-                        for micro in self.micro_batch_indices(step)]
+            examples = [
+                [self.dataset.example(i, self.hard_negatives) for i in micro]
+                for micro in self.micro_batch_indices(step)
+            ]
             self.dataset.release()  # keep RSS independent of how much of the dataset was read
             yield step, [self.collator(micro) for micro in examples], examples
 
 
 def stream_state(step, sampler, dataset):
     """What a checkpoint records about the data position (the step is the whole position)."""
-    return {"next_step": step, "seed": sampler.seed, "global_batch_size": sampler.global_batch_size,
-            "mixing": sampler.mode, "subsets": dataset.names, "num_queries": len(dataset)}
+    return {
+        "next_step": step,
+        "seed": sampler.seed,
+        "global_batch_size": sampler.global_batch_size,
+        "mixing": sampler.mode,
+        "subsets": dataset.names,
+        "num_queries": len(dataset),
+    }

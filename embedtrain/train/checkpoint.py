@@ -32,8 +32,9 @@ def write_base_model(run_dir, backbone_config, tokenizer, prompt_policy):
     # tokenizer class that transformers 4.x also knows.
     tokenizer_config_file = folder / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_file.read_text())
-    tokenizer_config.update(padding_side=tokenizer.padding_side, pad_token=tokenizer.pad_token,
-                            tokenizer_class="PreTrainedTokenizerFast")
+    tokenizer_config.update(
+        padding_side=tokenizer.padding_side, pad_token=tokenizer.pad_token, tokenizer_class="PreTrainedTokenizerFast"
+    )
     tokenizer_config_file.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
     return folder
 
@@ -50,8 +51,11 @@ def rng_state():
     """This rank's RNG states (Python, NumPy, torch CPU and its CUDA device: dropout on the GPU draws
     from the latter) as plain lists and tensors, so that checkpoints load with weights_only=True."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()  # the current device: one per rank
     return state
@@ -71,8 +75,10 @@ def resume_checkpoint(resume, run_dir):
     """The checkpoint folder to resume from, or None. `resume` is auto, never, or a path."""
     if resume == "never":
         if find_resume_checkpoint(run_dir, log=lambda _: None) is not None:
-            raise CheckpointError(f"{run_dir} already holds checkpoints and train.resume=never: choose another "
-                                  "--output-dir, or --resume auto to continue")
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints and train.resume=never: choose another "
+                "--output-dir, or --resume auto to continue"
+            )
         return None
     if resume == "auto":
         return find_resume_checkpoint(run_dir)
@@ -113,13 +119,18 @@ def save_checkpoint(engine, run_dir, step, stream_state, config_dict, keep=0):
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     try:
-        engine.save_checkpoint(str(root), tag=tag + PARTIAL, save_latest=False,
-                               client_state={"step": step, "stream": stream_state, "rng": rng_state()})
+        engine.save_checkpoint(
+            str(root),
+            tag=tag + PARTIAL,
+            save_latest=False,
+            client_state={"step": step, "stream": stream_state, "rng": rng_state()},
+        )
     except OSError as err:  # disk full, quota, permissions: say so, leave the last good checkpoint alone
         shutil.rmtree(root / (tag + PARTIAL), ignore_errors=True)
         latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else "none"
-        raise CheckpointError(f"saving checkpoint {tag} under {root} failed: {err}; the newest complete "
-                              f"checkpoint ({latest}) is intact") from err
+        raise CheckpointError(
+            f"saving checkpoint {tag} under {root} failed: {err}; the newest complete checkpoint ({latest}) is intact"
+        ) from err
     distributed.barrier()
     if engine.global_rank == 0:
         publish_checkpoint(root, tag, run_dir, stream_state, config_dict)
@@ -186,8 +197,11 @@ def find_resume_checkpoint(run_dir, log=print):
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)),
-                        key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    candidates = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)),
+        key=lambda p: int(p.name.split("_")[1]),
+        reverse=True,
+    )
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     if latest:
         candidates.sort(key=lambda p: p.name != latest)  # try `latest` first
@@ -209,8 +223,10 @@ def resolve_checkpoint(path):
     elif path.is_dir() and path.name.startswith("step_"):
         folder = path
     else:
-        raise CheckpointError(f"{path} is not a run folder, a checkpoints folder or a checkpoint step folder "
-                              "(no checkpoints/, no latest file, not step_<N>)")
+        raise CheckpointError(
+            f"{path} is not a run folder, a checkpoints folder or a checkpoint step folder "
+            "(no checkpoints/, no latest file, not step_<N>)"
+        )
     problem = checkpoint_problem(folder)
     if problem is not None:
         raise CheckpointError(f"checkpoint {folder} is incomplete or damaged: {problem}")
@@ -245,21 +261,32 @@ def zero3_full_tensors(folder, keys=("fp32",)):
     world = model_states["dp_world_size"]
     optim_files = rank_files(folder, "optim")
     if len(optim_files) != world:
-        raise CheckpointError(f"{folder}: {len(optim_files)} optimizer partition file(s) for a {world}-rank run: "
-                              "partial checkpoint")
+        raise CheckpointError(
+            f"{folder}: {len(optim_files)} optimizer partition file(s) for a {world}-rank run: partial checkpoint"
+        )
     optim = [load_checkpoint_file(f)["optimizer_state_dict"] for f in optim_files]
 
     def flat(rank, group, key):
-        return optim[rank]["fp32_flat_groups"][group] if key == "fp32" else \
-            optim[rank]["optimizer_state_dict"]["state"][group][key]
+        return (
+            optim[rank]["fp32_flat_groups"][group]
+            if key == "fp32"
+            else optim[rank]["optimizer_state_dict"]["state"][group][key]
+        )
 
     for group, shapes in enumerate(model_states["param_shapes"]):
         offset = 0
         for name, shape in shapes.items():
             numel = math.prod(shape)
             part = math.ceil(numel / world)
-            yield name, {key: torch.cat([flat(rank, group, key).narrow(0, offset, part) for rank in range(world)])
-                         [:numel].view(shape) for key in keys}
+            yield (
+                name,
+                {
+                    key: torch.cat([flat(rank, group, key).narrow(0, offset, part) for rank in range(world)])[
+                        :numel
+                    ].view(shape)
+                    for key in keys
+                },
+            )
             offset += part
 
 
@@ -287,7 +314,8 @@ def load_resharded(engine, folder):
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(param, full[key], key)
     step = load_checkpoint_file(rank_files(folder, "optim")[0])["optimizer_state_dict"]["optimizer_state_dict"][
-        "state"][0]["step"]
+        "state"
+    ][0]["step"]
     for flat in engine.optimizer.fp32_partitioned_groups_flat:
         engine.optimizer.optimizer.state[flat]["step"] = step.clone()
     engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])

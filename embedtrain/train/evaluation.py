@@ -24,8 +24,13 @@ def load_sources(eval_config, prompt_policy):
         query_prompt, document_prompt = prompt_policy.for_subset(read_metadata(folder))
         query_ids = list(queries)[: eval_config.max_queries or None]
         doc_ids = list(corpus)
-        sources[folder.name] = (query_ids, [query_prompt + queries[q] for q in query_ids], doc_ids,
-                                [document_prompt + corpus[d] for d in doc_ids], {q: qrels[q] for q in query_ids})
+        sources[folder.name] = (
+            query_ids,
+            [query_prompt + queries[q] for q in query_ids],
+            doc_ids,
+            [document_prompt + corpus[d] for d in doc_ids],
+            {q: qrels[q] for q in query_ids},
+        )
     return sources
 
 
@@ -34,12 +39,13 @@ def encode_sharded(engine, tokenizer, texts, batch_size, max_length):
     """Embeddings of `texts` (in order) computed rank-sharded, gathered on every rank."""
     rank, world = distributed.rank(), distributed.world_size()
     share = math.ceil(len(texts) / world)
-    mine = texts[rank * share: (rank + 1) * share]
+    mine = texts[rank * share : (rank + 1) * share]
     mine = mine + ["."] * (share - len(mine))  # equal forwards on every rank; padding dropped below
     vectors = []
     for start in range(0, share, batch_size):
-        batch = tokenizer(mine[start: start + batch_size], max_length=max_length, truncation=True, padding=True,
-                          return_tensors="pt")
+        batch = tokenizer(
+            mine[start : start + batch_size], max_length=max_length, truncation=True, padding=True, return_tensors="pt"
+        )
         vectors.append(engine(batch["input_ids"].to(engine.device), batch["attention_mask"].to(engine.device)).float())
     local = torch.cat(vectors) if vectors else torch.zeros(0, 1)
     gathered = distributed.gather_no_grad(local[: max(0, min(share, len(texts) - rank * share))].contiguous())
@@ -58,6 +64,7 @@ def evaluate_in_training(engine, tokenizer, sources, batch_size, max_length):
     engine.train()
     if distributed.rank() != 0:
         return None
-    results["mean"] = {k: float(np.mean([r[k] for r in results.values()]))
-                       for k in ("ndcg@10", "recall@10", "recall@100", "mrr@10")}
+    results["mean"] = {
+        k: float(np.mean([r[k] for r in results.values()])) for k in ("ndcg@10", "recall@10", "recall@100", "mrr@10")
+    }
     return results

@@ -24,8 +24,17 @@ import torch.distributed as dist
 from embedtrain import distributed
 from embedtrain.config import load_config
 
-TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
-                      "reduce", "all_to_all_single", "gather", "scatter")
+TENSOR_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "reduce",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+)
 
 
 class CommTensor(torch.Tensor):
@@ -69,10 +78,22 @@ def main():
     args = parser.parse_args()
     calls, violations = set(), []
     install_checks(calls, violations)
-    config = load_config("tiny", ["train.max_steps=4", "train.save_every=2", "logging.every=1",
-                                  "train.stop_check_every=1", "loss.negatives=global", "loss.query_negatives=true",
-                                  f"eval.path={args.eval_path}", "eval.every=2", "eval.max_queries=8",
-                                  *args.overrides], output_dir=args.run_dir)
+    config = load_config(
+        "tiny",
+        [
+            "train.max_steps=4",
+            "train.save_every=2",
+            "logging.every=1",
+            "train.stop_check_every=1",
+            "loss.negatives=global",
+            "loss.query_negatives=true",
+            f"eval.path={args.eval_path}",
+            "eval.every=2",
+            "eval.max_queries=8",
+            *args.overrides,
+        ],
+        output_dir=args.run_dir,
+    )
     from embedtrain.train.loop import train
 
     train(config)

@@ -52,13 +52,23 @@ def main():
     config.negatives = "local"  # one process holding everything
     ref_loss, _ = negatives_loss(q_ref, p_ref, positive_hash, passage_hash, config)
     ref_loss.backward()
-    errors = [float((q.grad / world - q_ref.grad[rows]).abs().max()), float((p.grad / world - p_ref.grad[passage_rows]).abs().max())]
+    errors = [
+        float((q.grad / world - q_ref.grad[rows]).abs().max()),
+        float((p.grad / world - p_ref.grad[passage_rows]).abs().max()),
+    ]
     worst = torch.tensor([max(errors)])
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if rank == 0:
         with open(args.out, "w") as f:
-            json.dump({"loss": mean_loss, "ref_loss": ref_loss.item(), "max_grad_error": worst.item(),
-                       "masked_fraction": float(stats["masked_fraction"])}, f)
+            json.dump(
+                {
+                    "loss": mean_loss,
+                    "ref_loss": ref_loss.item(),
+                    "max_grad_error": worst.item(),
+                    "masked_fraction": float(stats["masked_fraction"]),
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

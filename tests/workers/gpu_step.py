@@ -45,8 +45,11 @@ def batches(config, steps):
     dataset = open_dataset(config.data, config.train.output_dir)
     collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info)
     sampler = Sampler(dataset.subset_sizes(), MICRO, config.train.seed)
-    return [collator([dataset.example(i, config.loss.hard_negatives) for i in micro])
-            for step in range(steps) for micro in rank_micro_batches(sampler.global_batch(step), 0, 1, MICRO)]
+    return [
+        collator([dataset.example(i, config.loss.hard_negatives) for i in micro])
+        for step in range(steps)
+        for micro in rank_micro_batches(sampler.global_batch(step), 0, 1, MICRO)
+    ]
 
 
 def parity(engine, config, batch):
@@ -67,11 +70,16 @@ def parity(engine, config, batch):
     per_tensor = {name: float((grads[name] - r).norm() / r.norm().clamp(min=1e-12)) for name, r in ref.items()}
     flat, flat_ref = torch.cat([grads[n].flatten() for n in ref]), torch.cat([r.flatten() for r in ref.values()])
     worst = max(per_tensor, key=per_tensor.get)
-    return {"ds_loss": loss.item(), "ref_loss": ref_loss.item(),
-            "total_rel_error": float((flat - flat_ref).norm() / flat_ref.norm()),
-            "cosine": float(torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0)),
-            "max_rel_error": per_tensor[worst], "worst_param": worst, "per_tensor": per_tensor,
-            "param_dtype": str(next(engine.module.parameters()).dtype)}
+    return {
+        "ds_loss": loss.item(),
+        "ref_loss": ref_loss.item(),
+        "total_rel_error": float((flat - flat_ref).norm() / flat_ref.norm()),
+        "cosine": float(torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0)),
+        "max_rel_error": per_tensor[worst],
+        "worst_param": worst,
+        "per_tensor": per_tensor,
+        "param_dtype": str(next(engine.module.parameters()).dtype),
+    }
 
 
 def non_finite_guard(engine, config, steps):
@@ -100,8 +108,13 @@ def main():
     args = parser.parse_args()
 
     distributed.init_distributed()
-    overrides = [f"train.micro_batch_size={MICRO}", f"train.global_batch_size={MICRO}", "deepspeed.bf16.enabled=true",
-                 "optim.warmup_steps=1", "train.lr=1e-3"]  # a visible update on the steps that are not skipped
+    overrides = [
+        f"train.micro_batch_size={MICRO}",
+        f"train.global_batch_size={MICRO}",
+        "deepspeed.bf16.enabled=true",
+        "optim.warmup_steps=1",
+        "train.lr=1e-3",
+    ]  # a visible update on the steps that are not skipped
     config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
     torch.manual_seed(0)
     data = batches(config, 3 if args.mode == "nan" else 1)

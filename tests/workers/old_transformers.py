@@ -24,5 +24,12 @@ with torch.no_grad():
     hidden = model(**batch).last_hidden_state
 mask = batch["attention_mask"].unsqueeze(-1).float()
 embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-print(json.dumps({"transformers": transformers.__version__, "bidirectional": not torch.allclose(first, first_changed),
-                  "embeddings": embeddings.tolist()}))
+print(
+    json.dumps(
+        {
+            "transformers": transformers.__version__,
+            "bidirectional": not torch.allclose(first, first_changed),
+            "embeddings": embeddings.tolist(),
+        }
+    )
+)

@@ -28,8 +28,17 @@ def main():
     parser.add_argument("--nan-at", default="", help="comma-separated step indices whose loss is made NaN")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    config = load_config("tiny", [f"train.max_steps={args.steps}", "train.save_every=2", "train.keep_checkpoints=0",
-                                  "logging.every=1", *args.overrides], output_dir=args.run_dir)
+    config = load_config(
+        "tiny",
+        [
+            f"train.max_steps={args.steps}",
+            "train.save_every=2",
+            "train.keep_checkpoints=0",
+            "logging.every=1",
+            *args.overrides,
+        ],
+        output_dir=args.run_dir,
+    )
 
     if args.kill_in_save is not None:
         publish = checkpoint.publish_checkpoint
@@ -57,7 +66,9 @@ def main():
         from embedtrain.train import step as step_module
 
         nan_steps, real_loss, calls = {int(s) for s in args.nan_at.split(",")}, step_module.contrastive_loss, [0]
-        micro_per_step = config.train.global_batch_size // config.train.micro_batch_size // max(1, distributed.world_size())
+        micro_per_step = (
+            config.train.global_batch_size // config.train.micro_batch_size // max(1, distributed.world_size())
+        )
 
         def loss_with_nan(*a, **k):
             loss, stats = real_loss(*a, **k)
@@ -90,8 +101,19 @@ def main():
         total = checksum()  # a collective under ZeRO-3: every rank takes part
         if distributed.rank() == 0:
             with open(args.records, "a") as f:
-                f.write(json.dumps({"step": step, "loss": stats["loss"], "pid": os.getpid(), "ids": ids,
-                                    "skipped": stats["skipped_steps"], "checksum": total}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": stats["loss"],
+                            "pid": os.getpid(),
+                            "ids": ids,
+                            "skipped": stats["skipped_steps"],
+                            "checksum": total,
+                        }
+                    )
+                    + "\n"
+                )
                 f.flush()
                 os.fsync(f.fileno())
         if step == args.kill_after_step:
@@ -114,7 +136,7 @@ def main():
         train(config, on_step=record)
     except (CheckpointError, TrainingError) as err:
         print(f"embedtrain: error: {err}", flush=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ from embedtrain.config import load_config
 from embedtrain.data.collate import load_tokenizer
 from embedtrain.train.loop import train
 
-TEXTS = ["Shilin Linlofo is a chemist.", "A short one.",
-         "Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper."]
+TEXTS = [
+    "Shilin Linlofo is a chemist.",
+    "A short one.",
+    "Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper.",
+]
 
 
 def main():
@@ -29,8 +32,11 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    config = load_config("tiny", [f"train.max_steps={args.steps}", "train.save_every=2", "logging.every=1",
-                                  *args.overrides], output_dir=args.run_dir)
+    config = load_config(
+        "tiny",
+        [f"train.max_steps={args.steps}", "train.save_every=2", "logging.every=1", *args.overrides],
+        output_dir=args.run_dir,
+    )
     losses, batches = [], []
 
     def record(step, stats, micro_batches):
@@ -50,8 +56,17 @@ def main():
         embeddings = engine(batch["input_ids"], batch["attention_mask"])
     if engine.global_rank == 0:
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "batches": batches, "world": world, "partitioned": partitioned,
-                       "texts": TEXTS, "embeddings": embeddings.tolist()}, f)
+            json.dump(
+                {
+                    "losses": losses,
+                    "batches": batches,
+                    "world": world,
+                    "partitioned": partitioned,
+                    "texts": TEXTS,
+                    "embeddings": embeddings.tolist(),
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":
