@@ -46,8 +46,8 @@ class DataConfig:
     passage_prefix: str | None = None  # None: the subset's passage_instruction
     pad_to_multiple_of: int = 8
     packing: bool = True  # padding-free batches: a micro-batch's sequences packed into rows
-    # tokens per packed row; 0 = twice the larger max length. Longer rows pad less; under sdpa/eager
-    # a row's attention costs its length squared (a block mask), under flash varlen nothing extra
+    # tokens per packed row; 0 = the larger max length. Longer rows pad less, but under sdpa/eager a
+    # row's attention costs its length squared (a dense block mask); flex/flash varlen cost nothing extra
     pack_length: int = 0
     mixing: str = "proportional"  # proportional | temperature | single_subset
     mixing_temperature: float = 1.0  # temperature/single_subset: P(subset) ~ n^(1/T)

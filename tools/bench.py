@@ -867,6 +867,13 @@ def main():
         "2-thread torch step measured 5x slower than a 1-thread one whenever another process "
         "held a core; unset on GPU)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the three ways this many times, interleaved, and report each one's median-step-time "
+        "run (a shared CPU machine varies by 20-30 %% from one process to the next)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the run's plan and exit (no model, no GPU)")
     args = parser.parse_args()
     runs = args.runs.split(",")
@@ -891,18 +898,21 @@ def main():
     threads = args.threads
     if threads is None and not has_cuda():
         threads = 1
-    results = []
-    for name in runs:
-        started = time.perf_counter()
-        result = child(["_run", name], spec_file, args.timeout, threads)
-        notes = result.pop("_notes")
-        results.append(result)
-        print(
-            f"{name}: {time.perf_counter() - started:.0f} s wall, {notes['timed_steps']} timed steps, "
-            f"{notes['real_tokens']:,} real of {notes['total_tokens']:,} tokens"
-            + (f", all-gather bytes from {notes['allgather_source']}" if notes["allgather_source"] else ""),
-            flush=True,
-        )
+    measured = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every way alike
+        for name in runs:
+            started = time.perf_counter()
+            result = child(["_run", name], spec_file, args.timeout, threads)
+            notes = result.pop("_notes")
+            measured[name].append(result)
+            print(
+                f"{name}: {time.perf_counter() - started:.0f} s wall, {notes['timed_steps']} timed steps, "
+                f"{result['step_time_s']:.3f} s/step, {notes['real_tokens']:,} real of {notes['total_tokens']:,} tokens"
+                + (f", all-gather bytes from {notes['allgather_source']}" if notes["allgather_source"] else ""),
+                flush=True,
+            )
+    # each way's run with the median step time (the upper median for an even count)
+    results = [sorted(measured[name], key=lambda r: r["step_time_s"])[len(measured[name]) // 2] for name in runs]
     report = {
         "device": device_name(threads),
         "preset": args.preset,

@@ -40,9 +40,7 @@ class Collator:
         self.chunk_size = chunk_size
         self.policy = training_policy(data_config, subsets)
         self.subset_prompts = {name: self.policy.for_subset(info) for name, info in subsets.items()}
-        self.pack_length = data_config.pack_length or 2 * max(
-            data_config.query_max_length, data_config.passage_max_length
-        )
+        self.pack_length = data_config.pack_length or max(data_config.query_max_length, data_config.passage_max_length)
 
     def tokenize(self, examples):
         """(query token lists, passage token lists) with prompts, each side truncated to its max."""

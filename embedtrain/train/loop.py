@@ -384,12 +384,13 @@ def log_window(engine, writer, done, step_stats, window, config):
             scalars[f"train/{key}"] = distributed.all_reduce_mean(float(value))
     if distributed.is_main_process():
         eta = format_duration(step_time * (config.train.max_steps - done))
-        memory = f"  {scalars['perf/peak_memory_gib']:.1f} GiB" if "perf/peak_memory_gib" in scalars else ""
+        on_gpu = "perf/peak_memory_gib" in scalars  # MFU against a GPU's peak means nothing on the CPU
+        device = f"  MFU {scalars['perf/mfu']:.1%}  {scalars['perf/peak_memory_gib']:.1f} GiB" if on_gpu else ""
         print(
             f"[embedtrain] step {done}: loss {loss:.4f}  acc {scalars.get('train/accuracy', 0):.3f}  "
             f"lr {scalars['train/lr']:.2e}  {scalars['perf/tokens_per_s']:,.0f} tok/s  "
             f"{scalars['perf/real_tokens_per_s']:,.0f} real tok/s  pad-eff {scalars['perf/padding_efficiency']:.3f}  "
-            f"MFU {scalars['perf/mfu']:.1%}  {step_time:.2f} s/step{memory}  ETA {eta}",
+            f"{step_time:.2f} s/step{device}  ETA {eta}",
             flush=True,
         )
         if writer is not None:
