@@ -50,9 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "embedtrain" / "assets"
 RUNS = ("embedtrain", "deepspeed_plain", "torch_plain")
 SUBSETS = ("FEVER", "SciFact", "SyntheticClassificationData")
-LLAMA_8B_LAYER = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8
-)
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package's public shapes
+from embedtrain.plan import SHAPES  # noqa: E402 (plan imports nothing heavy)
 
 # Steps and micro-batches: the CPU preset takes about 2 minutes for all three runs on 2 cores; the H100
 # presets a few minutes on one GPU (model build and load included). hard negatives 4: 1 + 4 passages.
@@ -70,14 +69,7 @@ PRESETS = {
     ),
     "h100-1b": dict(
         recipe="llama3_2_1b",
-        shape=dict(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-        ),
+        shape=SHAPES["llama-3.2-1b"],
         query_max_length=512,
         passage_max_length=512,
         micro_batch=16,
@@ -90,7 +82,7 @@ PRESETS = {
     # 36 GB for torch_plain (fp32 weights, gradients, Adam), which leaves activation room on 80 GB
     "h100-8b": dict(
         recipe="llama_embed_nemotron_8b",
-        shape=dict(LLAMA_8B_LAYER, num_hidden_layers=8),
+        shape=dict(SHAPES["llama-3.1-8b"], num_hidden_layers=8),
         query_max_length=512,
         passage_max_length=512,
         micro_batch=8,

@@ -53,14 +53,12 @@ DEMO = ASSETS / "demo-data"
 TAIL_CHARS = 4000
 
 # Llama-3.2-1B's published config.json, without its weights.
+sys.path.insert(0, str(REPO))
+from embedtrain.plan import SHAPES  # noqa: E402 (plan imports nothing heavy)
+
 LLAMA_3_2_1B = dict(
-    hidden_size=2048,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
+    **SHAPES["llama-3.2-1b"],  # layers, widths, heads, vocabulary: embedtrain.plan's public shape
     head_dim=64,
-    intermediate_size=8192,
-    vocab_size=128256,
     tie_word_embeddings=True,
     max_position_embeddings=131072,
     rms_norm_eps=1e-5,
