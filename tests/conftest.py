@@ -51,6 +51,40 @@ def run_worker(name, out, *args, nproc=1, timeout=300, check=True):
     return None, result
 
 
+def embedtrain_cli(*args, timeout=400):
+    """`embedtrain ARGS...` in a subprocess, as a user types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "embedtrain.cli", *map(str, args)],
+        cwd=REPO,
+        env=worker_env(threads=2),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """The tiny recipe trained 2 steps and exported (instruction prompts): one model for every test
+    that only needs some exported model."""
+    root = tmp_path_factory.mktemp("tiny_export")
+    train = (
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        root / "run",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "logging.every=1",
+    )
+    for args in (train, ("export", root / "run", root / "model")):
+        result = embedtrain_cli(*args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root / "model"
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return ASSETS / "tiny-llama"

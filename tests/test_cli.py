@@ -3,26 +3,15 @@ transformers, and bad input stops before training with a message that names the 
 
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from test_training import embed_with_transformers
 
-from conftest import REPO, worker_env
+from conftest import embedtrain_cli
 from embedtrain.model import BiEncoder, load_backbone
 
-
-def embedtrain(*args, timeout=400):
-    return subprocess.run(
-        [sys.executable, "-m", "embedtrain.cli", *map(str, args)],
-        cwd=REPO,
-        env=worker_env(threads=2),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+embedtrain = embedtrain_cli  # other test files import it from here
 
 
 def test_tiny_recipe_trains_then_exports(tmp_path):

@@ -167,26 +167,8 @@ DOCUMENTS = [
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The tiny recipe trained 2 steps (on this machine's device) and exported, as test_export does."""
-    from test_cli import embedtrain
-
-    root = tmp_path_factory.mktemp("gpu_export")
-    run = embedtrain(
-        "train",
-        "--config",
-        "tiny",
-        "--output-dir",
-        root / "run",
-        "--set",
-        "train.max_steps=2",
-        "--set",
-        "logging.every=1",
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    done = embedtrain("export", root / "run", root / "model")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root / "model"
+def exported(tiny_export):
+    return tiny_export
 
 
 def test_gpu_bf16_encode_equals_cpu_fp32_encode(exported):
