@@ -15,6 +15,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from test_long import padded, random_ids  # the same layouts as the CPU long-text tests
 
 from conftest import run_worker
 from embedtrain.model import BiEncoder, load_backbone
@@ -63,20 +64,6 @@ def test_bf16_non_finite_step_is_skipped_and_counted(tmp_path):
     assert result["changed"] == [True, False, True], result
     assert all(result["finite"]), result
     assert np.isfinite(result["losses"][0]) and np.isfinite(result["losses"][2]), result
-
-
-def random_ids(length, seed):
-    return torch.randint(0, 1000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def padded(sequences, side):
-    width = max(map(len, sequences))
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        span = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence), width)
-        ids[row, span], mask[row, span] = torch.tensor(sequence), 1
-    return ids, mask
 
 
 SEQUENCES = [random_ids(n, seed) for seed, n in enumerate((7, 300, 64, 129, 1))]
