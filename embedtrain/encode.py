@@ -10,6 +10,7 @@ in input order, L2-normalised, optionally truncated to the first K dims (Matryos
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,62 +132,43 @@ def encode_texts(
     if long_documents not in LONG_DOCUMENT_MODES:
         raise ValueError(f"long_documents={long_documents!r}: expected one of {', '.join(LONG_DOCUMENT_MODES)}")
     device = next(encoder.parameters()).device
+    with normalizing(encoder, normalize):
+        out = []
+        bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not progress)
+        for start in range(0, len(texts), BLOCK):  # token lists for one block at a time
+            block = texts[start : start + BLOCK]
+            sequences, owner = [], []
+            for index, ids in enumerate(
+                tokenize_all(tokenizer, prompt, block, max_length, long_documents, chunk_overlap)
+            ):
+                sequences += ids
+                owner += [index] * len(ids)
+            vectors = [None] * len(sequences)
+            for batch_indices in token_budget_batches([len(ids) for ids in sequences], batch_size, max_tokens):
+                batch = tokenizer.pad({"input_ids": [sequences[i] for i in batch_indices]}, return_tensors="pt")
+                embeddings = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+                for i, vector in zip(batch_indices, embeddings):
+                    vectors[i] = vector
+                bar.update(len({owner[i] for i in batch_indices}))
+            # a text of several windows: the mean of their unit vectors, back to unit length
+            summed = torch.zeros(len(block), vectors[0].shape[-1]).index_add_(
+                0, torch.tensor(owner), torch.stack(vectors)
+            )
+            if not encoder.normalize:  # raw vectors: the mean of the windows, not their sum
+                summed /= torch.bincount(torch.tensor(owner), minlength=len(block)).clamp(min=1)[:, None]
+            out.append(truncate(summed, dim, normalize=encoder.normalize).numpy())
+        bar.close()
+        return np.concatenate(out) if out else np.zeros((0, output_dim(encoder, dim)), np.float32)
+
+
+@contextmanager
+def normalizing(encoder, normalize):
+    """The encoder with `normalize` set for one call, then as it was."""
     was_normalizing, encoder.normalize = encoder.normalize, normalize
     try:
-        return _encode_blocks(
-            encoder,
-            tokenizer,
-            texts,
-            batch_size,
-            max_length,
-            dim,
-            progress,
-            max_tokens,
-            long_documents,
-            chunk_overlap,
-            prompt,
-            device,
-        )
+        yield encoder
     finally:
         encoder.normalize = was_normalizing
-
-
-def _encode_blocks(
-    encoder,
-    tokenizer,
-    texts,
-    batch_size,
-    max_length,
-    dim,
-    progress,
-    max_tokens,
-    long_documents,
-    chunk_overlap,
-    prompt,
-    device,
-):
-    out = []
-    bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not progress)
-    for start in range(0, len(texts), BLOCK):  # token lists for one block at a time
-        block = texts[start : start + BLOCK]
-        sequences, owner = [], []
-        for index, ids in enumerate(tokenize_all(tokenizer, prompt, block, max_length, long_documents, chunk_overlap)):
-            sequences += ids
-            owner += [index] * len(ids)
-        vectors = [None] * len(sequences)
-        for batch_indices in token_budget_batches([len(ids) for ids in sequences], batch_size, max_tokens):
-            batch = tokenizer.pad({"input_ids": [sequences[i] for i in batch_indices]}, return_tensors="pt")
-            embeddings = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
-            for i, vector in zip(batch_indices, embeddings):
-                vectors[i] = vector
-            bar.update(len({owner[i] for i in batch_indices}))
-        # a text of several windows: the mean of their unit vectors, back to unit length
-        summed = torch.zeros(len(block), vectors[0].shape[-1]).index_add_(0, torch.tensor(owner), torch.stack(vectors))
-        if not encoder.normalize:  # raw vectors: the mean of the windows, not their sum
-            summed /= torch.bincount(torch.tensor(owner), minlength=len(block)).clamp(min=1)[:, None]
-        out.append(truncate(summed, dim, normalize=encoder.normalize).numpy())
-    bar.close()
-    return np.concatenate(out) if out else np.zeros((0, output_dim(encoder, dim)), np.float32)
 
 
 def tokenize_all(tokenizer, prompt, texts, max_length, long_documents="truncate", chunk_overlap=0):
