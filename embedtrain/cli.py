@@ -5,6 +5,7 @@ import traceback
 import click
 
 from embedtrain.config import ConfigError
+from embedtrain.data.formats import FORMATS
 
 
 def fail(message, exit_code=2):
@@ -77,9 +78,23 @@ def train(recipe, overrides, output_dir, resume):
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--subset", "subsets", multiple=True, help="Prepare only this subset (repeatable). Default: all.")
+@click.option(
+    "--format",
+    "input_format",
+    type=click.Choice(FORMATS),
+    default="auto",
+    show_default=True,
+    help="Input format of SRC; auto detects it (see docs/data.md).",
+)
+@click.option(
+    "--sources",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of local copies of the ids_only subsets' sources, as SOURCES/<owner>/<name>.",
+)
 @click.option(
     "--skip-bad-rows",
     is_flag=True,
@@ -87,18 +102,26 @@ def train(recipe, overrides, output_dir, resume):
 )
 @click.option("--workers", type=int, default=None, help="Parallel processes (one subset each). Default: cores.")
 @click.option("--shard-mb", type=int, default=256, show_default=True, help="Target size of one Arrow shard.")
-def prepare(src, out, subsets, skip_bad_rows, workers, shard_mb):
-    """Validate a local copy of nvidia/embed-nemotron-dataset-v1 and write Arrow shards + manifest.
+def prepare(src, out, subsets, input_format, sources, skip_bad_rows, workers, shard_mb):
+    """Convert and validate a dataset, restore its ids_only subsets, write Arrow shards + manifest.
+
+    SRC is a local folder or file (the embed-nemotron layout, inline JSONL, NeMo AutoModel's
+    corpus-id JSON, BEIR, or a `datasets` folder), or a Hugging Face dataset id such as
+    nvidia/embed-nemotron-dataset-v1 (downloaded into the Hugging Face cache, or read from it
+    offline).
 
     \b
-    Example:  embedtrain prepare /data/embed-nemotron-dataset-v1 /data/prepared
+    Example:  embedtrain prepare nvidia/embed-nemotron-dataset-v1 /data/prepared --sources /data/sources
+    Example:  embedtrain prepare /data/embed-nemotron-dataset-v1 /data/prepared --subset FEVER
     Then:     embedtrain train --config llama3_2_1b --set data.path=/data/prepared ...
     """
     from embedtrain.data.nemotron import DataError
     from embedtrain.data.prepare import prepare as run_prepare
 
     try:
-        manifest = run_prepare(src, out, subsets or None, skip_bad_rows, workers, shard_mb)
+        manifest = run_prepare(
+            src, out, subsets or None, skip_bad_rows, workers, shard_mb, sources=sources, input_format=input_format
+        )
     except DataError as err:
         fail(str(err))
     total = sum(s["num_queries"] for s in manifest["subsets"].values())

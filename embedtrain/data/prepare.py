@@ -17,6 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from embedtrain.data.formats import to_layout
+from embedtrain.data.hub import resolve_dataset
 from embedtrain.data.nemotron import (
     CORPUS_COLUMNS,
     METADATA_KEYS,
@@ -25,6 +27,7 @@ from embedtrain.data.nemotron import (
     read_metadata,
     subset_folders,
 )
+from embedtrain.data.restore import restore_subsets
 from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded
 
 DONE = "done.json"
@@ -180,20 +183,23 @@ def finished_entry(folder, out):
     return None
 
 
-def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=256):
-    """Prepare every (or the named) subset of `src` into `out`; returns the manifest."""
+def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=256, sources=None, input_format="auto"):
+    """Prepare every (or the named) subset of `src` into `out`; returns the manifest.
+
+    `src`: a local folder or file in one of the formats of embedtrain.data.formats, or a Hugging Face
+    dataset id (downloaded into, or read from, the Hugging Face cache). `ids_only` subsets are
+    restored from their sources (embedtrain.data.restore), looked up under `sources` first.
+    """
+    out = Path(out)
+    src, origin = resolve_dataset(src, subsets)
+    src = to_layout(src, input_format, out / "converted")
     folders = subset_folders(src, subsets)
     metas = {f: read_metadata(f) for f in folders}
-    ids_only = [f.name for f, m in metas.items() if m["ids_only"]]
-    if ids_only:
-        raise DataError(
-            "these subsets are ids_only (their text is not redistributed) and must be rebuilt from "
-            f"their original source first: {', '.join(ids_only)}; exclude them with --subset"
-        )
+    folders = restore_subsets(folders, metas, out / "restored", sources, workers)
+    metas = {f: read_metadata(f) for f in folders}
     problems = [p for f in folders for p in structural_problems(f)]
     if problems:
         raise DataError("cannot prepare:\n  " + "\n  ".join(problems))
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus_folders = {m["corpus_id"]: f for f, m in metas.items()}
     entries, todo = {}, []
@@ -224,7 +230,7 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
         print(f"[embedtrain] skipped {len(all_problems)} bad row(s); each is listed in {out / 'skipped_rows.jsonl'}")
     manifest = {
         "format": FORMAT,
-        "source": str(Path(src).resolve()),
+        "source": origin,
         "subsets": {f.name: entries[f.name] for f in folders},
     }
     tmp = out / (MANIFEST + ".tmp")
