@@ -53,6 +53,10 @@ class DataConfig:
     mixing_temperature: float = 1.0  # temperature/single_subset: P(subset) ~ n^(1/T)
     subset_weights: dict | None = None  # explicit {subset: weight}, instead of the temperature rule
     length_bucketing: bool = False  # sort each global batch by length before cutting micro-batches
+    # which of a query's positives is its target: first (pos_doc[0], NVIDIA's recipe) | cycle
+    # (positive e mod the query's number of positives, e = how often the stream drew it before).
+    # Either way every known positive is masked out of the query's local/global negative pool.
+    positive_sampling: str = "first"
     num_workers: int = 1  # DataLoader worker processes per rank
     prepared_path: str | None = None  # where a raw data.path is prepared; default <run>/prepared
 
@@ -138,6 +142,7 @@ CHOICES = {
     "loss.negatives": ("group", "local", "global"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "data.mixing": ("proportional", "temperature", "single_subset"),
+    "data.positive_sampling": ("first", "cycle"),
 }
 
 # Top-level keys of a DeepSpeed config that embedtrain lets a recipe or --set touch.

@@ -38,7 +38,8 @@ def pooled_info_nce(queries_QD, pool_ND, targets_Q, temperature, masked_QN=None)
 
     where t(i) = targets_Q[i] is the index of query i's positive in the pool. The pool holds every
     query's own positive and hard negatives, so the group terms are included. masked_QN (bool) drops
-    pool entries that must not count as negatives (copies of the query's own positive).
+    pool entries that must not count as negatives (the query's known positives other than the
+    target: duplicate_positive_mask).
     Returns (loss: mean over the Q queries, logits_QN).
     """
     logits_QN = scores(queries_QD, pool_ND, temperature)
@@ -52,13 +53,20 @@ def positive_targets(num_queries, passages_per_query, pool_offset=0, device=None
     return pool_offset + torch.arange(num_queries, device=device) * passages_per_query
 
 
-def duplicate_positive_mask(positive_hash_Q, pool_hash_N, targets_Q):
-    """True where a pool passage has the same content as the query's positive but is not it.
+def duplicate_positive_mask(positive_hash_QK, pool_hash_N, targets_Q):
+    """True where a pool passage is one of the query's known positives but is not its target.
 
-    Hashes are of (corpus, text), so `d_17` of two subsets never collides while the same text
-    under two ids does.
+    positive_hash_QK: (Q, K) content hashes (embedtrain.data.nemotron.content_hash, of the text) of
+    each query's K known positives, a row padded by repeating a hash; a (Q,) tensor is K = 1.
+    pool_hash_N: (N,) hashes of the pool's passages; targets_Q: (Q,) pool index of each query's
+    positive. Masked: copies of the positive (the same text under another id or in another corpus)
+    and the query's other positives (siblings), wherever they sit in the pool; never the target.
     """
-    same_QN = positive_hash_Q[:, None] == pool_hash_N[None, :]
+    if positive_hash_QK.dim() == 1:
+        positive_hash_QK = positive_hash_QK[:, None]
+    same_QN = torch.zeros(len(targets_Q), pool_hash_N.shape[0], dtype=torch.bool, device=pool_hash_N.device)
+    for hash_Q in positive_hash_QK.T:  # K is small: Q x N memory, not Q x K x N
+        same_QN |= hash_Q[:, None] == pool_hash_N[None, :]
     same_QN[torch.arange(len(targets_Q), device=targets_Q.device), targets_Q] = False
     return same_QN
 

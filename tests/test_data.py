@@ -199,10 +199,10 @@ def test_skip_bad_rows_reports_every_skipped_row(data_copy, tmp_path):
     assert manifest["subsets"]["FEVER"]["skipped_rows"] == len(report)
 
 
-def test_ids_only_subsets_are_listed(data_copy, tmp_path):
+def test_an_ids_only_subset_without_source_config_is_named(data_copy, tmp_path):
     path = data_copy / "SciFact" / "dataset_metadata.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "ids_only": True}))
-    with pytest.raises(DataError, match="ids_only .*: SciFact"):
+    with pytest.raises(DataError, match="SciFact: ids_only subset without .*source_config.json"):
         prepare(data_copy, tmp_path / "out")
 
 
@@ -222,7 +222,7 @@ def test_collate_prompts_and_padding(prepared, tiny_llama):
     batch = Collator(tokenizer, config.data, prepared.info)(examples[:1])
     assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == f"query: {examples[0].query}"
     assert tokenizer.decode(batch["input_ids"][1], skip_special_tokens=True) == f"passage: {examples[0].passages[0]}"
-    assert batch["positive_hash"][0] == batch["passage_hash"][0]
+    assert batch["positive_hash"].shape == (1, 1) and batch["positive_hash"][0, 0] == batch["passage_hash"][0]
 
 
 def test_packed_batches_hold_the_same_sequences_with_little_padding(prepared, tiny_llama):

@@ -53,6 +53,29 @@ def test_duplicates_of_the_positive_are_masked_but_the_positive_is_not():
     assert math.isclose(loss.item(), reference_loss([[0, 1, 2], [2, 0, 1, 3]]), rel_tol=1e-6)
 
 
+def test_sibling_positives_are_masked_for_their_own_query_only():
+    """Three queries, two passages each. Query 0 knows positives 10 and 11; its sibling 11 sits in
+    query 1's group (a hard negative there). Query 2's two known positives are 30 and its padding
+    repeat. Each query's target is never masked, even when its text is another query's positive."""
+    targets = positive_targets(3, 2)  # [0, 2, 4]
+    pool_hash = torch.tensor([10, 12, 20, 11, 30, 10])
+    positive_hash = torch.tensor([[10, 11], [20, 20], [30, 30]])
+    masked = duplicate_positive_mask(positive_hash, pool_hash, targets)
+    assert masked.tolist() == [
+        [False, False, False, True, False, True],  # the sibling 11 (query 1's group) and a copy of 10
+        [False, False, False, False, False, False],  # 11 and 10 are plain negatives for query 1
+        [False, False, False, False, False, False],
+    ]
+    # a (Q,) tensor is one known positive per query: the sibling is then a negative again
+    masked_one = duplicate_positive_mask(positive_hash[:, 0], pool_hash, targets)
+    assert masked_one[0].tolist() == [False, False, False, False, False, True]
+    # the target itself stays, even if it repeats another positive of the same query
+    masked_swapped = duplicate_positive_mask(
+        torch.tensor([[11, 10], [20, 20], [30, 30]]), pool_hash, torch.tensor([3, 2, 4])
+    )
+    assert masked_swapped[0].tolist() == [True, False, False, False, False, True]
+
+
 def test_logits_are_fp32_for_bf16_embeddings():
     q, p = QUERIES.bfloat16(), PASSAGES.bfloat16()
     assert scores(q, p, TAU).dtype == torch.float32

@@ -24,6 +24,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from embedtrain.data.nemotron import content_hash  # noqa: E402
 from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded  # noqa: E402
 
 WORDS = np.array(
@@ -46,7 +47,7 @@ def synthetic_text(rng, count, mean_words):
 
 
 def write_dataset(out, target_bytes, seed=0):
-    """Two subsets; each query has 1 positive and 8 negatives among its subset's documents."""
+    """Two subsets; each query has 1 positive (doc 2i) and 8 negatives among its subset's documents."""
     rng = np.random.default_rng(seed)
     subsets = {}
     for name in ("SubsetA", "SubsetB"):
@@ -54,9 +55,8 @@ def write_dataset(out, target_bytes, seed=0):
         queries = docs // 2
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
-        corpus = pa.table(
-            {"id": [f"d_{i}" for i in range(docs)], "text": synthetic_text(rng, docs, 120)}, schema=CORPUS_SCHEMA
-        )
+        texts = synthetic_text(rng, docs, 120)
+        corpus = pa.table({"id": [f"d_{i}" for i in range(docs)], "text": texts}, schema=CORPUS_SCHEMA)
         question = synthetic_text(rng, queries, 12)
         negs = rng.integers(0, docs, (queries, 8))
         table = pa.table(
@@ -64,7 +64,10 @@ def write_dataset(out, target_bytes, seed=0):
                 "question_id": [f"q_{i}" for i in range(queries)],
                 "question": question,
                 "corpus": [name] * queries,
-                "pos": np.arange(queries) * 2,
+                "positives": pa.array([[2 * i] for i in range(queries)], pa.list_(pa.int64())),
+                "positive_hashes": pa.array(
+                    [[content_hash(texts[2 * i])] for i in range(queries)], pa.list_(pa.int64())
+                ),
                 "negs": pa.array(list(negs), pa.list_(pa.int64())),
                 "length": [len(q) + 700 for q in question],
             },
@@ -139,7 +142,8 @@ def main():
     results = {}
     for label, size in (("0.2GB", 0.2e9), ("2GB", 2e9)):
         folder = Path(args.out) / label
-        if not (folder / MANIFEST).is_file():
+        manifest = folder / MANIFEST
+        if not manifest.is_file() or json.loads(manifest.read_text()).get("format") != FORMAT:
             written = write_dataset(folder, size)
         else:
             written = sum(f.stat().st_size for f in folder.rglob("*.arrow"))

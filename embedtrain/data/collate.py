@@ -1,6 +1,8 @@
 """Examples -> token batches: prompt (embedtrain.prompts) + text, separate max lengths for the
 query and passage sides, padding to a multiple of 8."""
 
+import numbers
+
 import torch
 from transformers import AutoTokenizer
 
@@ -25,7 +27,9 @@ class Collator:
     """Tokenises a list of Examples into one encoder batch for queries and passages together.
 
     Returns a dict: input_ids / attention_mask, the queries first, then each query's passages
-    contiguous (positive first); num_queries; positive_hash (Q,), passage_hash (Q*G,); token counts
+    contiguous (positive first); num_queries; positive_hash (Q, K): the content hashes of each
+    query's known positives, its target's first (K = the most in the micro-batch, a shorter row
+    padded by repeating its first hash); passage_hash (Q*G,); token counts
     (tokens, real_tokens, squared_lengths: the sum of each sequence's length squared, for the
     attention FLOPs). With data.packing the sequences are packed into rows (model/packing.py) and
     attention_mask holds sequence labels, with sequence_index / sequence_mask to gather them
@@ -56,12 +60,13 @@ class Collator:
         return self.assemble(
             query_ids,
             passage_ids,
-            [content_hash(e.passages[0]) for e in examples],
+            [known_positive_hashes(e) for e in examples],
             [content_hash(p) for e in examples for p in e.passages],
         )
 
     def assemble(self, query_ids, passage_ids, positive_hash, passage_hash):
-        """The batch dict of token lists (queries, then passages grouped by query) and hashes."""
+        """The batch dict of token lists (queries, then passages grouped by query) and hashes.
+        `positive_hash`: per query, a list of its known positives' hashes (target first) or one hash."""
         per_query = len(passage_ids) // len(query_ids)
         chunk = self.chunk_size or len(query_ids)
         parts = [
@@ -72,7 +77,7 @@ class Collator:
             for start in range(0, len(query_ids), chunk)
         ]
         batch = {
-            "positive_hash": torch.tensor(positive_hash, dtype=torch.long),
+            "positive_hash": positive_hash_matrix(positive_hash),
             "passage_hash": torch.tensor(passage_hash, dtype=torch.long),
         }
         if self.chunk_size:
@@ -104,6 +109,22 @@ class Collator:
             "real_tokens": sum(lengths),
             "squared_lengths": sum(n * n for n in lengths),
         }
+
+
+def known_positive_hashes(example):
+    """The content hashes of an example's known positives: its target (passages[0]) first, then the
+    others the prepared data lists (Examples built elsewhere may list none)."""
+    target = content_hash(example.passages[0])
+    others = example.positive_hashes
+    return [target] + [h for h in dict.fromkeys(others) if h != target]
+
+
+def positive_hash_matrix(rows):
+    """(Q, K) LongTensor of per-query hash lists (or single hashes), each row padded to the longest
+    by repeating its first hash: a repeat masks nothing more, so no sentinel value is needed."""
+    rows = [[row] if isinstance(row, numbers.Integral) else list(row) for row in rows]
+    width = max((len(row) for row in rows), default=1)
+    return torch.tensor([row + row[:1] * (width - len(row)) for row in rows], dtype=torch.long).view(len(rows), width)
 
 
 def encoder_parts(batch):

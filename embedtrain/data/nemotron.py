@@ -3,7 +3,7 @@ queries.parquet and corpus.parquet. Shared names and checks for `prepare` (embed
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 METADATA_KEYS = ("corpus_id", "query_instruction", "passage_instruction", "ids_only")
@@ -17,12 +17,15 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    """One training example: a query and its passages (positive first, then k hard negatives)."""
+    """One training example: a query and its passages (positive first, then k hard negatives), with
+    the content hashes of all the query's known positives (none of them may count as a negative;
+    Examples built outside prepared data may list none)."""
 
     subset: str
     query: str
     passages: list[str]
     question_id: str = ""
+    positive_hashes: list[int] = field(default_factory=list)
 
 
 def content_hash(text):

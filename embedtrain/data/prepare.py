@@ -24,10 +24,11 @@ from embedtrain.data.nemotron import (
     METADATA_KEYS,
     QUERY_COLUMNS,
     DataError,
+    content_hash,
     read_metadata,
     subset_folders,
 )
-from embedtrain.data.restore import restore_subsets
+from embedtrain.data.restore import RECORD, restore_subsets
 from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded
 
 DONE = "done.json"
@@ -35,7 +36,7 @@ DONE = "done.json"
 
 def fingerprint(folder):
     """What a finished subset was built from: file names, sizes and modification times."""
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
 def structural_problems(folder):
@@ -97,7 +98,10 @@ def read_corpus(folder, subset):
 
 
 def resolve_queries(folder, subset, corpus_ids, texts_by_corpus):
-    """Query rows with doc ids resolved to corpus rows; problems name subset, file and row."""
+    """Query rows with doc ids resolved to corpus rows, and the content hash of every positive's
+    text (embedtrain.data.shards.QUERY_SCHEMA); problems name subset, file and row. Every pos_doc
+    and neg_doc id must resolve. `texts_by_corpus[corpus_id](row)` is the text of a corpus row."""
+
     path = folder / "queries.parquet"
     rows = pq.read_table(path, columns=list(QUERY_COLUMNS)).to_pylist()
     resolved, problems, seen = [], [], set()
@@ -122,20 +126,23 @@ def resolve_queries(folder, subset, corpus_ids, texts_by_corpus):
         if not q["pos_doc"]:
             bad("empty pos_doc")
             continue
-        doc_ids = [q["pos_doc"][0]["id"]] + [d["id"] for d in q["neg_doc"] or []]
-        dangling = [d for d in doc_ids if d not in id_to_row]
+        positive_ids = list(dict.fromkeys(d["id"] for d in q["pos_doc"]))  # stored order, an id once
+        negative_ids = [d["id"] for d in q["neg_doc"] or []]
+        dangling = [d for d in positive_ids + negative_ids if d not in id_to_row]
         if dangling:
             bad(f"doc id(s) {', '.join(dangling)} not in corpus {q['corpus_id']!r} (missing or bad rows)")
             continue
-        rows_ = [id_to_row[d] for d in doc_ids]
+        positives = [id_to_row[d] for d in positive_ids]
+        positive_texts = [texts_by_corpus[q["corpus_id"]](r) for r in positives]
         resolved.append(
             {
                 "question_id": q["question_id"],
                 "question": q["question"],
                 "corpus": q["corpus_id"],
-                "pos": rows_[0],
-                "negs": rows_[1:],
-                "length": len(q["question"]) + len(texts_by_corpus[q["corpus_id"]](rows_[0])),
+                "positives": positives,
+                "positive_hashes": [content_hash(text) for text in positive_texts],
+                "negs": [id_to_row[d] for d in negative_ids],
+                "length": len(q["question"]) + len(positive_texts[0]),
             }
         )
     return pa.Table.from_pylist(resolved, schema=QUERY_SCHEMA), problems
@@ -170,15 +177,24 @@ def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes):
         corpus_shards=write_sharded(target, "corpus", corpora[meta["corpus_id"]], shard_bytes),
         query_shards=write_sharded(target, "queries", queries, shard_bytes),
     )
-    (target / DONE).write_text(json.dumps({"entry": entry, "source": fingerprint(folder)}, indent=2))
+    restored = folder / RECORD
+    if restored.is_file():
+        entry["restored_from"] = json.loads(restored.read_text())["source"]
+    (target / DONE).write_text(json.dumps({"entry": entry, "source": fingerprint(folder), "format": FORMAT}, indent=2))
     return entry, problems
+
+
+def bad_rows_error(problems):
+    listing = "\n  ".join(f"{p['subset']}: {p['file']} row {p['row']}: {p['reason']}" for p in problems[:50])
+    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+    return DataError(f"{len(problems)} bad row(s); fix them or pass --skip-bad-rows:\n  {listing}{more}")
 
 
 def finished_entry(folder, out):
     done = Path(out) / Path(folder).name / DONE
     if done.is_file():
         record = json.loads(done.read_text())
-        if record.get("source") == fingerprint(folder):
+        if record.get("source") == fingerprint(folder) and record.get("format") == FORMAT:
             return record["entry"]
     return None
 
@@ -195,7 +211,9 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
     src = to_layout(src, input_format, out / "converted")
     folders = subset_folders(src, subsets)
     metas = {f: read_metadata(f) for f in folders}
-    folders = restore_subsets(folders, metas, out / "restored", sources, workers)
+    folders, restore_problems = restore_subsets(folders, metas, out / "restored", sources, workers, prepared=out)
+    if restore_problems and not skip_bad_rows:
+        raise bad_rows_error(restore_problems)
     metas = {f: read_metadata(f) for f in folders}
     problems = [p for f in folders for p in structural_problems(f)]
     if problems:
@@ -211,7 +229,7 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
         else:
             todo.append(folder)
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
-    all_problems = []
+    all_problems = list(restore_problems)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(prepare_subset, f, out, corpus_folders, skip_bad_rows, shard_mb << 20): f for f in todo}
         for future in tqdm(futures, desc="subsets", unit="subset", disable=not todo):
@@ -220,9 +238,7 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
             if entry is not None:
                 entries[futures[future].name] = entry
     if all_problems and not skip_bad_rows:
-        listing = "\n  ".join(f"{p['subset']}: {p['file']} row {p['row']}: {p['reason']}" for p in all_problems[:50])
-        more = f"\n  ... and {len(all_problems) - 50} more" if len(all_problems) > 50 else ""
-        raise DataError(f"{len(all_problems)} bad row(s); fix them or pass --skip-bad-rows:\n  {listing}{more}")
+        raise bad_rows_error(all_problems)
     if all_problems:
         with open(out / "skipped_rows.jsonl", "a") as f:
             for problem in all_problems:

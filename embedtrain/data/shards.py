@@ -3,9 +3,11 @@
 Layout of a prepared folder:
     manifest.json                 subsets, instructions, row counts, shard files and sha256
     <subset>/corpus-00000.arrow   id, text                          (row r = doc r of the subset)
-    <subset>/queries-00000.arrow  question_id, question, corpus, pos, negs, length
-        corpus: the corpus_id the doc rows refer to; pos: doc row of pos_doc[0];
-        negs: doc rows of neg_doc in stored (ranked) order; length: chars of question + positive.
+    <subset>/queries-00000.arrow  question_id, question, corpus, positives, positive_hashes, negs, length
+        corpus: the corpus_id the doc rows refer to; positives: doc rows of every pos_doc in stored
+        order (an id listed twice kept once); positive_hashes: content_hash of each positive's text
+        (every known positive is masked out of its query's negative pool); negs: doc rows of
+        neg_doc in stored (ranked) order; length: chars of question + first positive.
 
 Every shard is one record batch, so a memory-mapped read is zero-copy and row access is O(1).
 Readers open files lazily, so DataLoader workers each map their own view after fork. Mappings are
@@ -25,18 +27,20 @@ import pyarrow as pa
 from embedtrain.data.nemotron import DataError, Example
 
 MANIFEST = "manifest.json"
-FORMAT = "embedtrain-shards-v1"
+FORMAT = "embedtrain-shards-v2"  # v2: every positive of a query (v1 kept only pos_doc[0])
 QUERY_SCHEMA = pa.schema(
     [
         ("question_id", pa.string()),
         ("question", pa.string()),
         ("corpus", pa.string()),
-        ("pos", pa.int64()),
+        ("positives", pa.list_(pa.int64())),
+        ("positive_hashes", pa.list_(pa.int64())),
         ("negs", pa.list_(pa.int64())),
         ("length", pa.int64()),
     ]
 )
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
+PREPARE_AGAIN = "prepare the source dataset again with this embedtrain (`embedtrain prepare SRC OUT`, into a new OUT)"
 
 
 def sha256_of(path, chunk=1 << 20):
@@ -76,15 +80,16 @@ def read_manifest(folder):
         raise DataError(f"{folder} is not a prepared dataset (no {MANIFEST}); run `embedtrain prepare`")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; {PREPARE_AGAIN}")
     return manifest
 
 
 class ShardedTable:
     """Rows of a list of shards, addressed by one index; shards are memory-mapped on first use."""
 
-    def __init__(self, folder, entries):
+    def __init__(self, folder, entries, schema=None):
         self.paths = [Path(folder) / e["file"] for e in entries]
+        self.schema = schema
         self.starts = [0]
         for entry in entries:
             self.starts.append(self.starts[-1] + entry["rows"])
@@ -100,6 +105,11 @@ class ShardedTable:
                 mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             mapping.madvise(mmap.MADV_RANDOM)
             reader = pa.ipc.open_file(pa.py_buffer(mapping))
+            if self.schema is not None and not reader.schema.equals(self.schema):
+                # e.g. older shards under a newer manifest: prepare skips subsets it finished before
+                raise DataError(
+                    f"{self.paths[shard]}: columns {reader.schema.names}, expected {self.schema.names}; {PREPARE_AGAIN}"
+                )
             self.batches[shard] = reader.get_batch(0) if reader.num_record_batches else None
             self.mappings.append(mapping)
         return self.batches[shard]
@@ -135,7 +145,7 @@ class PreparedDataset:
             )
         self.names = names
         self.info = {n: available[n] for n in names}
-        self.queries = {n: ShardedTable(self.folder / n, available[n]["query_shards"]) for n in names}
+        self.queries = {n: ShardedTable(self.folder / n, available[n]["query_shards"], QUERY_SCHEMA) for n in names}
         # corpora are keyed by corpus_id: a query's doc rows resolve in the corpus its row names
         self.corpora = {
             meta["corpus_id"]: ShardedTable(self.folder / name, meta["corpus_shards"])
@@ -163,12 +173,16 @@ class PreparedDataset:
         name, row = self.locate(index)
         return self.queries[name].value(row, "length")
 
-    def example(self, index, hard_negatives):
+    def example(self, index, hard_negatives, positive=0):
+        """Query `index` with positive number `positive` (modulo its number of positives: the
+        stream passes the query's epoch under data.positive_sampling=cycle), then `hard_negatives`
+        of its negatives (cycled when it has fewer)."""
         name, row = self.locate(index)
         batch, offset = self.queries[name].locate(row)
         corpus = self.corpora[batch.column("corpus")[offset].as_py()]
         negatives = batch.column("negs")[offset].as_py()
-        doc_rows = [batch.column("pos")[offset].as_py()]
+        positives = batch.column("positives")[offset].as_py()
+        doc_rows = [positives[positive % len(positives)]]
         if hard_negatives:
             if not negatives:
                 raise DataError(
@@ -181,4 +195,5 @@ class PreparedDataset:
             batch.column("question")[offset].as_py(),
             [corpus.value(r, "text") for r in doc_rows],
             batch.column("question_id")[offset].as_py(),
+            batch.column("positive_hashes")[offset].as_py(),
         )

@@ -14,7 +14,8 @@ Mixing of subsets (`data.mixing`):
 Shuffles are keyed permutations (a Feistel network with cycle walking): O(1) memory in the
 dataset size, and the example at any position is computed without touching earlier ones. The
 resume state is the step number; subset cursors of the weighted modes are recomputed from it by
-integer arithmetic (no data is read or replayed).
+integer arithmetic (no data is read or replayed). The sampler also says how often each drawn query
+was drawn before (its epoch), from which `data.positive_sampling=cycle` picks the query's positive.
 """
 
 import math
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 MIXING_MODES = ("proportional", "temperature", "single_subset")
+POSITIVE_SAMPLING = ("first", "cycle")
 
 
 def _keys(*seed):
@@ -91,6 +93,13 @@ class Sampler:
         return self._cursors
 
     def global_batch(self, step):
+        """The dataset indices of global batch `step`."""
+        return self.global_batch_epochs(step)[0]
+
+    def global_batch_epochs(self, step):
+        """(indices, epochs) of global batch `step`: epochs[i] is how many times indices[i] was drawn
+        before (proportional: its pass over the union; weighted modes: its subset's pass), in the
+        sampler's order. data.positive_sampling=cycle picks the positive from it."""
         if self.mode == "proportional":
             positions = np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size)
             epochs, offsets = np.divmod(positions, self.total)
@@ -98,9 +107,9 @@ class Sampler:
             for epoch in np.unique(epochs):
                 sel = epochs == epoch
                 out[sel] = permute(offsets[sel], self.total, _keys(self.seed, epoch))
-            return out.tolist()
+            return out.tolist(), epochs.tolist()
         counts, start = self._counts(step), self.cursors(step)
-        indices = []
+        indices, draw_epochs = [], []
         for subset in np.flatnonzero(counts):
             draws = np.arange(start[subset], start[subset] + counts[subset])
             epochs, offsets = np.divmod(draws, self.sizes[subset])
@@ -108,8 +117,10 @@ class Sampler:
                 sel = epochs == epoch
                 rows = permute(offsets[sel], self.sizes[subset], _keys(self.seed, epoch, subset + 1))
                 indices.extend((rows + self.starts[subset]).tolist())
+                draw_epochs.extend([int(epoch)] * len(rows))
         # subsets were drawn in blocks; interleave them so micro-batches mix subsets
-        return [indices[i] for i in permute(np.arange(len(indices)), len(indices), _keys(self.seed, step, 0))]
+        order = permute(np.arange(len(indices)), len(indices), _keys(self.seed, step, 0))
+        return [indices[i] for i in order], [draw_epochs[i] for i in order]
 
 
 def rank_micro_batches(indices, rank, world_size, micro_batch_size):
@@ -126,6 +137,8 @@ class StepBatches(torch.utils.data.IterableDataset):
 
     DataLoader workers split the steps round-robin (worker w takes start + w, start + w + K, ...),
     which is also the order in which the DataLoader returns them: no duplicates, no reordering.
+    `positive_sampling` (data.positive_sampling): first, or cycle (a query's positive number is its
+    epoch, see Sampler.global_batch_epochs), so examples stay a pure function of the step.
     """
 
     def __init__(
@@ -140,38 +153,52 @@ class StepBatches(torch.utils.data.IterableDataset):
         start,
         stop,
         length_bucketing=False,
+        positive_sampling="first",
     ):
         self.dataset, self.sampler, self.collator = dataset, sampler, collator
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.hard_negatives, self.start, self.stop = hard_negatives, start, stop
         self.length_bucketing = length_bucketing
+        if positive_sampling not in POSITIVE_SAMPLING:
+            raise ValueError(
+                f"data.positive_sampling: {positive_sampling!r} is not one of {', '.join(POSITIVE_SAMPLING)}"
+            )
+        self.positive_sampling = positive_sampling
 
-    def micro_batch_indices(self, step):
-        indices = self.sampler.global_batch(step)
+    def micro_batch_draws(self, step):
+        """This rank's micro-batches of global batch `step`, as (dataset index, positive number) pairs."""
+        indices, epochs = self.sampler.global_batch_epochs(step)
+        positives = epochs if self.positive_sampling == "cycle" else [0] * len(indices)
+        draws = list(zip(indices, positives))
         if self.length_bucketing:
             # similar lengths share a micro-batch: less padding, same examples in the global batch
-            indices = sorted(indices, key=self.dataset.length)
-        return rank_micro_batches(indices, self.rank, self.world_size, self.micro_batch_size)
+            draws = sorted(draws, key=lambda draw: self.dataset.length(draw[0]))
+        return rank_micro_batches(draws, self.rank, self.world_size, self.micro_batch_size)
+
+    def examples(self, step):
+        """This rank's examples of global batch `step`, one list per micro-batch."""
+        return [
+            [self.dataset.example(index, self.hard_negatives, positive) for index, positive in micro]
+            for micro in self.micro_batch_draws(step)
+        ]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start + worker, self.stop, workers):
-            examples = [
-                [self.dataset.example(i, self.hard_negatives) for i in micro]
-                for micro in self.micro_batch_indices(step)
-            ]
+            examples = self.examples(step)
             self.dataset.release()  # keep RSS independent of how much of the dataset was read
             yield step, [self.collator(micro) for micro in examples], examples
 
 
-def stream_state(step, sampler, dataset):
+def stream_state(step, sampler, dataset, positive_sampling="first"):
     """What a checkpoint records about the data position (the step is the whole position)."""
     return {
         "next_step": step,
         "seed": sampler.seed,
         "global_batch_size": sampler.global_batch_size,
         "mixing": sampler.mode,
+        "positive_sampling": positive_sampling,
         "subsets": dataset.names,
         "num_queries": len(dataset),
     }

@@ -111,7 +111,12 @@ def train(config, on_step=None):
 
     def save(step):
         save_checkpoint(
-            engine, run_dir, step, stream_state(step, sampler, dataset), config_dict, config.train.keep_checkpoints
+            engine,
+            run_dir,
+            step,
+            stream_state(step, sampler, dataset, config.data.positive_sampling),
+            config_dict,
+            config.train.keep_checkpoints,
         )
 
     eval_sources = load_sources(config.eval, collator.policy) if config.eval.path else None
@@ -130,6 +135,7 @@ def train(config, on_step=None):
         start=start,
         stop=config.train.max_steps,
         length_bucketing=config.data.length_bucketing,
+        positive_sampling=config.data.positive_sampling,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.num_workers)
     for step, micro_batches, examples in loader:
@@ -322,6 +328,11 @@ def load_state(engine, folder, config, world):
             f"{folder}: train.global_batch_size/train.seed were {stream['global_batch_size']}/"
             f"{stream['seed']}, now {config.train.global_batch_size}/{config.train.seed}: the data "
             "order would change; keep them to resume"
+        )
+    if stream.get("positive_sampling", "first") != config.data.positive_sampling:
+        raise CheckpointError(
+            f"{folder}: data.positive_sampling was {stream.get('positive_sampling', 'first')!r}, now "
+            f"{config.data.positive_sampling!r}: the targets would change; keep it to resume"
         )
     stage = engine.zero_optimization_stage()
     if saved["dp_world_size"] != world and stage != 3:

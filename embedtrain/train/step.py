@@ -133,7 +133,7 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def negatives_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None, uniform=False):
+def negatives_loss(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group=None, uniform=False):
     """InfoNCE of this rank's queries against the pool that `loss_config.negatives` names; with
     loss.matryoshka_dims, the weighted sum over the embeddings truncated to each dim and
     re-normalised (Kusupati et al., 2022). The pool is assembled (and gathered) once for all dims.
@@ -153,7 +153,7 @@ def negatives_loss(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, los
         ]
     else:
         pool_ND, targets_Q, masked_QN, share = assemble_pool(
-            queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group, uniform
+            queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group, uniform
         )
         losses = [
             share
@@ -173,8 +173,10 @@ def truncate_to(embeddings, dim):
     return embeddings if dim is None else truncate(embeddings, dim)
 
 
-def assemble_pool(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss_config, group=None, uniform=False):
-    """(pool_ND, targets_Q, masked_QN, share) for the `local` or `global` pool."""
+def assemble_pool(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group=None, uniform=False):
+    """(pool_ND, targets_Q, masked_QN, share) for the `local` or `global` pool. masked_QN drops
+    every known positive of a query (positive_hash_QK: its K known positives' content hashes) from
+    its negatives, wherever in the pool (any rank) it sits, except its target."""
     num_queries, per_query = queries_QD.shape[0], passages_PD.shape[0] // queries_QD.shape[0]
     share = 1.0
     query_pool_MD, query_offset = queries_QD, 0
@@ -188,7 +190,7 @@ def assemble_pool(queries_QD, passages_PD, positive_hash_Q, passage_hash_P, loss
     else:
         pool_ND, offset, pool_hash_N = passages_PD, 0, passage_hash_P
     targets_Q = positive_targets(num_queries, per_query, offset, queries_QD.device)
-    masked_QN = duplicate_positive_mask(positive_hash_Q, pool_hash_N, targets_Q)
+    masked_QN = duplicate_positive_mask(positive_hash_QK, pool_hash_N, targets_Q)
     if loss_config.query_negatives:
         # other queries join the pool; a query never counts itself as a negative
         self_QM = torch.zeros(num_queries, query_pool_MD.shape[0], dtype=torch.bool, device=queries_QD.device)

@@ -2,24 +2,34 @@
 
     torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global
     python tests/workers/grad_parity.py --out r.json --reentrant      # 1 rank, reentrant checkpointing
+    torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global \
+        --two-positives --step 1                                       # sibling positives, cycled
 
-Every rank runs DeepSpeed on its share of global batch 0 and reads the full gradient of every
-parameter before the optimizer step; every rank also runs the plain reference on the whole global
-batch (micro-batch W x B, no DeepSpeed, no checkpointing). Rank 0 writes the worst relative error.
+Every rank runs DeepSpeed on its share of global batch `--step` (default 0) and reads the full
+gradient of every parameter before the optimizer step; every rank also runs the plain reference on
+the whole global batch (micro-batch W x B, no DeepSpeed, no checkpointing). Rank 0 writes the worst
+relative error. With --two-positives the data is a small set whose queries have two positives each
+(data.positive_sampling=cycle) and every query lists the other queries' positives as negatives, so
+each query's sibling positive sits in other groups, on other ranks; the worker also reports how the
+pooled loss masked them.
 """
 
 import argparse
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 from embedtrain import distributed
 from embedtrain.config import deepspeed_config, load_config
-from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.collate import Collator, known_positive_hashes, load_tokenizer
 from embedtrain.data.nemotron import content_hash
-from embedtrain.data.stream import Sampler, rank_micro_batches
+from embedtrain.data.stream import Sampler, StepBatches
+from embedtrain.losses import duplicate_positive_mask
 from embedtrain.train import step as step_module
 from embedtrain.train.engine import build_encoder, build_engine
 from embedtrain.train.loop import open_dataset
@@ -40,6 +50,74 @@ def synthetic_passage(content, length):
     generator = torch.Generator().manual_seed(content % 2**31)
     real = length - int(torch.randint(0, 256, (1,), generator=generator))
     return torch.randint(0, 1000, (real,), generator=generator).tolist()
+
+
+COLOURS = "red green blue amber violet silver golden black".split()
+ANIMALS = "otter falcon badger heron lynx salmon beetle walrus".split()
+
+
+def write_two_positive_data(folder, num_queries):
+    """One subset in the dataset layout: query i has positives d_{2i} and d_{2i+1} (two texts about
+    the same made-up animal) and lists every other query's positives as its negatives. Returns
+    question -> [content hash of positive A, of positive B]."""
+    folder = Path(folder) / "TwoPositives"
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus, queries, truth = [], [], {}
+    for i in range(num_queries):
+        colour, animal = COLOURS[i % len(COLOURS)], ANIMALS[i // len(COLOURS) % len(ANIMALS)]
+        texts = [
+            f"The {colour} {animal} of valley {i} sleeps under old bridges and eats river fish.",
+            f"Field notes, valley {i}: a {colour} {animal} was seen hunting at dawn near the mill.",
+        ]
+        corpus += [{"id": f"d_{2 * i}", "text": texts[0]}, {"id": f"d_{2 * i + 1}", "text": texts[1]}]
+        question = f"Where does the {colour} {animal} of valley {i} live?"
+        truth[question] = [content_hash(t) for t in texts]
+        others = [{"id": f"d_{2 * j + k}"} for j in range(num_queries) if j != i for k in (0, 1)]
+        queries.append(
+            {
+                "question_id": f"q_{i}",
+                "question": question,
+                "corpus_id": "TwoPositives",
+                "pos_doc": [{"id": f"d_{2 * i}"}, {"id": f"d_{2 * i + 1}"}],
+                "neg_doc": others,
+            }
+        )
+    metadata = {
+        "corpus_id": "TwoPositives",
+        "query_instruction": "Instruct: Given a question, retrieve passages that answer it\nQuery:",
+        "passage_instruction": "",
+        "task_type": "Retrieval",
+        "ids_only": False,
+    }
+    (folder / "dataset_metadata.json").write_text(json.dumps(metadata))
+    pq.write_table(pa.Table.from_pylist(corpus), folder / "corpus.parquet")
+    pq.write_table(pa.Table.from_pylist(queries), folder / "queries.parquet")
+    return truth
+
+
+def positive_masking(records, micro_examples, truth, per_query):
+    """Counts over this rank's pooled losses (records: (pool_hash_N, targets_Q, masked_QN) of each
+    micro-batch), summed over ranks: pool entries that are a known positive of the query but not its
+    target, left unmasked; such entries among other ranks' passages; targets that are the query's
+    second positive; and the entries a mask of only the target's own text (the rule before sibling
+    masking) would have left unmasked."""
+    counts = dict.fromkeys(["unmasked_positives", "positives_on_other_ranks", "second_positive_targets"], 0)
+    counts["unmasked_with_target_hash_only"] = 0
+    for (pool_hash_N, targets_Q, masked_QN), examples in zip(records, micro_examples):
+        mine = range(int(targets_Q[0]), int(targets_Q[0]) + len(examples) * per_query)
+        target_only_QN = pool_hash_N[targets_Q][:, None] == pool_hash_N[None, :]
+        for q, example in enumerate(examples):
+            known, target = truth[example.query], int(targets_Q[q])
+            counts["second_positive_targets"] += int(pool_hash_N[target]) == known[1]
+            for n, passage_hash in enumerate(pool_hash_N.tolist()):
+                if n == target or passage_hash not in known:
+                    continue
+                counts["unmasked_positives"] += int(not masked_QN[q, n])
+                counts["unmasked_with_target_hash_only"] += int(not target_only_QN[q, n])
+                counts["positives_on_other_ranks"] += int(n not in mine)
+    totals = torch.tensor(list(counts.values()))
+    dist.all_reduce(totals)
+    return dict(zip(counts, totals.tolist()))
 
 
 def relative_errors(grads, reference):
@@ -65,6 +143,12 @@ def main():
     parser.add_argument("--no-replay", action="store_true", help="GradCache without RNG replay (must be caught)")
     parser.add_argument("--long", type=int, default=0, help="replace passages by synthetic ones of this many tokens")
     parser.add_argument("--matryoshka", action="store_true", help="loss summed over dims 16 and 64")
+    parser.add_argument("--step", type=int, default=0, help="the global batch to compare")
+    parser.add_argument(
+        "--two-positives",
+        action="store_true",
+        help="queries with two positives each, data.positive_sampling=cycle, hard negatives = the others' positives",
+    )
     parser.add_argument(
         "--reference-padded",
         action="store_true",
@@ -92,12 +176,21 @@ def main():
         f"train.compile={str(args.compile).lower()}",
         *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else []),
     ]
+    truth = None
+    if args.two_positives:  # one step = one epoch over global_batch queries
+        source = Path(args.out).parent / "two_positives"
+        truth = distributed.run_on_main(lambda: write_two_positive_data(source, global_batch))
+        overrides += [
+            f"data.path={source}",
+            "data.positive_sampling=cycle",
+            f"loss.hard_negatives={2 * (global_batch - 1)}",
+        ]
     # one folder for all ranks: rank 0 prepares the demo data there, every rank reads it
     config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
     torch.manual_seed(0)
     dataset = open_dataset(config.data, config.train.output_dir)
     collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info, args.grad_cache)
-    indices = Sampler(dataset.subset_sizes(), global_batch, 0).global_batch(0)
+    sampler = Sampler(dataset.subset_sizes(), global_batch, 0)
 
     def batch_of(examples):
         if args.separate_forwards:  # two encoder calls: all queries, then all passages
@@ -113,15 +206,27 @@ def main():
         return collator.assemble(
             query_ids,
             [synthetic_passage(h, args.long) for h in passage_hash],
-            [content_hash(e.passages[0]) for e in examples],
+            [known_positive_hashes(e) for e in examples],
             passage_hash,
         )
 
+    def micro_examples(rank_, world_, micro_):
+        stream = StepBatches(
+            dataset,
+            sampler,
+            collator,
+            rank_,
+            world_,
+            micro_,
+            config.loss.hard_negatives,
+            args.step,
+            args.step + 1,
+            positive_sampling=config.data.positive_sampling,
+        )
+        return stream.examples(args.step)
+
     def micro_batches(rank_, world_, micro_):
-        return [
-            batch_of([dataset.example(i, config.loss.hard_negatives) for i in micro])
-            for micro in rank_micro_batches(indices, rank_, world_, micro_)
-        ]
+        return [batch_of(examples) for examples in micro_examples(rank_, world_, micro_)]
 
     def reference_micro_batches():
         if args.reference_padded:
@@ -136,6 +241,14 @@ def main():
     engine = build_engine(config, deepspeed_config(config, world), use_reentrant=args.reentrant)
     for layer in engine.module.backbone.layers:  # dropout makes the parity reference moot: replay only
         layer.self_attn.attention_dropout = args.dropout
+    records = []
+
+    def recording_mask(positive_hash_QK, pool_hash_N, targets_Q):
+        masked_QN = duplicate_positive_mask(positive_hash_QK, pool_hash_N, targets_Q)
+        records.append((pool_hash_N.cpu(), targets_Q.cpu(), masked_QN.cpu()))
+        return masked_QN
+
+    step_module.duplicate_positive_mask = recording_mask  # the DeepSpeed pass's masks, for --two-positives
     losses, replay = [], 0.0
     for index, batch in enumerate(micro_batches(rank, world, args.micro)):
         loss, stats = micro_batch_backward(engine, batch, config.loss, args.accumulation, args.grad_cache)
@@ -143,7 +256,13 @@ def main():
             engine.step()  # inside the accumulation window: no update; the last step is left out
         losses.append(loss.item())
         replay = max(replay, float(stats.get("grad_cache_replay_error", 0.0)))
+    step_module.duplicate_positive_mask = duplicate_positive_mask
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
+    masking = {}
+    if truth is not None:
+        per_query = 1 + config.loss.hard_negatives
+        masking = positive_masking(records, micro_examples(rank, world, args.micro), truth, per_query)
+        masking["queries"] = global_batch
     ds_loss = distributed.all_reduce_mean(sum(losses) / len(losses))
 
     config.train.activation_checkpointing = False
@@ -170,6 +289,7 @@ def main():
                     "replay_error": replay,
                     "micro_steps": engine.micro_steps,
                     "ds_accumulation": engine.gradient_accumulation_steps(),
+                    **masking,
                 },
                 f,
             )
