@@ -29,6 +29,7 @@ ASSET_PREFIX = "assets:"
 @dataclass
 class ModelConfig:
     path: str = ""  # local checkpoint folder; "assets:NAME" is a folder shipped with embedtrain
+    kind: str = "embedding"  # embedding (bi-encoder) | reranker (cross-encoder: one score per pair)
     pooling: str = "avg"  # avg | cls | last | weighted_avg
     normalize: bool = True
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention (block-sparse packed rows)
@@ -57,6 +58,10 @@ class DataConfig:
     # (positive e mod the query's number of positives, e = how often the stream drew it before).
     # Either way every known positive is masked out of the query's local/global negative pool.
     positive_sampling: str = "first"
+    # model.kind=reranker: each (query, passage) pair is one sequence, this template truncated to
+    # pair_max_length tokens (NeMo AutoModel's cross-encoder recipe); subset instructions are not used
+    pair_template: str = "question:{query} \n \n passage:{passage}"
+    pair_max_length: int = 512
     num_workers: int = 1  # DataLoader worker processes per rank
     prepared_path: str | None = None  # where a raw data.path is prepared; default <run>/prepared
 
@@ -136,6 +141,7 @@ class ConfigError(ValueError):
 
 
 CHOICES = {
+    "model.kind": ("embedding", "reranker"),
     "model.pooling": ("avg", "cls", "last", "weighted_avg"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "model.padding_side": ("right", "left"),
@@ -358,10 +364,38 @@ def validate(config):
         raise ConfigError(f"loss.matryoshka_dims must be positive dimensions, got {dims}")
     if weights is not None and (dims is None or len(weights) != len(dims)):
         raise ConfigError(f"loss.matryoshka_weights needs one weight per loss.matryoshka_dims entry, got {weights}")
+    if config.model.kind == "reranker":
+        validate_reranker(config)
     if config.loss.negatives == "group" and config.loss.hard_negatives == 0:
         raise ConfigError(
             "loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)"
         )
+
+
+def validate_reranker(config):
+    """A cross-encoder scores each pair alone: its loss is the cross-entropy over each query's group."""
+    if config.loss.negatives != "group":
+        raise ConfigError(
+            f"loss.negatives={config.loss.negatives}: a reranker (model.kind=reranker) scores each (query, "
+            "passage) pair on its own, so its loss is over each query's group: set loss.negatives=group"
+        )
+    for key, value in (
+        ("loss.matryoshka_dims", config.loss.matryoshka_dims),
+        ("loss.query_negatives", config.loss.query_negatives),
+    ):
+        if value:
+            raise ConfigError(f"{key} applies to embedding models; model.kind=reranker has no embeddings to train")
+    if config.data.pair_max_length <= 0:
+        raise ConfigError(f"data.pair_max_length must be positive, got {config.data.pair_max_length}")
+    template = config.data.pair_template
+    if "{query}" not in template or "{passage}" not in template:
+        raise ConfigError(f"data.pair_template must contain {{query}} and {{passage}}, got {template!r}")
+    try:
+        template.format(query="", passage="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"data.pair_template {template!r}: {err} (only {{query}} and {{passage}} may be used)"
+        ) from err
 
 
 def batch_layout(config, world_size):

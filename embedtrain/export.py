@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
+from embedtrain.model.reranker import HEAD_KEY, KIND_FILE, RERANKER_ARCHITECTURE
 from embedtrain.prompts import MODEL_METADATA, model_policy
 from embedtrain.train.checkpoint import (
     CheckpointError,
@@ -30,6 +31,7 @@ from embedtrain.train.checkpoint import (
 
 MODELING_FILE = "llama_bidirectional_model.py"
 BACKBONE_PREFIX = "backbone."
+HEAD_PARAMETER = "head.weight"  # a reranker's scoring head (model/reranker.py)
 ST_POOLING = {
     "avg": "pooling_mode_mean_tokens",
     "cls": "pooling_mode_cls_token",
@@ -73,6 +75,8 @@ def checkpoint_parameters(folder):
         if name.startswith(BACKBONE_PREFIX):
             found = True
             yield name[len(BACKBONE_PREFIX) :], tensor
+        elif name == HEAD_PARAMETER:
+            yield name, tensor
     if not found:
         raise CheckpointError(f"{folder}: no '{BACKBONE_PREFIX}*' weights in the checkpoint (not an embedtrain run?)")
 
@@ -199,19 +203,43 @@ def export_checkpoint(source, out, dtype="float32", overwrite=False, max_shard_g
     return out
 
 
+def reranker_names(named_tensors):
+    """Checkpoint names -> LlamaBidirectionalForSequenceClassification's: backbone -> model.*, head -> score."""
+    for name, tensor in named_tensors:
+        yield (HEAD_KEY if name == HEAD_PARAMETER else f"model.{name}"), tensor
+
+
+def reranker_config_dict(config):
+    """config.json of an exported reranker: loadable with AutoModelForSequenceClassification."""
+    config["architectures"] = [RERANKER_ARCHITECTURE]
+    config["auto_map"]["AutoModelForSequenceClassification"] = f"{MODELING_FILE[:-3]}.{RERANKER_ARCHITECTURE}"
+    config["num_labels"] = 1
+    config["id2label"], config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    return config
+
+
 def write_export(step_folder, base, tmp, dtype, max_shard_gb):
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    write_shards(checkpoint_parameters(step_folder), tmp, torch_dtype, int(max_shard_gb * 2**30))
+    reranker = json.loads((base / KIND_FILE).read_text()) if (base / KIND_FILE).is_file() else None
+    parameters = checkpoint_parameters(step_folder)
+    if reranker is not None:
+        parameters = reranker_names(parameters)
+    write_shards(parameters, tmp, torch_dtype, int(max_shard_gb * 2**30))
     config = hf_config_dict(json.loads((base / "config.json").read_text()))
+    if reranker is not None:
+        config = reranker_config_dict(config)
     config["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
     policy = model_policy(base)
-    (tmp / MODEL_METADATA).write_text(json.dumps(policy.to_dict(), indent=2) + "\n")
+    metadata = policy.to_dict() if reranker is None else {**policy.to_dict(), **reranker}
+    (tmp / MODEL_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     for item in base.iterdir():
-        if item.name not in ("config.json", "prompts.json"):
+        if item.name not in ("config.json", "prompts.json", KIND_FILE):
             shutil.copy(item, tmp / item.name)
     run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
+    if reranker is not None:
+        return  # sentence-transformers files and model card of a reranker: embedtrain.export_reranker
     prompts = policy.sentence_transformers_prompts()
     sentence_transformers_files(tmp, config, prompts, run_config["data"]["passage_max_length"])
     (tmp / "README.md").write_text(model_card(config, run_config, int(step_folder.name.split("_")[-1]), prompts))

@@ -82,3 +82,18 @@ def group_accuracy(queries_QD, passages_PD):
             stats["sim_hardest_negative"] = cos_QG[:, 1:].max(dim=-1).values.mean()
         stats["embedding_std"] = q.std(dim=0, correction=0).mean()
         return stats
+
+
+def group_cross_entropy(logits_QG):
+    """A reranker's loss: cross-entropy over each query's group of pair logits, the positive (column
+    0) the target (NeMo AutoModel's cross-encoder recipe). Returns (loss: mean over queries, stats:
+    accuracy = fraction of queries whose positive scores highest, and the mean positive margin over
+    the best negative)."""
+    logits_QG = logits_QG.float()
+    targets_Q = torch.zeros(logits_QG.shape[0], dtype=torch.long, device=logits_QG.device)
+    loss = F.cross_entropy(logits_QG, targets_Q)
+    with torch.no_grad():
+        stats = {"accuracy": (logits_QG.argmax(dim=-1) == 0).float().mean()}
+        if logits_QG.shape[1] > 1:
+            stats["margin"] = (logits_QG[:, 0] - logits_QG[:, 1:].max(dim=-1).values).mean()
+    return loss, stats

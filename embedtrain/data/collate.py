@@ -127,6 +127,36 @@ def positive_hash_matrix(rows):
     return torch.tensor([row + row[:1] * (width - len(row)) for row in rows], dtype=torch.long).view(len(rows), width)
 
 
+class PairCollator(Collator):
+    """Tokenises Examples for a reranker (model.kind=reranker): every (query, passage) pair is one
+    sequence, `data.pair_template` truncated to `data.pair_max_length` tokens, ordered query by
+    query (positive first). Returns the encoder tensors (packed or padded, as Collator's),
+    group_size (passages per query) and, with chunk_size, "chunks" of whole queries' pairs."""
+
+    def __init__(self, tokenizer, data_config, subsets, chunk_size=0):
+        super().__init__(tokenizer, data_config, subsets, chunk_size)
+        self.pack_length = data_config.pack_length or data_config.pair_max_length
+
+    def pairs(self, query, passages):
+        return [self.config.pair_template.format(query=query, passage=passage) for passage in passages]
+
+    def __call__(self, examples):
+        group = len(examples[0].passages)
+        texts = [text for e in examples for text in self.pairs(e.query, e.passages)]
+        ids = self.tokenizer(texts, max_length=self.config.pair_max_length, truncation=True)["input_ids"]
+        chunk = self.chunk_size or len(examples)
+        parts = []
+        for start in range(0, len(examples), chunk):
+            sequences = ids[start * group : (start + chunk) * group]
+            parts.append({**self.encoder_inputs(sequences, 0), "num_pairs": len(sequences)})
+        batch = {"group_size": group}
+        if self.chunk_size:
+            batch["chunks"] = parts
+        else:
+            batch.update(parts[0])
+        return batch
+
+
 def encoder_parts(batch):
     """The encoder calls of a micro-batch: its chunks under GradCache, else the batch itself."""
     return batch.get("chunks", [batch])

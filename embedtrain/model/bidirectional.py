@@ -12,8 +12,9 @@ attention mask here, and turning `is_causal` off on every attention module, work
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaModel
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from torch import nn
+from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, SequenceClassifierOutput
 
 # transformers 5's attention functions read is_causal from the module when no mask is given
 MASKLESS_IS_BIDIRECTIONAL = int(transformers.__version__.split(".")[0]) >= 5
@@ -96,6 +97,56 @@ def positions_from_mask(attention_mask_BL, packed=None):
     return (index - start_index) * (attention_mask_BL > 0)
 
 
+# --- pooling: token states (B, L, D) + padding mask (B, L) -> one vector per sequence (B, D), fp32.
+# Every mode reads the mask, never the padding side, so left- and right-padded batches pool the same.
+
+POOLING_MODES = ("avg", "cls", "last", "weighted_avg")
+
+
+def first_token_index(mask_BL):
+    """Index of the first non-padding token of each row (left padding puts it past 0)."""
+    return mask_BL.to(torch.int64).argmax(dim=-1)
+
+
+def last_token_index(mask_BL):
+    """Index of the last non-padding token of each row (right padding puts it before L-1)."""
+    length = mask_BL.shape[-1]
+    return length - 1 - mask_BL.to(torch.int64).flip(-1).argmax(dim=-1)
+
+
+def position_weights(mask_BL):
+    """weighted_avg weights: w_i = p_i / sum_j p_j with p_i = 1..n the position among real tokens.
+
+    Later tokens have seen more of the text in a causal model's pre-training, so they weigh more
+    (SGPT's position-weighted mean). Padding gets weight 0; each row sums to 1.
+    """
+    mask = mask_BL.to(torch.float32)
+    positions = mask.cumsum(dim=-1) * mask
+    return positions / positions.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+def pool(hidden_BLD, mask_BL, mode="avg"):
+    """Pool token states into sequence vectors, in fp32.
+
+    avg:          mean over non-padding tokens.
+    cls:          the first non-padding token.
+    last:         the last non-padding token.
+    weighted_avg: sum_i w_i h_i with the weights of `position_weights`.
+    """
+    hidden = hidden_BLD.to(torch.float32)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if mode == "avg":
+        mask = mask_BL.to(torch.float32).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    if mode == "cls":
+        return hidden[rows, first_token_index(mask_BL)]
+    if mode == "last":
+        return hidden[rows, last_token_index(mask_BL)]
+    if mode == "weighted_avg":
+        return (hidden * position_weights(mask_BL).unsqueeze(-1)).sum(dim=1)
+    raise ValueError(f"unknown pooling mode {mode!r}; expected one of {', '.join(POOLING_MODES)}")
+
+
 class LlamaBidirectionalModel(LlamaModel):
     """`LlamaModel` whose attention sees past and future tokens; only padding is masked."""
 
@@ -137,3 +188,33 @@ class LlamaBidirectionalModel(LlamaModel):
             hidden = out[0] if isinstance(out, tuple) else out  # 4.x layers return tuples
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+class LlamaBidirectionalForSequenceClassification(LlamaPreTrainedModel):
+    """Cross-encoder (reranker): the bidirectional backbone reads a (query, passage) pair as one
+    sequence, its states are pooled (`config.pooling`), a linear head without bias maps them to
+    `config.num_labels` logits (1: a relevance score), divided by `config.temperature`."""
+
+    config_class = LlamaBidirectionalConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LlamaBidirectionalModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
+    ):
+        hidden_BLD = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds
+        ).last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden_BLD.shape[:2], dtype=torch.long, device=hidden_BLD.device)
+        pooled_BD = pool(hidden_BLD, attention_mask, self.config.pooling)
+        logits = self.score(pooled_BD.to(self.score.weight.dtype)) / self.config.temperature
+        loss = None
+        if labels is not None:  # one relevance target per pair (num_labels 1), as transformers' regression
+            loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -9,6 +9,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from embedtrain.config import ConfigError, precision_dtype
 from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
+from embedtrain.model.reranker import Reranker, new_head
 
 
 def enable_activation_checkpointing(backbone, use_reentrant=False):
@@ -65,6 +66,9 @@ def build_encoder(config, dtype, use_reentrant=False):
         apply_liger_kernels(backbone)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(backbone, use_reentrant=use_reentrant)
+    if config.model.kind == "reranker":
+        head = new_head(config.model.path, backbone.config.hidden_size, dtype, config.train.seed)
+        return Reranker(backbone, config.model.pooling, config.loss.temperature, head)
     return BiEncoder(backbone, config.model.pooling, config.model.normalize)
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from embedtrain import distributed
 from embedtrain.config import ConfigError, batch_layout, deepspeed_config
-from embedtrain.data.collate import Collator, encoder_parts, load_tokenizer
+from embedtrain.data.collate import Collator, PairCollator, encoder_parts, load_tokenizer
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
@@ -29,7 +29,7 @@ from embedtrain.train.checkpoint import (
 )
 from embedtrain.train.engine import build_engine
 from embedtrain.train.evaluation import evaluate_in_training, load_sources
-from embedtrain.train.step import micro_batch_backward
+from embedtrain.train.step import micro_batch_backward, reranker_backward
 
 
 def open_dataset(data_config, run_dir):
@@ -98,12 +98,17 @@ def train(config, on_step=None):
     dataset = open_dataset(config.data, run_dir)
     sampler = make_sampler(config, dataset)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
-    collator = Collator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size)
+    collator = (PairCollator if config.model.kind == "reranker" else Collator)(
+        tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size
+    )
     config_dict = config.to_dict()
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config)
     if rank == 0:
-        write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.policy)
+        reranker = None
+        if config.model.kind == "reranker":
+            reranker = {"pair_template": config.data.pair_template, "pair_max_length": config.data.pair_max_length}
+        write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.policy, reranker)
     start = 0 if resume_from is None else load_state(engine, resume_from, config, world)
     writer = make_writer(config, run_dir, start) if rank == 0 else None
     if rank == 0:
@@ -185,9 +190,12 @@ def optimizer_step(engine, micro_batches, config, accumulation, group, window, f
     are read at logging steps only) and adds the step's token and FLOP counts to `window`."""
     step_stats = {}
     for batch in micro_batches:
-        loss, stats = micro_batch_backward(
-            engine, batch, config.loss, accumulation, config.train.grad_cache_chunk_size, group
-        )
+        if config.model.kind == "reranker":
+            loss, stats = reranker_backward(engine, batch, accumulation)
+        else:
+            loss, stats = micro_batch_backward(
+                engine, batch, config.loss, accumulation, config.train.grad_cache_chunk_size, group
+            )
         engine.step()
         for key, value in {"loss": loss, **stats}.items():
             step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / accumulation

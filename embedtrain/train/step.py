@@ -8,7 +8,14 @@ import torch
 
 from embedtrain import distributed
 from embedtrain.data.collate import encoder_parts
-from embedtrain.losses import duplicate_positive_mask, group_accuracy, group_info_nce, pooled_info_nce, positive_targets
+from embedtrain.losses import (
+    duplicate_positive_mask,
+    group_accuracy,
+    group_cross_entropy,
+    group_info_nce,
+    pooled_info_nce,
+    positive_targets,
+)
 from embedtrain.model.pooling import truncate
 
 ENCODER_KEYS = ("input_ids", "attention_mask", "sequence_index", "sequence_mask")
@@ -117,6 +124,43 @@ def grad_cache_backward(engine, batch, loss_config, accumulation, group=None):
     after.restore()
     stats["grad_cache_replay_error"] = replay_error
     return loss.detach(), stats
+
+
+def reranker_logits(model, part, device):
+    """(Q, G) pair logits of one encoder call of a reranker batch (PairCollator), G = group size."""
+    inputs = {key: part[key].to(device, non_blocking=True) for key in ENCODER_KEYS if key in part}
+    return model(**inputs)
+
+
+def reranker_loss(model, batch, device):
+    """A reranker micro-batch's loss and stats with a DeepSpeed engine or a plain Reranker."""
+    logits = torch.cat([reranker_logits(model, part, device) for part in encoder_parts(batch)])
+    return group_cross_entropy(logits.view(-1, batch["group_size"]))
+
+
+def reranker_backward(engine, batch, accumulation):
+    """engine.backward for one reranker micro-batch; returns (loss, stats). Each query's loss needs
+    only its own pairs, so a micro-batch cut into chunks (train.grad_cache_chunk_size) is exact
+    without any cache: each chunk is one DeepSpeed micro-step whose loss is weighted by its share
+    of the micro-batch's queries (the DeepSpeed config counts accumulation x chunks micro-steps, as
+    for GradCache). The caller calls engine.step() after it."""
+    parts = encoder_parts(batch)
+    if len(parts) == 1:
+        loss, stats = reranker_loss(engine, batch, engine.device)
+        engine.backward(loss)
+        return loss.detach(), stats
+    group, total = batch["group_size"], sum(part["num_pairs"] for part in parts)
+    loss_sum, stats_sum = 0.0, {}
+    for index, part in enumerate(parts):
+        loss, stats = group_cross_entropy(reranker_logits(engine, part, engine.device).view(-1, group))
+        share = part["num_pairs"] / total
+        engine.backward(loss * share / accumulation, scale_wrt_gas=False)
+        if index < len(parts) - 1:
+            engine.step()  # a DeepSpeed micro-step inside the accumulation window: no update
+        loss_sum = loss_sum + loss.detach() * share
+        for key, value in stats.items():
+            stats_sum[key] = stats_sum.get(key, 0.0) + value * share
+    return loss_sum, stats_sum
 
 
 class RngState:
