@@ -288,6 +288,60 @@ def encode(
 
 
 @main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='.jsonl, one object per line: {"query": ..., "passage": ...} or {"query": ..., "passages": [...]}.',
+)
+@click.option(
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help='.jsonl, one line per input line, in order: {"score": S} or {"scores": [S, ...]}.',
+)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Most pairs per batch.")
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Most padded tokens per batch (pairs x longest); long pairs then go in small batches.",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="Tokens per pair, longer ones cut (default: the model's pair_max_length, embedtrain.json).",
+)
+@inference_options
+def rerank(model, input_path, output_path, batch_size, max_tokens, max_length, device, dtype):
+    """Score (query, passage) pairs with an exported reranker: one relevance logit per pair, higher
+    is more relevant, each pair rendered with the model's pair template.
+
+    \b
+    Example:  embedtrain rerank exported/tiny_reranker --input pairs.jsonl --output scores.jsonl
+    pairs.jsonl:
+      {"query": "Who is Shilin Linlofo?", "passage": "Shilin Linlofo is a chemist."}
+      {"query": "Who is Shilin Linlofo?", "passages": ["Shilin Linlofo is a chemist.", "Paris is in France."]}
+    scores.jsonl:
+      {"score": 2.71}
+      {"scores": [2.71, -1.93]}
+    """
+    from embedtrain.rerank import rerank_file
+
+    try:
+        lines, pairs = rerank_file(
+            model, input_path, output_path, batch_size, max_length, max_tokens, device=device, dtype=dtype
+        )
+    except (*_inference_errors(), OSError) as err:
+        fail(str(err))
+    click.echo(f"wrote the scores of {pairs} pairs ({lines} lines) to {output_path}")
+
+
+@main.command()
 @click.option("--config", "recipe", required=True, metavar="RECIPE_OR_PATH", help="Recipe name or YAML file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config overrides, as for train.")
 @click.option("--nodes", type=int, default=1, show_default=True)
@@ -358,20 +412,58 @@ def _placeholder_paths(overrides):
 )
 @click.option("--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block.")
 @click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")
+@click.option(
+    "--rerank",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    metavar="RERANKER",
+    help="An exported reranker: rescore each query's top --rerank-top-k candidates with it and report both "
+    "stages. The top k are reordered by its scores; candidates beyond them keep their first-stage order below.",
+)
+@click.option(
+    "--rerank-top-k",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="First-stage candidates per query rescored by --rerank (over 100: the first stage searches deeper).",
+)
+@click.option(
+    "--rerank-batch-size", type=int, default=32, show_default=True, help="(query, document) pairs per reranker batch."
+)
 @inference_options
-def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, corpus_chunk, query_chunk, device, dtype):
-    """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search).
+def evaluate(
+    model,
+    data,
+    output,
+    batch_size,
+    query_prompt,
+    dim,
+    work_dir,
+    corpus_chunk,
+    query_chunk,
+    rerank,
+    rerank_top_k,
+    rerank_batch_size,
+    device,
+    dtype,
+):
+    """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search), optionally
+    reranked by a reranker (--rerank).
 
     \b
     DATA: a subset folder or folder of subsets (dataset layout: pos_doc are the relevant documents),
           or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+    The metrics JSON goes to stdout (and --output). With --rerank its "subsets"/"mean" are the first
+    stage's, "reranked" holds the reranked ones, and a side-by-side table goes to stderr.
     Example:  embedtrain eval exported/tiny /data/heldout --output metrics.json
+    Rerank:   embedtrain eval exported/tiny /data/heldout --rerank exported/tiny_reranker --rerank-top-k 50
     Sharded:  torchrun --nproc_per_node 8 -m embedtrain.cli eval exported/1b /data/heldout
     """
     import json as json_module
 
     from embedtrain import distributed
     from embedtrain.eval import evaluate as run_eval
+    from embedtrain.eval import format_table
 
     rank, world, _ = distributed.init_inference()
     try:
@@ -387,6 +479,9 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, corpu
             work_dir=work_dir,
             query_chunk=query_chunk,
             corpus_chunk=corpus_chunk,
+            rerank=rerank,
+            rerank_top_k=rerank_top_k,
+            rerank_batch_size=rerank_batch_size,
         )
     except _inference_errors() as err:
         fail(str(err))
@@ -395,6 +490,8 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, corpu
         if output:
             with open(output, "w") as f:
                 f.write(text + "\n")
+        if rerank:
+            click.echo(format_table(result), err=True)
         click.echo(text)
     if world > 1:
         distributed.shutdown()
@@ -415,14 +512,51 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, corpu
 @click.option("--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block.")
 @click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Sequences per encoding batch.")
+@click.option(
+    "--rerank",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    metavar="RERANKER",
+    help="An exported reranker: score the mined negatives and the positives with it and drop each negative "
+    "it scores above the query's lowest positive score minus --rerank-margin (likely false negatives; "
+    "nothing is mined in their place). OUT/<subset>/mining.json counts them.",
+)
+@click.option(
+    "--rerank-margin",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="With --rerank: also drop negatives within this many score units below the positive.",
+)
+@click.option(
+    "--rerank-batch-size", type=int, default=32, show_default=True, help="(query, document) pairs per reranker batch."
+)
 @inference_options
-def mine(model, data, out, top_k, margin, corpus_chunk, query_chunk, batch_size, device, dtype):
+def mine(
+    model,
+    data,
+    out,
+    top_k,
+    margin,
+    corpus_chunk,
+    query_chunk,
+    batch_size,
+    rerank,
+    rerank_margin,
+    rerank_batch_size,
+    device,
+    dtype,
+):
     """Re-mine hard negatives with a model, written as ranked neg_doc in the dataset's layout.
 
     \b
     Example:  embedtrain mine exported/tiny /data/embed-nemotron-dataset-v1 /data/remined --top-k 20
+    Filtered: embedtrain mine exported/tiny /data/nemotron /data/remined --rerank exported/tiny_reranker
     Sharded:  torchrun --nproc_per_node 8 -m embedtrain.cli mine exported/1b /data/nemotron /data/remined
     """
+    import json as json_module
+    from pathlib import Path
+
     from embedtrain import distributed
     from embedtrain.mine import mine as run_mine
 
@@ -439,11 +573,21 @@ def mine(model, data, out, top_k, margin, corpus_chunk, query_chunk, batch_size,
             corpus_chunk=corpus_chunk,
             device=device,
             dtype=dtype,
+            rerank=rerank,
+            rerank_margin=rerank_margin,
+            rerank_batch_size=rerank_batch_size,
         )
     except _inference_errors() as err:
         fail(str(err))
     if rank == 0:
         click.echo(f"mined {sum(written.values()):,} queries in {len(written)} subset(s) into {out}")
+        if rerank:
+            manifests = [json_module.loads((Path(out) / name / "mining.json").read_text()) for name in written]
+            click.echo(
+                f"the reranker dropped {sum(m['rerank_dropped'] for m in manifests):,} of "
+                f"{sum(m['rerank_scored'] for m in manifests):,} mined negatives as likely false negatives "
+                "(counts per subset in mining.json)"
+            )
     if world > 1:
         distributed.shutdown()
 

@@ -9,6 +9,7 @@ overrides a key of that JSON. Everything else lives here.
 import dataclasses
 import difflib
 import json
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,9 @@ class EvalConfig:
     every: int = 0  # steps between evaluations (and after the last step); 0 = only after the last step
     batch_size: int = 64
     max_queries: int = 0  # per subset; 0 = all
+    # model.kind=reranker: documents per held-out query in the in-training eval (its pos_doc, then
+    # neg_doc up to this many; every positive is kept)
+    rerank_candidates: int = 100
 
 
 @dataclass
@@ -391,11 +395,17 @@ def validate_reranker(config):
     if "{query}" not in template or "{passage}" not in template:
         raise ConfigError(f"data.pair_template must contain {{query}} and {{passage}}, got {template!r}")
     try:
+        fields = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
         template.format(query="", passage="")
     except (KeyError, IndexError, ValueError) as err:
         raise ConfigError(
             f"data.pair_template {template!r}: {err} (only {{query}} and {{passage}} may be used)"
         ) from err
+    if any(name not in ("query", "passage") or conv or spec for name, conv, spec in fields):
+        raise ConfigError(
+            f"data.pair_template {template!r}: use plain {{query}} and {{passage}} fields only (no other names, "
+            "conversions or format specs)"
+        )
 
 
 def batch_layout(config, world_size):

@@ -65,8 +65,12 @@ def resolve_dtype(dtype=None, device="cpu"):
 def load_encoder(model_dir, dtype=None, device=None):
     """(encoder in eval mode on `device` in `dtype`, tokenizer, prompt policy, max_seq_length) of an
     exported folder. The encoder also carries them (`tokenizer`, `prompt_policy`, `max_seq_length`)
-    so that `encoder.encode(...)` works on its own."""
+    so that `encoder.encode(...)` works on its own. A reranker folder is refused: its backbone would
+    load and embed, silently, without its head."""
+    from embedtrain.rerank import require_kind  # embedtrain.rerank imports this module
+
     model_dir = Path(model_dir)
+    require_kind(model_dir, "embedding", "model")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = json.loads((model_dir / "config.json").read_text())

@@ -5,6 +5,12 @@ shard; config.json with model_type llama_bidirec, auto_map, pooling and temperat
 file next to the weights; the tokenizer with its pad token and padding side; sentence-transformers
 files (Transformer -> Pooling -> Normalize, the recipe's prompts, cosine similarity); a model card.
 
+A reranker (model.kind=reranker) is written as LlamaBidirectionalForSequenceClassification (backbone
+-> model.*, head -> score.weight) with sentence-transformers CrossEncoder files instead: its pair
+template becomes the tokenizer's chat template (chat_template.jinja), which CrossEncoder (>= 6.2)
+renders a (query, passage) pair through, and the export checks that the rendering gives exactly the
+tokens embedtrain scores.
+
 ZeRO-3 checkpoints are consolidated as a stream: every rank's fp32 partition file is memory-mapped
 and each parameter is assembled from its W slices, then written; peak host memory is about one
 safetensors shard plus one parameter, never the whole model.
@@ -12,6 +18,7 @@ safetensors shard plus one parameter, never the whole model.
 
 import json
 import shutil
+import string
 from pathlib import Path
 
 import torch
@@ -215,7 +222,195 @@ def reranker_config_dict(config):
     config["auto_map"]["AutoModelForSequenceClassification"] = f"{MODELING_FILE[:-3]}.{RERANKER_ARCHITECTURE}"
     config["num_labels"] = 1
     config["id2label"], config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    config["sentence_transformers"] = {"activation_fn": CROSS_ENCODER_ACTIVATION}  # CrossEncoder reads it here too
     return config
+
+
+# --- a reranker as a sentence-transformers CrossEncoder --------------------------------------------
+#
+# CrossEncoder tokenizes a (query, passage) pair itself. Recent releases (verified with 6.2) render a
+# pair through the tokenizer's chat template when the model has one, as a "query" message and a "document" message
+# (sentence_transformers.base.modality.InputFormatter.pair_to_messages), then tokenizes the rendered
+# text without adding special tokens and truncates it to max_seq_length. A template that renders
+# exactly <the tokenizer's special prefix> + pair_template + <its special suffix> therefore gives the
+# tokens embedtrain scores: tokenizer(pair_template.format(query=q, passage=p), truncation=True).
+
+# Identity: CrossEncoder.predict returns the raw logits, the scores embedtrain returns. The head was
+# trained with a softmax over each query's group, so sigmoid(logit) is not a calibrated probability.
+CROSS_ENCODER_ACTIVATION = "torch.nn.modules.linear.Identity"
+CROSS_ENCODER_MIN_VERSION = "6.2"  # the version the rendering below was verified with
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def jinja_literal(text):
+    """`text` as a Jinja string literal (Jinja decodes the JSON escapes, non-ASCII stays as it is)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def special_affixes(tokenizer):
+    """(prefix, suffix): the text of the special tokens the tokenizer adds around a text (Llama 3:
+    "<|begin_of_text|>", "")."""
+    plain = tokenizer("x y", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x y")["input_ids"]
+    start = next((k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain), None)
+    if start is None:
+        raise CheckpointError("the tokenizer's special tokens change the text's own tokens; cannot export a reranker")
+    return tokenizer.decode(full[:start]), tokenizer.decode(full[start + len(plain) :])
+
+
+def pair_chat_template(pair_template, prefix="", suffix=""):
+    """A chat template rendering [{"role": "query", ...}, {"role": "document", ...}] as
+    prefix + pair_template.format(query=..., passage=...) + suffix; anything else (a system
+    prompt, a single text) raises."""
+    pieces = [jinja_literal(prefix)]
+    for literal, field, spec, conversion in string.Formatter().parse(pair_template):
+        if literal:
+            pieces.append(jinja_literal(literal))
+        if spec or conversion:
+            raise CheckpointError(
+                f"data.pair_template {pair_template!r}: {{{field}}} has a conversion or format spec, which "
+                "sentence-transformers' chat template cannot reproduce; use plain {query} and {passage}"
+            )
+        if field is not None:
+            pieces.append("messages[0]['content']" if field == "query" else "messages[1]['content']")
+    if suffix:
+        pieces.append(jinja_literal(suffix))
+    message = (
+        "this embedtrain reranker scores (query, passage) pairs: pass a 'query' message and a 'document' "
+        "message (CrossEncoder.predict([(query, passage), ...])), without a prompt or system message"
+    )
+    return (
+        "{#- embedtrain reranker: a (query, passage) pair rendered as its data.pair_template -#}\n"
+        "{%- if messages | length != 2 or messages[0]['role'] != 'query' or messages[1]['role'] != 'document'"
+        " or messages[0]['content'] is not string or messages[1]['content'] is not string -%}\n"
+        "{{- raise_exception(" + jinja_literal(message) + ") -}}\n"
+        "{%- endif -%}\n"
+        "{{- " + " + ".join(pieces) + " -}}\n"
+    )
+
+
+PROBE_PAIRS = [
+    ("Who is Shilin Linlofo?", "Shilin Linlofo is a chemist."),
+    ('  spaces {braces} \\ "quotes"', "line\nbreaks\tand ünïcödé, 東京 and 🙂 "),
+]
+
+
+def check_pair_rendering(folder, pair_template):
+    """The chat template, rendered and tokenized as CrossEncoder does, gives the token ids embedtrain
+    scores (rerank.score_pairs): refuse to write a folder where the two would differ."""
+    from embedtrain.data.collate import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    for query, passage in PROBE_PAIRS:
+        messages = [{"role": "query", "content": query}, {"role": "document", "content": passage}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        expected = tokenizer(pair_template.format(query=query, passage=passage))["input_ids"]
+        if tokenizer(rendered, add_special_tokens=False)["input_ids"] != expected:
+            raise CheckpointError(
+                f"{folder / CHAT_TEMPLATE_FILE}: rendering the pair ({query!r}, {passage!r}) gives {rendered!r}, "
+                f"whose tokens differ from embedtrain's for data.pair_template {pair_template!r}"
+            )
+
+
+def cross_encoder_files(folder, reranker):
+    """chat_template.jinja (the pair template) and the sentence-transformers files of a CrossEncoder:
+    one Transformer module (sequence classification, pairs rendered as flat chat messages, truncated
+    to pair_max_length), Identity activation, no prompts."""
+    from embedtrain.data.collate import load_tokenizer
+
+    prefix, suffix = special_affixes(load_tokenizer(folder))
+    (folder / CHAT_TEMPLATE_FILE).write_text(pair_chat_template(reranker["pair_template"], prefix, suffix))
+    shutil.rmtree(folder / "additional_chat_templates", ignore_errors=True)  # a base model's chat templates
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    if tokenizer_config.pop("chat_template", None) is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    check_pair_rendering(folder, reranker["pair_template"])
+
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    output = {"method": "forward", "method_output_name": "logits"}
+    module_config = {
+        "transformer_task": "sequence-classification",
+        "modality_config": {"text": output, "message": {**output, "format": "flat"}},
+        "module_output_name": "scores",
+        "max_seq_length": reranker["pair_max_length"],
+        "do_lower_case": False,
+    }
+    (folder / "sentence_bert_config.json").write_text(json.dumps(module_config, indent=2) + "\n")
+    requirement = {
+        "specifier": f">={CROSS_ENCODER_MIN_VERSION}",
+        "reason": "This reranker's (query, passage) template is its chat template (chat_template.jinja). A "
+        "CrossEncoder that does not render pairs through it tokenizes them as two segments and scores differently; "
+        "the export was verified with this version.",
+    }
+    st_config = {
+        "__version__": {"sentence_transformers": CROSS_ENCODER_MIN_VERSION},
+        "requirements": {"sentence_transformers": requirement},
+        "model_type": "CrossEncoder",
+        "activation_fn": CROSS_ENCODER_ACTIVATION,
+        "prompts": {},
+        "default_prompt_name": None,
+    }
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
+
+
+def reranker_model_card(config, run_config, step, reranker):
+    data, train, loss = run_config.get("data", {}), run_config.get("train", {}), run_config.get("loss", {})
+    return f"""---
+library_name: sentence-transformers
+tags: [sentence-transformers, cross-encoder, reranker, text-ranking, embedtrain]
+pipeline_tag: text-ranking
+---
+# Bidirectional Llama reranker (cross-encoder)
+
+Trained with embedtrain from `{run_config.get("model", {}).get("path", "?")}` for {step} steps. It reads a
+(query, passage) pair as one sequence and returns one relevance logit: higher is more relevant.
+
+- Architecture: Llama, {config["num_hidden_layers"]} layers, hidden {config["hidden_size"]}, bidirectional \
+attention, `{config["pooling"]}` pooling, linear head to 1 logit (no bias), divided by temperature \
+{config.get("temperature", 1.0)}
+- Pair template: `{reranker["pair_template"]!r}` (Python `str.format`), truncated to \
+{reranker["pair_max_length"]} tokens, the tokenizer's special tokens included
+- Data: `{data.get("path", "?")}`, subsets {data.get("subsets") or "all"}
+- Loss: cross-entropy over each query's group of 1 positive + {loss.get("hard_negatives")} hard negatives
+- Optimisation: lr {train.get("lr")}, global batch {train.get("global_batch_size")}, seed {train.get("seed")}
+
+Scores are raw logits. The model was trained with a softmax over each query's passages, so compare
+scores of one query's passages; a sigmoid of a score is not a calibrated probability.
+
+## Usage
+
+```python
+from sentence_transformers import CrossEncoder  # sentence-transformers >= {CROSS_ENCODER_MIN_VERSION}
+model = CrossEncoder("PATH", trust_remote_code=True)
+scores = model.predict([("Who is Shilin Linlofo?", "Shilin Linlofo is a chemist.")])
+ranking = model.rank("Who is Shilin Linlofo?", ["Shilin Linlofo is a chemist.", "Paris is in France."])
+```
+
+CrossEncoder renders each pair with `chat_template.jinja`, which holds the pair template above, and
+returns the logits as they are (activation `Identity`, `config_sentence_transformers.json`); pass
+`activation_fn=torch.nn.Sigmoid()` for values in (0, 1). Pass plain (query, passage) pairs: the template
+takes no prompt or system message.
+
+With transformers alone, render the template yourself and tokenize with special tokens:
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained("PATH", trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+pairs = [("Who is Shilin Linlofo?", "Shilin Linlofo is a chemist.")]
+texts = [{reranker["pair_template"]!r}.format(query=q, passage=p) for q, p in pairs]
+batch = tokenizer(texts, truncation=True, max_length={reranker["pair_max_length"]}, padding=True, return_tensors="pt")
+with torch.no_grad():
+    scores = model(**batch).logits[:, 0]
+```
+
+With embedtrain: `embedtrain.Reranker.from_pretrained("PATH").score(query, passages)`, or
+`embedtrain rerank PATH --input pairs.jsonl --output scores.jsonl`.
+"""
 
 
 def write_export(step_folder, base, tmp, dtype, max_shard_gb):
@@ -238,8 +433,11 @@ def write_export(step_folder, base, tmp, dtype, max_shard_gb):
         if item.name not in ("config.json", "prompts.json", KIND_FILE):
             shutil.copy(item, tmp / item.name)
     run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
+    step = int(step_folder.name.split("_")[-1])
     if reranker is not None:
-        return  # sentence-transformers files and model card of a reranker: embedtrain.export_reranker
+        cross_encoder_files(tmp, reranker)
+        (tmp / "README.md").write_text(reranker_model_card(config, run_config, step, reranker))
+        return
     prompts = policy.sentence_transformers_prompts()
     sentence_transformers_files(tmp, config, prompts, run_config["data"]["passage_max_length"])
-    (tmp / "README.md").write_text(model_card(config, run_config, int(step_folder.name.split("_")[-1]), prompts))
+    (tmp / "README.md").write_text(model_card(config, run_config, step, prompts))

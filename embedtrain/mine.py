@@ -9,6 +9,11 @@ Host memory does not grow with the corpus (embedtrain.retrieval): the corpus is 
 corpus.parquet into an on-disk float16 matrix, positives are looked up with Arrow's hash index,
 and scoring runs in query_chunk x corpus_chunk blocks with a running top list per query. Launched
 on several processes, ranks share the encoding and the scoring; rank 0 writes OUT.
+
+With --rerank, a second pass once every subset is mined: a reranker (cross-encoder) scores each
+query's mined negatives and its positives, and a negative it scores above the query's lowest
+positive score minus --rerank-margin is dropped as a likely false negative (the kept ones keep their
+order; nothing is mined in their place). mining.json records how many were scored and dropped.
 """
 
 import json
@@ -23,7 +28,8 @@ from tqdm import tqdm
 from embedtrain import distributed
 from embedtrain.data.nemotron import read_metadata, subset_folders
 from embedtrain.encode import load_encoder
-from embedtrain.eval import read_columns
+from embedtrain.eval import free_device_memory, read_columns, score_candidates_sharded
+from embedtrain.rerank import load_reranker, require_kind
 from embedtrain.retrieval import ParquetTexts, doc_lists, encode_to_file, positive_ceilings, search, search_sharded
 
 WORK_FOLDER = ".embedtrain-mine"  # under OUT while mining, removed at the end
@@ -122,14 +128,25 @@ def mine(
     corpus_chunk=4096,
     device=None,
     dtype=None,
+    rerank=None,
+    rerank_margin=0.0,
+    rerank_batch_size=32,
 ):
     """Re-mine every subset of `data` into `out`; returns {subset: number of queries} (on every rank).
-    Every rank of a multi-process launch must call it; only rank 0 writes `out`."""
+    Every rank of a multi-process launch must call it; only rank 0 writes `out`.
+
+    `rerank`: an exported reranker folder; the mined negatives are then filtered with it
+    (`rerank_subset`), and each subset's mining.json also holds "rerank", "rerank_margin",
+    "rerank_scored" (negatives scored) and "rerank_dropped" (negatives dropped)."""
+    require_kind(model_dir, "embedding", "MODEL")
+    if rerank is not None:
+        require_kind(rerank, "reranker", "--rerank")
     encoder, tokenizer, policy, max_length = load_encoder(model_dir, dtype=dtype, device=device)
     device = next(encoder.parameters()).device
     out = Path(out)
     written = {}
-    for folder in tqdm(subset_folders(data), desc="subsets", unit="subset", disable=distributed.rank() != 0):
+    folders = subset_folders(data)
+    for folder in tqdm(folders, desc="subsets", unit="subset", disable=distributed.rank() != 0):
         work = out / WORK_FOLDER / folder.name
         queries, rows, doc_ids = mine_subset(
             folder,
@@ -156,6 +173,23 @@ def mine(
                 json.dumps({"model": str(model_dir), "top_k": top_k, "margin": margin})
             )
         written[folder.name] = distributed.broadcast_object(None if queries is None else queries.num_rows)
+    if rerank is not None:
+        del encoder, tokenizer  # the reranker takes its place on the device
+        free_device_memory()
+        reranker = load_reranker(rerank, dtype=dtype, device=device)
+        for folder in folders:
+            counts = rerank_subset(
+                out / folder.name,
+                reranker,
+                rerank_margin,
+                rerank_batch_size,
+                query_chunk,
+                out / WORK_FOLDER / folder.name,
+            )
+            if distributed.rank() == 0:
+                manifest = out / folder.name / "mining.json"
+                settings = {"rerank": str(rerank), "rerank_margin": rerank_margin, **counts}
+                manifest.write_text(json.dumps({**json.loads(manifest.read_text()), **settings}))
     if distributed.rank() == 0:
         shutil.rmtree(out / WORK_FOLDER, ignore_errors=True)
     distributed.barrier()
@@ -170,3 +204,57 @@ def write_subset(folder, target, queries, negatives):
         shutil.copy(folder / name, target / name)
     index = queries.schema.get_field_index("neg_doc")
     pq.write_table(queries.set_column(index, "neg_doc", negatives), target / "queries.parquet")
+
+
+def rerank_subset(target, reranker, margin, batch_size, query_chunk, work):
+    """Filter the mined neg_doc of OUT/<subset> (`target`) in place with a reranker: every negative and
+    positive of each query is scored (raw question and corpus text, the reranker's pair template,
+    rank-sharded as eval.score_candidates_sharded), and `drop_false_negatives` decides. Returns
+    {"rerank_scored", "rerank_dropped"} on rank 0, None on the other ranks; every rank must call it."""
+    queries_file, corpus_file = target / "queries.parquet", target / "corpus.parquet"
+    doc_ids = read_columns(corpus_file, ["id"]).column("id").combine_chunks()
+    table = read_columns(queries_file, ["question", "pos_doc", "neg_doc"])
+    negatives, positives = (
+        padded_rows(doc_lists(table.column(name), doc_ids, lambda q, name=name: f"{queries_file} row {q} {name}"))
+        for name in ("neg_doc", "pos_doc")
+    )
+    width = negatives.shape[1]
+    if width == 0:  # nothing was mined
+        return {"rerank_scored": 0, "rerank_dropped": 0} if distributed.rank() == 0 else None
+    scores = score_candidates_sharded(
+        reranker,
+        table.column("question").to_pylist(),
+        np.hstack([negatives, positives]),
+        ParquetTexts(corpus_file, "text"),
+        work,
+        batch_size,
+        query_chunk,
+        progress=True,
+        desc=f"{target.name} rerank",
+    )
+    if distributed.rank() != 0:
+        return None
+    kept, dropped = drop_false_negatives(negatives, scores[:, :width], scores[:, width:], margin)
+    queries = pq.read_table(queries_file)
+    column = negatives_column(kept, doc_ids, queries.schema.field("neg_doc").type)
+    pq.write_table(queries.set_column(queries.schema.get_field_index("neg_doc"), "neg_doc", column), queries_file)
+    return {"rerank_scored": int((negatives >= 0).sum()), "rerank_dropped": dropped}
+
+
+def drop_false_negatives(negatives, negative_scores, positive_scores, margin):
+    """(negatives with -1 where dropped, number dropped). negatives: (Q, K) corpus rows, -1 = none;
+    negative_scores (Q, K) and positive_scores (Q, P): the reranker's scores, NaN for no document.
+    A negative is dropped when it scores above its query's lowest positive score minus `margin`; a
+    query without positives drops nothing."""
+    lowest = np.min(np.where(np.isnan(positive_scores), np.inf, positive_scores), axis=1, initial=np.inf)
+    drop = (negatives >= 0) & (negative_scores > (lowest - margin)[:, None])
+    return np.where(drop, -1, negatives), int(drop.sum())
+
+
+def padded_rows(lists):
+    """(Q, longest) int64 matrix of CSR (offsets, rows) lists, -1 after each query's rows."""
+    offsets, rows = lists
+    counts = np.diff(offsets)
+    matrix = np.full((len(counts), int(counts.max(initial=0))), -1, np.int64)
+    matrix[np.repeat(np.arange(len(counts)), counts), np.arange(len(rows)) - np.repeat(offsets[:-1], counts)] = rows
+    return matrix

@@ -36,6 +36,18 @@ class LlamaBidirectionalConfig(LlamaConfig):
         kwargs.setdefault("is_causal", False)
         super().__init__(**kwargs)
 
+    # `temperature` is the training temperature that embedding consumers read, not a sampling
+    # setting: keep transformers' save_pretrained from refusing it as a generation parameter.
+    def _get_generation_parameters(self):
+        found = getattr(super(), "_get_generation_parameters", dict)()
+        found.pop("temperature", None)
+        return found
+
+    def _get_non_default_generation_parameters(self):  # the same check in transformers 4.x
+        found = getattr(super(), "_get_non_default_generation_parameters", dict)()
+        found.pop("temperature", None)
+        return found
+
 
 def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation, packed=None):
     """The mask handed to every decoder layer: padding keys masked, no causal triangle.

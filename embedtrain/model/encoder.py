@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from embedtrain.model.bidirectional import LlamaBidirectionalConfig, LlamaBidirectionalModel
 from embedtrain.model.packing import gather_sequences, is_packed, unpack
@@ -113,9 +114,16 @@ def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling
     config = read_llama_config(path)
     if pooling is not None:
         config.pooling = pooling
-    model, info = LlamaBidirectionalModel.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
-    )
+    # transformers reports the keys it does not use (a causal LM's lm_head, a reranker's score head)
+    # as a warning; they are expected here, and missing keys are checked below
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = LlamaBidirectionalModel.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ModelError(

@@ -3,16 +3,24 @@
 Every rank encodes a contiguous slice of the texts with the training engine (under ZeRO-3 all ranks
 must run the same number of forwards, so slices are padded to equal length), the embeddings are
 gathered, and rank 0 scores with the same exact search and metrics as `embedtrain eval`.
+
+A reranker (model.kind=reranker) cannot search a corpus; its evaluation reranks a fixed first-stage
+list instead: for each held-out query, its pos_doc plus its neg_doc (the dataset's mined negatives),
+at most eval.rerank_candidates documents, in an order shuffled per query (seeded by the query id) so
+that tied scores favour neither side. Every (query, document) pair is scored rank-sharded like the
+embeddings, and the same metrics are computed over that list (Recall@100 and Recall@10 differ only
+for lists longer than 10).
 """
 
 import math
+import random
 
 import numpy as np
 import torch
 
 from embedtrain import distributed
-from embedtrain.data.nemotron import read_metadata, subset_folders
-from embedtrain.eval import metrics, read_subset, top_k
+from embedtrain.data.nemotron import DataError, read_metadata, subset_folders
+from embedtrain.eval import METRIC_KEYS, metrics, read_columns, read_subset, top_k, with_mean
 
 
 def load_sources(eval_config, prompt_policy):
@@ -34,9 +42,50 @@ def load_sources(eval_config, prompt_policy):
     return sources
 
 
+def load_rerank_sources(eval_config, data_config, limit=100):
+    """{subset: (query ids, pair texts, candidate doc ids per query, qrels)} of eval.path for a
+    reranker: the pairs of each query with its `candidate_list`, query by query, rendered with
+    data.pair_template from the raw question and document texts (no prompts, as in training)."""
+    sources = {}
+    for folder in subset_folders(eval_config.path):
+        columns = ["question_id", "question", "pos_doc", "neg_doc"]
+        rows = read_columns(folder / "queries.parquet", columns).to_pylist()[: eval_config.max_queries or None]
+        table = read_columns(folder / "corpus.parquet", ["id", "text"])
+        corpus = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+        query_ids, pairs, candidates, qrels = [], [], [], {}
+        for row in rows:
+            positives = [d["id"] for d in row["pos_doc"] or []]
+            ids = candidate_list(row["question_id"], positives, [d["id"] for d in row["neg_doc"] or []], limit)
+            missing = [d for d in ids if d not in corpus]
+            if missing:
+                raise DataError(
+                    f"{folder / 'queries.parquet'}: query {row['question_id']}: document {missing[0]!r} is not "
+                    f"in {folder / 'corpus.parquet'}"
+                )
+            query_ids.append(row["question_id"])
+            candidates.append(ids)
+            pairs += [data_config.pair_template.format(query=row["question"], passage=corpus[d]) for d in ids]
+            qrels[row["question_id"]] = {d: 1 for d in positives}
+        sources[folder.name] = (query_ids, pairs, candidates, qrels)
+    return sources
+
+
+def candidate_list(query_id, positives, negatives, limit=100):
+    """A query's documents to rerank: its positives, then its negatives that are not positives, at
+    most `limit` in all (every positive is kept), without repeats, shuffled by a generator seeded
+    with the query id (the same list at every evaluation and on every rank)."""
+    positives = list(dict.fromkeys(positives))
+    known = set(positives)
+    negatives = [d for d in dict.fromkeys(negatives) if d not in known][: max(0, limit - len(positives))]
+    ids = positives + negatives
+    random.Random(str(query_id)).shuffle(ids)
+    return ids
+
+
 @torch.no_grad()
 def encode_sharded(engine, tokenizer, texts, batch_size, max_length):
-    """Embeddings of `texts` (in order) computed rank-sharded, gathered on every rank."""
+    """The engine's outputs for `texts` (in order: embeddings, or a reranker's logits) computed
+    rank-sharded, gathered on every rank."""
     rank, world = distributed.rank(), distributed.world_size()
     share = math.ceil(len(texts) / world)
     mine = texts[rank * share : (rank + 1) * share]
@@ -64,7 +113,27 @@ def evaluate_in_training(engine, tokenizer, sources, batch_size, max_length):
     engine.train()
     if distributed.rank() != 0:
         return None
-    results["mean"] = {
-        k: float(np.mean([r[k] for r in results.values()])) for k in ("ndcg@10", "recall@10", "recall@100", "mrr@10")
-    }
+    results["mean"] = {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}
     return results
+
+
+def rerank_in_training(engine, tokenizer, sources, batch_size, max_length):
+    """{subset: metrics, "mean": metrics} of a reranker engine over `load_rerank_sources`' lists, on
+    rank 0 (None elsewhere): each query's candidates ranked by the engine's scores (ties: list
+    order). Every rank must call it; the engine is back in training mode after."""
+    engine.eval()
+    results = {}
+    for name, (query_ids, pairs, candidates, qrels) in sources.items():
+        scores = encode_sharded(engine, tokenizer, pairs, batch_size, max_length).reshape(-1)
+        if distributed.rank() == 0:
+            offsets = np.cumsum([0] + [len(ids) for ids in candidates])
+            rankings = {
+                q: [ids[i] for i in np.argsort(-scores[start:stop], kind="stable")]
+                for q, ids, start, stop in zip(query_ids, candidates, offsets[:-1], offsets[1:])
+            }
+            results[name] = metrics(rankings, qrels)
+    engine.train()
+    if distributed.rank() != 0:
+        return None
+    summary = with_mean(results)
+    return {**summary["subsets"], "mean": summary["mean"]}

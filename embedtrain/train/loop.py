@@ -13,6 +13,7 @@ import yaml
 from embedtrain import distributed
 from embedtrain.config import ConfigError, batch_layout, deepspeed_config
 from embedtrain.data.collate import Collator, PairCollator, encoder_parts, load_tokenizer
+from embedtrain.data.nemotron import DataError
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
@@ -28,7 +29,7 @@ from embedtrain.train.checkpoint import (
     write_base_model,
 )
 from embedtrain.train.engine import build_engine
-from embedtrain.train.evaluation import evaluate_in_training, load_sources
+from embedtrain.train.evaluation import evaluate_in_training, load_rerank_sources, load_sources, rerank_in_training
 from embedtrain.train.step import micro_batch_backward, reranker_backward
 
 
@@ -36,6 +37,8 @@ def open_dataset(data_config, run_dir):
     """The prepared dataset at data.path; a raw dataset folder is prepared first, on rank 0, into
     data.prepared_path (default <run>/prepared). Large datasets: run `embedtrain prepare` once."""
     path = Path(data_config.path)
+    if not path.exists():
+        raise DataError(f"data.path: {path} is not a folder (nor a dataset file `embedtrain prepare` reads)")
     if not (path / MANIFEST).is_file():
         target = Path(data_config.prepared_path or Path(run_dir) / "prepared")
         distributed.run_on_main(lambda: prepare(path, target, data_config.subsets))
@@ -124,7 +127,11 @@ def train(config, on_step=None):
             config.train.keep_checkpoints,
         )
 
-    eval_sources = load_sources(config.eval, collator.policy) if config.eval.path else None
+    eval_sources = None
+    if config.eval.path and config.model.kind == "reranker":
+        eval_sources = load_rerank_sources(config.eval, config.data, config.eval.rerank_candidates)
+    elif config.eval.path:
+        eval_sources = load_sources(config.eval, collator.policy)
     stop = StopRequest()
     flops = FlopsCounter(engine.module.backbone.config)
     window = new_window()
@@ -262,16 +269,23 @@ def check_skipped_steps(engine, seen, done, config, save):
 
 
 def evaluate(engine, tokenizer, eval_sources, config, writer, step):
-    """In-training evaluation on every rank; rank 0 prints and logs the results."""
-    results = evaluate_in_training(
-        engine, tokenizer, eval_sources, config.eval.batch_size, config.data.passage_max_length
-    )
+    """In-training evaluation on every rank; rank 0 prints and logs the results. A reranker reranks
+    each held-out query's pos_doc + neg_doc (train/evaluation.py)."""
+    if config.model.kind == "reranker":
+        results = rerank_in_training(
+            engine, tokenizer, eval_sources, config.eval.batch_size, config.data.pair_max_length
+        )
+    else:
+        results = evaluate_in_training(
+            engine, tokenizer, eval_sources, config.eval.batch_size, config.data.passage_max_length
+        )
     if results is None:
         return
     mean = results["mean"]
     print(
         f"[embedtrain] eval at step {step}: nDCG@10 {mean['ndcg@10']:.4f}  Recall@10 "
-        f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}",
+        f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}"
+        + ("  (reranking each query's pos_doc + neg_doc)" if config.model.kind == "reranker" else ""),
         flush=True,
     )
     if writer is not None:
