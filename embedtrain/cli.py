@@ -140,18 +140,41 @@ def prepare(src, out, subsets, input_format, sources, skip_bad_rows, workers, sh
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--max-shard-gb", type=float, default=5.0, show_default=True, help="Largest safetensors shard.")
-def export(checkpoint, out, dtype, overwrite, max_shard_gb):
+@click.option(
+    "--adapter-only",
+    is_flag=True,
+    help="LoRA runs: write the adapter in peft's format (plus tokenizer and prompts) instead of the merged model.",
+)
+@click.option(
+    "--base-model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="LoRA runs: the base model folder the adapter was trained on. Default: the run's model.path.",
+)
+def export(checkpoint, out, dtype, overwrite, max_shard_gb, adapter_only, base_model):
     """Export a run (its latest checkpoint) or a checkpoint step folder to a Hugging Face folder.
+
+    A LoRA run (model.lora) is merged into its base (W + alpha / r x B A) and written in the same
+    format; --adapter-only writes the adapter alone, for peft.PeftModel.from_pretrained on the base.
 
     \b
     Example:  embedtrain export runs/tiny exported/tiny
     Load it:  AutoModel.from_pretrained("exported/tiny", trust_remote_code=True)
+    Adapter:  embedtrain export runs/tiny-lora exported/tiny-lora-adapter --adapter-only
     """
     from embedtrain.export import export_checkpoint
     from embedtrain.train.checkpoint import CheckpointError
 
     try:
-        path = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite, max_shard_gb=max_shard_gb)
+        path = export_checkpoint(
+            checkpoint,
+            out,
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_gb=max_shard_gb,
+            adapter_only=adapter_only,
+            base_model=base_model,
+        )
     except (CheckpointError, FileExistsError) as err:
         fail(str(err))
     click.echo(f"exported to {path}")

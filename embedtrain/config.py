@@ -36,6 +36,20 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention (block-sparse packed rows)
     padding_side: str = "right"  # right | left (the 8B release pads left)
     liger_kernels: bool = False  # fused RMSNorm, SwiGLU and RoPE from liger-kernel (CUDA; optional extra)
+    # LoRA adapters on a frozen base (peft; `pip install embedtrain[lora]`): None = full fine-tuning;
+    # {r, alpha, dropout, target_modules}, omitted keys from LORA_DEFAULTS ({} = all defaults)
+    lora: dict | None = None
+
+
+# NV-Embed (arXiv:2405.17428, section 4.1): rank 16, alpha 32, dropout 0.1, every linear projection
+# of the decoder blocks. The embeddings and norms stay frozen; the base model has no lm_head here.
+LORA_DEFAULTS = {
+    "r": 16,
+    "alpha": 32.0,
+    "dropout": 0.1,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+LLAMA_PROJECTIONS = tuple(LORA_DEFAULTS["target_modules"])
 
 
 @dataclass
@@ -370,10 +384,55 @@ def validate(config):
         raise ConfigError(f"loss.matryoshka_weights needs one weight per loss.matryoshka_dims entry, got {weights}")
     if config.model.kind == "reranker":
         validate_reranker(config)
+    if config.model.lora is not None:
+        config.model.lora = resolve_lora(config.model.lora, config.model.kind)
     if config.loss.negatives == "group" and config.loss.hard_negatives == 0:
         raise ConfigError(
             "loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)"
         )
+
+
+def resolve_lora(lora, kind="embedding"):
+    """model.lora with every key checked and the omitted ones filled from LORA_DEFAULTS (the resolved
+    values are what the run folder records). Needs peft, an optional extra."""
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"model.lora.{unknown[0]}: unknown key{did_you_mean(unknown[0], LORA_DEFAULTS)}; "
+            f"model.lora takes {', '.join(LORA_DEFAULTS)}"
+        )
+    resolved = {**LORA_DEFAULTS, **lora}
+    resolved["r"] = _coerce(resolved["r"], int, "model.lora.r")
+    resolved["alpha"] = _coerce(resolved["alpha"], float, "model.lora.alpha")
+    resolved["dropout"] = _coerce(resolved["dropout"], float, "model.lora.dropout")
+    targets = resolved["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets  # `target_modules: q_proj` is one module
+    resolved["target_modules"] = _coerce(targets, list[str], "model.lora.target_modules")
+    if resolved["r"] <= 0:
+        raise ConfigError(f"model.lora.r must be a positive rank, got {resolved['r']}")
+    if resolved["alpha"] <= 0:
+        raise ConfigError(
+            f"model.lora.alpha must be positive (the update is scaled by alpha / r), got {resolved['alpha']}"
+        )
+    if not 0.0 <= resolved["dropout"] < 1.0:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {resolved['dropout']}")
+    for name in resolved["target_modules"]:
+        if name not in LLAMA_PROJECTIONS:
+            raise ConfigError(
+                f"model.lora.target_modules: {name!r} is not a linear projection of a Llama block"
+                f"{did_you_mean(name, LLAMA_PROJECTIONS)}; choose from {', '.join(LLAMA_PROJECTIONS)}"
+            )
+    if not resolved["target_modules"] or len(set(resolved["target_modules"])) != len(resolved["target_modules"]):
+        raise ConfigError(f"model.lora.target_modules must name distinct modules, got {resolved['target_modules']}")
+    if kind != "embedding":
+        raise ConfigError(
+            f"model.lora applies to embedding models; model.kind={kind} would also need its scoring head trained"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError("model.lora needs the peft package, an optional extra: pip install embedtrain[lora]")
+    return resolved
 
 
 def validate_reranker(config):

@@ -14,6 +14,14 @@ tokens embedtrain scores.
 ZeRO-3 checkpoints are consolidated as a stream: every rank's fp32 partition file is memory-mapped
 and each parameter is assembled from its W slices, then written; peak host memory is about one
 safetensors shard plus one parameter, never the whole model.
+
+A LoRA run (model.lora) is exported merged, in the same released format: the base weights are
+streamed from the base model folder (the run's model.path, or --base-model) and each targeted
+weight becomes W + (alpha / r) B A, in fp32 before the cast to --dtype. The adapter comes from the
+checkpoint's adapter_model.safetensors; its recorded base fingerprint must match the base read,
+or the export stops (a merge into another base would silently be another model). With
+`adapter_only` the folder holds the adapter in peft's format, loadable on the bidirectional base
+with peft.PeftModel.from_pretrained, plus the tokenizer, prompts and the modeling file.
 """
 
 import json
@@ -26,6 +34,16 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
+from embedtrain.model.lora import (
+    ADAPTER_BASE,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BaseWeights,
+    base_fingerprint,
+    merge_lora,
+    read_adapter,
+    recorded_base,
+)
 from embedtrain.model.reranker import HEAD_KEY, KIND_FILE, RERANKER_ARCHITECTURE
 from embedtrain.prompts import MODEL_METADATA, model_policy
 from embedtrain.train.checkpoint import (
@@ -159,6 +177,16 @@ def sentence_transformers_files(folder, config, prompts, max_seq_length):
     (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
 
 
+def lora_line(run_config):
+    lora = (run_config.get("model") or {}).get("lora")
+    if lora is None:
+        return ""
+    return (
+        f"- Fine-tuning: LoRA rank {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']} on "
+        f"{', '.join(lora['target_modules'])}, merged into the base weights (W + alpha / r x B A)\n"
+    )
+
+
 def model_card(config, run_config, step, prompts):
     data, train, loss = run_config.get("data", {}), run_config.get("train", {}), run_config.get("loss", {})
     return f"""---
@@ -177,7 +205,7 @@ Trained with embedtrain from `{run_config.get("model", {}).get("path", "?")}` fo
 temperature {loss.get("temperature")}
 - Optimisation: lr {train.get("lr")}, global batch {train.get("global_batch_size")}, seed {train.get("seed")}
 - Prompts: query `{prompts["query"]!r}`, document `{prompts["document"]!r}`
-
+{lora_line(run_config)}
 ```python
 from sentence_transformers import SentenceTransformer
 model = SentenceTransformer("PATH", trust_remote_code=True)
@@ -187,7 +215,43 @@ documents = model.encode(["..."], prompt_name="document")
 """
 
 
-def export_checkpoint(source, out, dtype="float32", overwrite=False, max_shard_gb=5.0):
+def lora_base(run_config, base_model=None):
+    """The base model folder of a LoRA run: `base_model` (export --base-model) or the run's model.path."""
+    path = Path(base_model or run_config["model"]["path"])
+    if not (path / "config.json").is_file():
+        where = "--base-model" if base_model else "the run's model.path"
+        raise CheckpointError(
+            f"the base model of this LoRA run, {path} ({where}), is not a model folder (no config.json); the "
+            "merged export reads the base weights: pass the base folder with --base-model PATH"
+        )
+    return path
+
+
+def merged_lora_parameters(step_folder, base_path):
+    """(name, fp32 tensor) of the backbone with the checkpoint's adapter merged into the base weights,
+    streamed from the base folder one tensor at a time. Refuses a base other than the one trained on."""
+    adapter, adapter_config = read_adapter(step_folder)
+    recorded = recorded_base(step_folder)
+    try:
+        if recorded.get("fingerprint") != base_fingerprint(base_path):
+            raise CheckpointError(
+                f"{base_path} is not the base model the adapter in {step_folder} was trained on (the fingerprint of "
+                f"its weights differs from the one in {ADAPTER_BASE}, recorded from {recorded.get('base_model')}); "
+                "pass that base with --base-model"
+            )
+        scaling = adapter_config["lora_alpha"] / adapter_config["r"]
+        for name, weight in merge_lora(BaseWeights(base_path).items(), adapter, scaling):
+            yield name, weight.float()
+    except ValueError as err:  # a missing base weight, or an adapter for modules the base lacks
+        raise CheckpointError(f"merging the adapter of {step_folder} into {base_path}: {err}") from err
+
+
+def export_checkpoint(
+    source, out, dtype="float32", overwrite=False, max_shard_gb=5.0, adapter_only=False, base_model=None
+):
+    """Write the checkpoint `source` names (a run, its checkpoints folder, a step folder) as a
+    Hugging Face folder `out`. A LoRA run: merged into its base (`base_model`, default the run's
+    model.path), or with `adapter_only` the adapter in peft's format."""
     checkpoint_root, tag = resolve_checkpoint(source)
     step_folder = checkpoint_root / tag
     base = step_folder / "base_model"
@@ -200,7 +264,7 @@ def export_checkpoint(source, out, dtype="float32", overwrite=False, max_shard_g
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_export(step_folder, base, tmp, dtype, max_shard_gb)
+        write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only, base_model)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
         raise
@@ -413,10 +477,80 @@ With embedtrain: `embedtrain.Reranker.from_pretrained("PATH").score(query, passa
 """
 
 
-def write_export(step_folder, base, tmp, dtype, max_shard_gb):
+def write_adapter_export(step_folder, base, tmp, run_config, base_path):
+    """The adapter-only folder: peft's two files (base_model_name_or_path: the base), the tokenizer,
+    embedtrain.json (prompts, pooling, normalisation, max length), the modeling file, a model card."""
+    shutil.copy(step_folder / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+    adapter_config = json.loads((step_folder / ADAPTER_CONFIG).read_text())
+    adapter_config["base_model_name_or_path"] = str(base_path)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    for item in base.iterdir():
+        if item.name not in ("config.json", "prompts.json", KIND_FILE):
+            shutil.copy(item, tmp / item.name)
+    shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
+    model = run_config["model"]
+    config = json.loads((base / "config.json").read_text())
+    metadata = {
+        **model_policy(base).to_dict(),
+        "pooling": config.get("pooling", model["pooling"]),
+        "normalize": model["normalize"],
+        "max_seq_length": run_config["data"]["passage_max_length"],
+        "base_model": str(base_path),
+        "base_fingerprint": recorded_base(step_folder).get("fingerprint"),
+    }
+    (tmp / MODEL_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    step = int(step_folder.name.split("_")[-1])
+    (tmp / "README.md").write_text(adapter_model_card(config, run_config, step, metadata, adapter_config))
+
+
+def adapter_model_card(config, run_config, step, metadata, adapter_config):
+    return f"""---
+library_name: peft
+base_model: {metadata["base_model"]}
+tags: [peft, lora, sentence-transformers, feature-extraction, embedding, embedtrain]
+pipeline_tag: feature-extraction
+---
+# LoRA adapter for a bidirectional Llama embedding model
+
+Trained with embedtrain on `{metadata["base_model"]}` for {step} steps: rank {adapter_config["r"]}, alpha \
+{adapter_config["lora_alpha"]}, dropout {adapter_config["lora_dropout"]}, on \
+{", ".join(adapter_config["target_modules"])}.
+
+The adapter only works on the base loaded **bidirectionally** (`{MODELING_FILE}`, shipped here): a plain
+`AutoModel` on a Llama checkpoint is causal and gives other embeddings. Pooling `{metadata["pooling"]}`,
+then L2 normalisation{"" if metadata["normalize"] else " (off for this model)"}; prompts: query \
+`{metadata["default_query"]!r}`, document `{metadata["default_document"]!r}`.
+
+```python
+import torch
+from peft import PeftModel
+from embedtrain.model import load_backbone  # or LlamaBidirectionalModel from {MODELING_FILE}
+base = load_backbone("{metadata["base_model"]}", pooling="{metadata["pooling"]}")
+model = PeftModel.from_pretrained(base, "PATH").eval()
+```
+
+`embedtrain export RUN OUT` (without --adapter-only) writes the same model merged into the base, in
+the released format (transformers and sentence-transformers load it without peft).
+"""
+
+
+def write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False, base_model=None):
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     reranker = json.loads((base / KIND_FILE).read_text()) if (base / KIND_FILE).is_file() else None
-    parameters = checkpoint_parameters(step_folder)
+    run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
+    lora = (run_config.get("model") or {}).get("lora")
+    if lora is None and (adapter_only or base_model):
+        raise CheckpointError(
+            f"{step_folder} is not a LoRA run (model.lora is unset): --adapter-only and --base-model apply to LoRA "
+            "runs only"
+        )
+    if adapter_only:  # the base's weights are not read: the folder names the base, peft loads it
+        base_path = Path(base_model or run_config["model"]["path"])
+        return write_adapter_export(step_folder, base, tmp, run_config, base_path)
+    if lora is not None:
+        parameters = merged_lora_parameters(step_folder, lora_base(run_config, base_model))
+    else:
+        parameters = checkpoint_parameters(step_folder)
     if reranker is not None:
         parameters = reranker_names(parameters)
     write_shards(parameters, tmp, torch_dtype, int(max_shard_gb * 2**30))
@@ -432,7 +566,6 @@ def write_export(step_folder, base, tmp, dtype, max_shard_gb):
     for item in base.iterdir():
         if item.name not in ("config.json", "prompts.json", KIND_FILE):
             shutil.copy(item, tmp / item.name)
-    run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
     step = int(step_folder.name.split("_")[-1])
     if reranker is not None:
         cross_encoder_files(tmp, reranker)

@@ -14,18 +14,23 @@ Memory per GPU under ZeRO-3 with bf16 (bytes):
                  and the step does one more forward (x 5/4 with checkpointing, x 4/3 without);
   gather buffers the global pool: W x B x G x D fp32 embeddings, forward and gradient;
   reserve        2 GiB (CUDA context, NCCL) and 10 % fragmentation.
+  LoRA          (model.lora) the base is frozen: 2 P / N for its bf16 weights plus 18 P_lora / N for
+                 the adapter (its gradients, fp32 master and Adam moments are the only ones there are).
 An option fits when its total is at most 90 % of the GPU's memory (headroom for allocator peaks).
 Step time = compute + communication, added, not overlapped (DeepSpeed prefetches and overlaps
 part of it, so this is an upper bound):
   compute        model FLOPs of the step (6 x non-embedding params + 12 x layers x hidden x L per
                  token; x 4/3 with checkpointing for the recomputed forward) / (GPUs x peak x MFU);
+                 with LoRA 4 x params + 6 x adapter params + the same attention term (no weight
+                 gradients for the frozen base), and a recomputed forward adds half of that;
   communication  per GPU and optimizer step, under ZeRO-3 with A accumulation micro-steps and
                  ONE encoder forward per micro-batch (queries and passages together):
                    all-gathered    A x 2 x P x b_param  (bf16 parameters gathered for the forward and
                                    again for the backward/recompute; GradCache with c chunks: A x c x 3,
                                    its no-grad forward gathers once more),
                    reduce-scattered A x P x b_grad     (gradients once per micro-step, x c with GradCache;
-                                   b_grad 4 with communication_data_type fp32, else 2),
+                                   b_grad 4 with communication_data_type fp32, else 2; with LoRA the
+                                   adapter's P_lora only, while the frozen base is still gathered),
                  each moved in a ring: (N - 1) / N of it crosses one GPU's link, so
                    seconds = (gathered + reduce-scattered) x (N - 1) / N / bandwidth per GPU.
                  ZeRO-1/2: parameters all-gathered once per step, gradients reduce-scattered once per
@@ -96,8 +101,41 @@ class Shape:
     def largest_layer_params(self):
         return max(self.layer_params, self.vocab_size * self.hidden_size)
 
-    def flops_per_token(self, length):
-        return 6 * self.non_embedding_params + 12 * self.num_hidden_layers * self.hidden_size * length
+    def projection_shapes(self):
+        """(in, out) features of each linear projection of a decoder layer, by module name."""
+        h, i = self.hidden_size, self.intermediate_size
+        kv = h // self.num_attention_heads * self.num_key_value_heads
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def lora_params(self, lora):
+        """Adapter parameters of a resolved model.lora: A (r x in) and B (out x r) per targeted
+        projection and layer; 0 without LoRA."""
+        if not lora:
+            return 0
+        shapes = self.projection_shapes()
+        return self.num_hidden_layers * lora["r"] * sum(sum(shapes[name]) for name in lora["target_modules"])
+
+    def flops_per_token(self, length, lora=None):
+        """Training FLOPs per token of a sequence of `length`: forward 2 N + 4 L h length, backward
+        twice that (gradients of activations and of weights). With LoRA the frozen base needs no
+        weight gradients: 4 N + 6 N_lora + 12 L h length (N: non-embedding parameters)."""
+        attention = 12 * self.num_hidden_layers * self.hidden_size * length
+        if not lora:
+            return 6 * self.non_embedding_params + attention
+        return 4 * self.non_embedding_params + 6 * self.lora_params(lora) + attention
+
+    def forward_flops_per_token(self, length, lora=None):
+        """FLOPs of one forward per token (what activation checkpointing and GradCache repeat)."""
+        attention = 4 * self.num_hidden_layers * self.hidden_size * length
+        return 2 * (self.non_embedding_params + self.lora_params(lora)) + attention
 
 
 def shape_for(config, recipe_name, shape_name=None):
@@ -131,10 +169,19 @@ def memory_per_gpu(
     global_pool,
     activation_queries=None,
     score_bytes_per_layer=0.0,
+    lora_params=0,
 ):
     """Bytes per GPU by component, for micro-batch `micro` queries per GPU; activations are held
-    for `activation_queries` of them at a time (GradCache chunks; default all)."""
-    states = {"none": 18 * shape.params / gpus, "optimizer": 2 * shape.params / gpus, "optimizer+params": 0.0}[offload]
+    for `activation_queries` of them at a time (GradCache chunks; default all). With `lora_params`
+    adapter parameters the base is frozen: its bf16 weights (2 bytes) have no gradient, master copy
+    or Adam moments; the adapter has all of them (18 bytes)."""
+    trained = lora_params or shape.params
+    frozen = shape.params if lora_params else 0
+    states = {
+        "none": (2 * frozen + 18 * trained) / gpus,
+        "optimizer": 2 * (frozen + trained) / gpus,
+        "optimizer+params": 0.0,
+    }[offload]
     tokens = (activation_queries or micro) * tokens_per_query
     h, layers = shape.hidden_size, shape.num_hidden_layers
     if checkpointing:
@@ -179,16 +226,19 @@ def communication_dtypes(config):
     return ds.get("zero_optimization", {}).get("stage", 0), param_bytes, grad_bytes
 
 
-def communication_bytes(params, accumulation, chunks=1, param_bytes=2, grad_bytes=2, stage=3):
+def communication_bytes(params, accumulation, chunks=1, param_bytes=2, grad_bytes=2, stage=3, trained=None):
     """(all-gathered, reduce-scattered) bytes per GPU per optimizer step, full tensor sizes (see the
     module docstring): ONE encoder forward per micro-batch, `chunks` GradCache chunks per micro-batch
-    (1 = no GradCache)."""
+    (1 = no GradCache). `trained`: the parameters with gradients (LoRA: the adapter; default all):
+    only they are reduced, and under ZeRO-1/2 only they are all-gathered after the step; ZeRO-3
+    gathers the frozen base for every forward all the same."""
+    trained = params if trained is None else trained
     micro_steps = accumulation * chunks
     if stage == 3:
         forwards = 3 if chunks > 1 else 2  # forward + backward/recompute; GradCache's no-grad pass
-        return micro_steps * forwards * params * param_bytes, micro_steps * params * grad_bytes
+        return micro_steps * forwards * params * param_bytes, micro_steps * trained * grad_bytes
     reductions = micro_steps if stage == 2 else 1
-    return params * param_bytes, reductions * params * grad_bytes
+    return trained * param_bytes, reductions * trained * grad_bytes
 
 
 def communication_seconds(total_bytes, gpus, bandwidth_gbps):
@@ -214,7 +264,12 @@ def plan(
     lq, lp = config.data.query_max_length, config.data.passage_max_length
     tokens_per_query = lq + group * lp
     global_batch = config.train.global_batch_size
-    step_flops = global_batch * (shape.flops_per_token(lq) * lq + group * shape.flops_per_token(lp) * lp)
+    lora = config.model.lora
+    lora_params = shape.lora_params(lora)
+    step_flops = global_batch * (shape.flops_per_token(lq, lora) * lq + group * shape.flops_per_token(lp, lora) * lp)
+    forward_flops = global_batch * (
+        shape.forward_flops_per_token(lq, lora) * lq + group * shape.forward_flops_per_token(lp, lora) * lp
+    )
     chunk = config.train.grad_cache_chunk_size
     eager = config.model.attn_implementation == "eager"
     bandwidth_gbps = bandwidth_gbps or default_bandwidth_gbps(nodes)
@@ -237,15 +292,22 @@ def plan(
                     config.loss.negatives == "global",
                     held,
                     scores,
+                    lora_params,
                 )
-                recompute = 4 / 3 if checkpointing else 1
-                if held < micro:  # GradCache: one more forward
-                    recompute = 5 / 3 if checkpointing else 4 / 3
-                compute = step_flops * recompute / (gpus * peak_tflops * 1e12 * mfu)
+                # forwards repeated: checkpointing's recompute, GradCache's no-grad pass (full
+                # fine-tuning: x 4/3 each with 1/3 of the step's FLOPs in the forward; LoRA: x 3/2)
+                repeated = int(checkpointing) + int(held < micro)
+                compute = (step_flops + repeated * forward_flops) / (gpus * peak_tflops * 1e12 * mfu)
                 compute *= {"none": 1.0, "optimizer": 1.15, "optimizer+params": 1.6}[offload]  # stated guesses
                 accumulation = global_batch // (micro * gpus)
                 gathered, reduced = communication_bytes(
-                    shape.params, accumulation, micro // held, param_bytes, grad_bytes, stage
+                    shape.params + lora_params,
+                    accumulation,
+                    micro // held,
+                    param_bytes,
+                    grad_bytes,
+                    stage,
+                    trained=lora_params or None,
                 )
                 comm = communication_seconds(gathered + reduced, gpus, bandwidth_gbps)
                 options.append(
@@ -283,6 +345,8 @@ def plan(
         "bandwidth_gbps": bandwidth_gbps,
         "zero_stage": stage,
         "grad_comm_bytes": grad_bytes,
+        "lora": lora,
+        "lora_params": lora_params,
     }
 
 
@@ -300,6 +364,16 @@ def format_plan(result):
         f"{'micro':>5} {'accum':>5} {'ckpt':>5} {'offload':>16} {'GiB/GPU':>8} {'GB comm':>8} {'comm s':>7} "
         f"{'s/step':>7}  fits",
     ]
+    if result["lora"]:
+        lora, trained = result["lora"], result["lora_params"]
+        lines.insert(
+            1,
+            f"LoRA rank {lora['r']} on {', '.join(lora['target_modules'])}: {trained / 1e6:,.1f}M trainable "
+            f"parameters ({trained / result['params']:.2%} of the base, which is frozen); optimizer state (fp32 "
+            f"master + Adam moments, 12 bytes each) for the adapter only: {12 * trained / result['gpus'] / GIB:.3f} "
+            f"GiB per GPU (full fine-tuning: {12 * result['params'] / result['gpus'] / GIB:.1f} GiB); gradients "
+            "reduce-scattered for the adapter only",
+        )
     for o in result["options"]:
         lines.append(
             f"{o['micro_batch']:>5} {o['accumulation']:>5} {str(o['checkpointing']):>5} {o['offload']:>16} "

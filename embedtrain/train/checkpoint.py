@@ -2,7 +2,12 @@
 scheduler, per-rank RNG and data position as client state), the resolved config, the base model's
 config and tokenizer, and complete.json (every file and its size). Saves are atomic: the folder is
 written as step_<N>.partial, renamed when complete, and only then does `latest` point at it.
-Resume picks the newest complete checkpoint; export insists on the one `latest` names."""
+Resume picks the newest complete checkpoint; export insists on the one `latest` names.
+
+A LoRA run (model.lora) saves the DeepSpeed state of the adapter only: the frozen base is left out
+(exclude_frozen_parameters; otherwise ZeRO-3 writes every rank's base partition and ZeRO-2 the
+whole base, twice) and comes back from model.path. The adapter itself is also written in peft's
+format (adapter_model.safetensors + adapter_config.json), gathered from the ranks' fp32 partitions."""
 
 import json
 import random
@@ -15,6 +20,7 @@ import torch
 import yaml
 
 from embedtrain import distributed
+from embedtrain.model.lora import ADAPTER_BASE, base_fingerprint, lora_parameters, recorded_base, write_adapter
 from embedtrain.model.reranker import KIND_FILE
 
 
@@ -122,12 +128,14 @@ def save_checkpoint(engine, run_dir, step, stream_state, config_dict, keep=0):
     only then points `latest` at it. A crash at any moment leaves the previous checkpoint intact."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
+    lora = config_dict["model"].get("lora")
     try:
         engine.save_checkpoint(
             str(root),
             tag=tag + PARTIAL,
             save_latest=False,
             client_state={"step": step, "stream": stream_state, "rng": rng_state()},
+            exclude_frozen_parameters=lora is not None,  # the frozen base comes from model.path
         )
     except OSError as err:  # disk full, quota, permissions: say so, leave the last good checkpoint alone
         shutil.rmtree(root / (tag + PARTIAL), ignore_errors=True)
@@ -135,9 +143,10 @@ def save_checkpoint(engine, run_dir, step, stream_state, config_dict, keep=0):
         raise CheckpointError(
             f"saving checkpoint {tag} under {root} failed: {err}; the newest complete checkpoint ({latest}) is intact"
         ) from err
+    adapter = gather_adapter(engine) if lora is not None else None  # a collective: every rank
     distributed.barrier()
     if engine.global_rank == 0:
-        publish_checkpoint(root, tag, run_dir, stream_state, config_dict)
+        publish_checkpoint(root, tag, run_dir, stream_state, config_dict, adapter)
         prune_checkpoints(root, keep)
     distributed.barrier()
     return root / tag
@@ -146,9 +155,31 @@ def save_checkpoint(engine, run_dir, step, stream_state, config_dict, keep=0):
 PARTIAL = ".partial"
 
 
-def publish_checkpoint(root, tag, run_dir, stream_state, config_dict):
+def gather_adapter(engine):
+    """{name: full fp32 tensor on the host} of every LoRA weight; every rank calls it, in the same
+    order. Read from the optimizer's fp32 master copy (under ZeRO the parameter is a partition, or
+    in bf16 a rounded copy; the DeepSpeed state export and resume use the same masters). Reading
+    `param.data` under ZeRO-3 would give empty placeholders: the empty adapter of DeepSpeed issue
+    7900. Without a master copy (no ZeRO, fp32) the gathered parameter is the weight."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    tensors = {}
+    for name, param in lora_parameters(engine.module):
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param]):
+                full = param.detach().clone()
+        tensors[name] = full.detach().to("cpu", torch.float32).view(getattr(param, "ds_shape", param.shape))
+    return tensors
+
+
+def publish_checkpoint(root, tag, run_dir, stream_state, config_dict, adapter=None):
     """Rank 0, after every rank wrote: add our files, record the inventory, rename, move `latest`."""
     folder = root / (tag + PARTIAL)
+    if adapter is not None:
+        base = config_dict["model"]["path"]
+        write_adapter(folder, adapter, config_dict["model"]["lora"], base, base_fingerprint(base))
     (folder / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
     (folder / "stream.json").write_text(json.dumps(stream_state, indent=2))
     shutil.copytree(Path(run_dir) / "base_model", folder / "base_model", dirs_exist_ok=True)
@@ -175,6 +206,44 @@ def prune_checkpoints(root, keep):
         steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
         for old in steps[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def check_lora_resume(engine, folder, saved, config):
+    """Resume a LoRA run only from a checkpoint of the same adapter (model.lora) on the same base
+    (its fingerprint), whose trained parameters are exactly this model's; a full fine-tune only from
+    a full one. `saved`: the checkpoint's rank-0 model states."""
+    saved_config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    was = (saved_config.get("model") or {}).get("lora")
+    if was != config.model.lora:
+        raise CheckpointError(
+            f"{folder}: model.lora was {was}, now {config.model.lora}: the trained parameters would change; "
+            "keep model.lora to resume (export the checkpoint and start a new run from it to change it)"
+        )
+    if config.model.lora is None:
+        return
+    recorded = recorded_base(folder)
+    if recorded.get("fingerprint") != base_fingerprint(config.model.path):
+        raise CheckpointError(
+            f"{folder} holds an adapter trained on another base model than model.path={config.model.path} "
+            f"(the fingerprint of its weights differs from the one in {ADAPTER_BASE}, recorded from "
+            f"{recorded.get('base_model')}); resume with the base the run was started from"
+        )
+    if saved.get("param_shapes") is not None:  # ZeRO: the optimizer's parameters, by name
+        trained = {name: tuple(shape) for group in saved["param_shapes"] for name, shape in group.items()}
+    else:
+        buffers = set(saved.get("buffer_names") or ())
+        trained = {name: tuple(t.shape) for name, t in saved["module"].items() if name not in buffers}
+    expected = {
+        name: tuple(getattr(param, "ds_shape", param.shape))
+        for name, param in engine.module.named_parameters()
+        if param.requires_grad
+    }
+    if trained != expected:
+        different = sorted(set(trained.items()) ^ set(expected.items()))
+        raise CheckpointError(
+            f"{folder} does not match this model ({config.model.path}): its adapter parameters differ, e.g. "
+            f"{different[0][0]}"
+        )
 
 
 def checkpoint_problem(folder):

@@ -9,6 +9,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from embedtrain.config import ConfigError, precision_dtype
 from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
+from embedtrain.model.lora import add_lora
 from embedtrain.model.reranker import Reranker, new_head
 
 
@@ -25,14 +26,16 @@ def enable_activation_checkpointing(backbone, use_reentrant=False):
 
 
 def parameter_groups(model, weight_decay):
-    """AdamW groups: matrices decay; norms (1-D) and biases do not."""
+    """AdamW groups over the trainable parameters only (a frozen LoRA base gets no optimizer state):
+    matrices decay; norms (1-D) and biases do not. An empty group (LoRA: no 1-D weights) is left out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 params are flattened placeholders
         (no_decay if len(shape) < 2 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def lr_multiplier(step, warmup_steps, max_steps, schedule, min_ratio):
@@ -64,6 +67,11 @@ def build_encoder(config, dtype, use_reentrant=False):
         backbone.config.matryoshka_dims = list(config.loss.matryoshka_dims)  # recorded in exports
     if config.model.liger_kernels:
         apply_liger_kernels(backbone)
+    if config.model.lora is not None:
+        # after loading (under ZeRO-3 the base is partitioned already; the new adapter weights are
+        # whole until deepspeed.initialize partitions them, broadcasting rank 0's values), before
+        # checkpointing wraps the layers
+        add_lora(backbone, config.model.lora, config.train.seed)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(backbone, use_reentrant=use_reentrant)
     if config.model.kind == "reranker":

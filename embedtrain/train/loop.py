@@ -20,6 +20,7 @@ from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.model.encoder import read_llama_config
 from embedtrain.train.checkpoint import (
     CheckpointError,
+    check_lora_resume,
     checkpoint_root,
     load_checkpoint_file,
     load_resharded,
@@ -133,7 +134,7 @@ def train(config, on_step=None):
     elif config.eval.path:
         eval_sources = load_sources(config.eval, collator.policy)
     stop = StopRequest()
-    flops = FlopsCounter(engine.module.backbone.config)
+    flops = FlopsCounter(engine.module.backbone.config, config.model.lora)
     window = new_window()
     skipped = engine.skipped_steps
     batches = StepBatches(
@@ -149,7 +150,14 @@ def train(config, on_step=None):
         length_bucketing=config.data.length_bucketing,
         positive_sampling=config.data.positive_sampling,
     )
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.num_workers)
+    # its own generator: otherwise starting the iterator draws from the global RNG, after a resume's
+    # restore_rng, and dropout (model.lora.dropout) would differ from the uninterrupted run
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=config.data.num_workers,
+        generator=torch.Generator().manual_seed(config.train.seed + rank),
+    )
     for step, micro_batches, examples in loader:
         step_stats = optimizer_step(engine, micro_batches, config, accumulation, group, window, flops)
         if on_step is not None:
@@ -219,9 +227,10 @@ def optimizer_step(engine, micro_batches, config, accumulation, group, window, f
 class FlopsCounter:
     """Model FLOPs of a training step (forward and backward, no recompute): 6 x non-embedding
     parameters per token plus the attention term 12 x layers x hidden x the token's sequence
-    length (Chinchilla/PaLM accounting; docs/benchmarks.md), over real tokens only."""
+    length (Chinchilla/PaLM accounting; docs/benchmarks.md), over real tokens only. With LoRA the
+    frozen base has no weight gradients: 4 x parameters + 6 x adapter parameters (plan.Shape)."""
 
-    def __init__(self, backbone_config):
+    def __init__(self, backbone_config, lora=None):
         from embedtrain.plan import Shape
 
         shape = Shape(
@@ -237,7 +246,7 @@ class FlopsCounter:
                 )
             }
         )
-        self.per_token = 6 * shape.non_embedding_params
+        self.per_token = shape.flops_per_token(0, lora)
         self.per_token_and_length = 12 * shape.num_hidden_layers * shape.hidden_size
 
     def of(self, part):
@@ -364,10 +373,15 @@ def load_state(engine, folder, config, world):
             f"{saved['dp_world_size']} rank(s), or export the checkpoint and start a new run from the export "
             "(the optimizer state is then lost)"
         )
+    check_lora_resume(engine, folder, saved, config)
     try:
         if saved["dp_world_size"] == world:
             _, client = engine.load_checkpoint(
-                str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(folder.parent),
+                tag=folder.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=config.model.lora is None,  # a LoRA checkpoint lacks the frozen base
             )
         else:
             client = load_resharded(engine, folder)

@@ -2,6 +2,9 @@
 optionally die by SIGKILL after a given step or in the middle of a checkpoint save.
 
     python tests/workers/resumable.py --run-dir RUN --records r.jsonl [--kill-after-step K] [--kill-in-save N]
+
+--embed-out FILE: after training, rank 0 saves (torch.save) the in-memory LoRA adapter (gathered from
+every rank) and the in-process embeddings of EMBED_TEXTS, to compare with what was saved and exported.
 """
 
 import argparse
@@ -27,6 +30,7 @@ def main():
     parser.add_argument("--disk-full-in-save", type=int, default=None, help="step whose save hits ENOSPC")
     parser.add_argument("--nan-at", default="", help="comma-separated step indices whose loss is made NaN")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--embed-out", default=None, help="save the in-memory adapter and embeddings here")
     args = parser.parse_args()
     config = load_config(
         "tiny",
@@ -137,6 +141,25 @@ def main():
     except (CheckpointError, TrainingError) as err:
         print(f"embedtrain: error: {err}", flush=True)
         raise SystemExit(2) from err
+    if args.embed_out:
+        save_in_memory_model(engine_box[-1], config, args.embed_out)
+
+
+EMBED_TEXTS = ["Shilin Linlofo is a chemist.", "A short one.", "Dorbra Ostmorven is an architect known for copper."]
+
+
+def save_in_memory_model(engine, config, out):
+    """Every rank: gather the adapter and embed EMBED_TEXTS (collectives under ZeRO-3); rank 0 saves."""
+    from embedtrain.data.collate import load_tokenizer
+    from embedtrain.train.checkpoint import gather_adapter
+
+    adapter = gather_adapter(engine) if config.model.lora is not None else {}
+    batch = load_tokenizer(config.model.path, config.model.padding_side)(EMBED_TEXTS, padding=True, return_tensors="pt")
+    engine.eval()
+    with torch.no_grad():
+        embeddings = engine(batch["input_ids"], batch["attention_mask"])
+    if distributed.rank() == 0:
+        torch.save({"adapter": adapter, "embeddings": embeddings.cpu(), "texts": EMBED_TEXTS}, out)
 
 
 if __name__ == "__main__":

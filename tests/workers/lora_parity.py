@@ -1,0 +1,136 @@
+"""LoRA gradient parity worker: W-rank DeepSpeed gradients of the adapter vs plain PyTorch with peft.
+
+    torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --out r.json [--stage 2]
+    torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --out r.json --grad-cache 2 --dropout 0.1
+
+Every rank trains the tiny recipe with model.lora on its share of global batch 0 and reads the full
+gradient of every parameter before the optimizer step; every rank also builds the reference: the
+base from embedtrain.model.load_backbone, peft.get_peft_model with the same seed, and one plain
+forward/backward on the whole global batch (no DeepSpeed, no checkpointing). After the optimizer
+step it counts the optimizer state (the fp32 master partitions and Adam moments) over all ranks.
+Rank 0 writes the worst relative error over the adapter weights and the counts.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from embedtrain import distributed
+from embedtrain.config import deepspeed_config, load_config
+from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.stream import Sampler, StepBatches
+from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model.lora import lora_parameters
+from embedtrain.train.checkpoint import gather_adapter
+from embedtrain.train.engine import build_engine
+from embedtrain.train.loop import open_dataset
+from embedtrain.train.step import contrastive_loss, micro_batch_backward
+
+
+def reference_encoder(config):
+    """The base with peft's own wrapper (get_peft_model), seeded as training seeds the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.model.lora
+    backbone = load_backbone(config.model.path, attn_implementation=config.model.attn_implementation)
+    peft_config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"]
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        model = get_peft_model(backbone, peft_config)
+    return BiEncoder(model, config.model.pooling, config.model.normalize), model
+
+
+def optimizer_state_numel(engine):
+    """(fp32 master numel, Adam moment numel, number of state tensors) of this rank's optimizer."""
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if flats is None:
+        flats = engine.optimizer.single_partition_of_fp32_groups  # ZeRO-1/2
+    masters = sum(flat.numel() for flat in flats)
+    inner = engine.optimizer.optimizer  # the torch AdamW over those flat partitions
+    moments = [t for state in inner.state.values() for k, t in state.items() if k in ("exp_avg", "exp_avg_sq")]
+    return masters, sum(t.numel() for t in moments), len(moments)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, default=3)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--grad-cache", type=int, default=0, help="GradCache chunk size (queries)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (GradCache replays it)")
+    args = parser.parse_args()
+
+    rank, world, _ = distributed.init_distributed()
+    global_batch = world * args.micro
+    overrides = [
+        f"train.micro_batch_size={args.micro}",
+        f"train.global_batch_size={global_batch}",
+        "deepspeed.bf16.enabled=false",
+        f"deepspeed.zero_optimization.stage={args.stage}",
+        f"train.grad_cache_chunk_size={args.grad_cache}",
+        f"model.lora={{r: 4, alpha: 8, dropout: {args.dropout}}}",
+    ]
+    config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
+    dataset = open_dataset(config.data, config.train.output_dir)
+    collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info, args.grad_cache)
+    sampler = Sampler(dataset.subset_sizes(), global_batch, 0)
+
+    def micro_batches(rank_, world_, micro_):
+        stream = StepBatches(dataset, sampler, collator, rank_, world_, micro_, config.loss.hard_negatives, 0, 1)
+        return [collator(examples) for examples in stream.examples(0)]
+
+    engine = build_engine(config, deepspeed_config(config, world))
+    initial = gather_adapter(engine)  # the adapter as DeepSpeed holds it, before any step
+    trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+    replay = 0.0
+    for batch in micro_batches(rank, world, args.micro):
+        loss, stats = micro_batch_backward(engine, batch, config.loss, 1, args.grad_cache)
+        replay = max(replay, float(stats.get("grad_cache_replay_error", 0.0)))
+    grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
+    frozen_with_grad = sorted(name for name, g in grads.items() if g is not None and name not in trainable)
+    engine.step()  # the optimizer step: Adam creates its moments now
+    counts = torch.tensor(optimizer_state_numel(engine), dtype=torch.float64)
+    torch.distributed.all_reduce(counts)
+    masters, moments, moment_tensors = (int(c) for c in counts)
+
+    config.train.activation_checkpointing = False
+    reference, peft_model = reference_encoder(config)
+    loss, _ = contrastive_loss(reference, micro_batches(0, 1, world * args.micro)[0], config.loss, "cpu")
+    loss.backward()
+    reference_params = {
+        "backbone." + name.removeprefix("base_model.model."): p for name, p in peft_model.named_parameters()
+    }
+    errors, init_diff = {}, 0.0
+    for name, _ in lora_parameters(engine.module):
+        ref = reference_params[name]
+        init_diff = max(init_diff, float((initial[name] - ref.detach()).abs().max()))
+        errors[name] = float((grads[name] - ref.grad).norm() / ref.grad.norm().clamp(min=1e-12))
+    if rank == 0:
+        worst = max(errors, key=errors.get)
+        lora_numel = sum(p.grad.numel() for n, p in reference_params.items() if n in errors)
+        result = {
+            "max_rel_error": errors[worst],
+            "worst_param": worst,
+            "adapter_weights": len(errors),
+            "trainable": sorted(trainable) == sorted(errors),
+            "frozen_with_grad": frozen_with_grad,
+            "init_max_diff": init_diff,
+            "replay_error": replay,
+            "lora_numel": lora_numel,
+            "model_numel": sum(p.numel() for p in peft_model.parameters()),
+            "optimizer_master_numel": masters,
+            "optimizer_moment_numel": moments,
+            "optimizer_moment_tensors": moment_tensors,
+            "world": world,
+        }
+        Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
+    distributed.shutdown()
