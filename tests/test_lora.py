@@ -50,7 +50,7 @@ def test_lora_config_defaults_and_refusals(monkeypatch):
     assert load_config("tiny", ["model.lora={}"]).model.lora == LORA_DEFAULTS
     assert load_config("tiny").model.lora is None
     with pytest.raises(ConfigError, match="model.lora applies to embedding models"):
-        load_config("tiny_reranker", ["model.lora={}"])
+        load_config("tiny", ["model.kind=reranker", "model.lora={}"])
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(ConfigError, match=r"model.lora needs the peft package.*pip install embedtrain\[lora\]"):

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from embedtrain.data.formats import atomic_json
 from embedtrain.data.nemotron import DataError
 
 SOURCE_CONFIG = "source_config.json"
@@ -308,12 +309,6 @@ def source_files(folder):
 def read_record(target):
     path = Path(target) / RECORD
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def atomic_json(path, value):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def origin(record):
