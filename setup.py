@@ -31,6 +31,12 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "sentence-transformers"], "liger": ["liger-kernel"]},
+    extras_require={
+        # peft in the test extra too: CI installs .[test] and runs the LoRA tests
+        "test": ["pytest", "sentence-transformers", "peft"],
+        "liger": ["liger-kernel"],
+        # model.lora: LoRA adapters (peft.inject_adapter_in_model; adapters saved in peft's format)
+        "lora": ["peft"],
+    },
     entry_points={"console_scripts": ["embedtrain=embedtrain.cli:main"]},
 )

@@ -193,7 +193,10 @@ def test_mine_rerank_drops_exactly_the_negatives_scored_above_the_positive(model
                 (q["question_id"], negatives, scores[: len(negatives)], scores[len(negatives) :].min())
             )
     gaps = np.concatenate([lowest - scores for rows in mined.values() for _, _, scores, lowest in rows])
-    margin = round(float(np.median(gaps[gaps > 0])), 6)  # > 0, and some negatives score within it of the positive
+    # > 0, some negatives within it of the positive, and halfway between two gaps (no borderline score)
+    positive_gaps = np.unique(gaps[gaps > 0])
+    middle = len(positive_gaps) // 2
+    margin = round(float(positive_gaps[middle - 1 : middle + 1].mean()), 6)
 
     args = ["-m", "embedtrain.cli", "mine", models["bi"], models["heldout"], tmp_path / "two", "--top-k", "5"]
     options = ["--corpus-chunk", "64", "--query-chunk", "8", "--rerank", models["reranker"], "--rerank-margin", margin]

@@ -30,11 +30,12 @@ class LlamaBidirectionalConfig(LlamaConfig):
     model_type = "llama_bidirec"
 
     def __init__(self, pooling="avg", temperature=1.0, **kwargs):
-        self.pooling = pooling
-        self.temperature = temperature
         kwargs.pop("model_type", None)  # a plain Llama config dict carries "llama"
         kwargs.setdefault("is_causal", False)
         super().__init__(**kwargs)
+        # after the base __init__: transformers 4.x sets the generation default temperature=1.0 there
+        self.pooling = pooling
+        self.temperature = temperature
 
     # `temperature` is the training temperature that embedding consumers read, not a sampling
     # setting: keep transformers' save_pretrained from refusing it as a generation parameter.

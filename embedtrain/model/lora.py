@@ -56,8 +56,10 @@ def add_lora(backbone, lora, seed):
     """
     from peft import inject_adapter_in_model
 
+    # peft builds the adapter on the host, then moves it to the base's device: seed the host RNG
+    # only (torch.manual_seed would also reset every GPU's, giving all ranks the same dropout)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         inject_adapter_in_model(peft_config(lora), backbone, adapter_name=ADAPTER_NAME)
     for name, param in backbone.named_parameters():
         param.requires_grad_(bool(LORA_PARAMETER.search(name)))
