@@ -24,8 +24,12 @@ from embedtrain.prompts import MODEL_METADATA
 
 
 def model_kind(path):
-    """ "reranker" or "embedding" for an exported model folder."""
-    return "reranker" if is_reranker_folder(path) else "embedding"
+    """ "reranker", "adapter" (a LoRA adapter exported alone) or "embedding" for an exported folder."""
+    if is_reranker_folder(path):
+        return "reranker"
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        return "adapter"
+    return "embedding"
 
 
 KIND_USES = {
@@ -33,6 +37,8 @@ KIND_USES = {
     "embedtrain encode / eval / mine or embedtrain.BiEncoder.from_pretrained",
     "reranker": "a reranker (cross-encoder): it scores (query, passage) pairs and does not embed texts; use it "
     "with embedtrain rerank, eval/mine --rerank or embedtrain.Reranker.from_pretrained",
+    "adapter": "a LoRA adapter without its base (embedtrain export --adapter-only): export the run merged "
+    "(embedtrain export RUN OUT) to encode with it, or load it with peft on the base",
 }
 
 

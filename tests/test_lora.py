@@ -101,7 +101,7 @@ def embed(encoder, texts):
 def test_adapter_saved_under_zero3_is_the_trained_one_and_both_exports_reproduce_it(tmp_path):
     from peft import PeftModel
 
-    from embedtrain.encode import load_encoder
+    from embedtrain.encode import EncodeError, load_encoder
 
     run_dir, memory = tmp_path / "run", tmp_path / "memory.pt"
     fast = ["--set", "train.lr=2e-3", "--set", "optim.warmup_steps=1"]  # let the adapter move visibly
@@ -151,6 +151,8 @@ def test_adapter_saved_under_zero3_is_the_trained_one_and_both_exports_reproduce
     assert cosines(on_base, in_process).min() >= 0.99999
     assert cosines(from_checkpoint, in_process).min() >= 0.99999
     assert cosines(untuned, in_process).max() < 0.9999  # the trained adapter changes every embedding
+    with pytest.raises(EncodeError, match="is a LoRA adapter without its base"):
+        load_encoder(adapter_only, device="cpu")
 
     # a base other than the one trained on is refused, not silently merged
     other = tmp_path / "other-base"
