@@ -272,9 +272,13 @@ def _apply(config, key, value, raw=None):
             _apply(config, f"{key}.{sub_key}", sub_value)
         return
     fields = {f.name: f for f in dataclasses.fields(section)}
+    hints = typing.get_type_hints(type(section))
+    if len(parts) == 3 and parts[1] in fields and dict in (hints[parts[1]], *typing.get_args(hints[parts[1]])):
+        # one entry of a mapping setting (`--set model.lora.r=8`, `--set data.subset_weights.FEVER=2`)
+        setattr(section, parts[1], {**(getattr(section, parts[1]) or {}), parts[2]: value})
+        return
     if len(parts) != 2 or parts[1] not in fields:
         raise ConfigError(f"unknown config key {key!r}{did_you_mean(parts[1], fields)}")
-    hints = typing.get_type_hints(type(section))
     takes_text = hints[parts[1]] is str or str in typing.get_args(hints[parts[1]])
     if raw is not None and takes_text and value is not None and not isinstance(value, str):
         value = raw

@@ -49,6 +49,10 @@ def test_lora_config_defaults_and_refusals(monkeypatch):
     assert config.model.lora == {**LORA_DEFAULTS, "r": 8}  # the resolved values, as the run folder records them
     assert load_config("tiny", ["model.lora={}"]).model.lora == LORA_DEFAULTS
     assert load_config("tiny").model.lora is None
+    one_key = load_config("tiny", ["model.lora.r=8", "model.lora.dropout=0"]).model.lora  # one entry at a time
+    assert one_key == {**LORA_DEFAULTS, "r": 8, "dropout": 0.0}
+    with pytest.raises(ConfigError, match="model.lora.rank: unknown key"):
+        load_config("tiny", ["model.lora.rank=8"])
     with pytest.raises(ConfigError, match="model.lora applies to embedding models"):
         load_config("tiny", ["model.kind=reranker", "model.lora={}"])
     real = importlib.util.find_spec
