@@ -59,9 +59,7 @@ def load_reranker(model_dir, dtype=None, device=None):
     config = json.loads((model_dir / "config.json").read_text())
     metadata = json.loads((model_dir / MODEL_METADATA).read_text()) if (model_dir / MODEL_METADATA).is_file() else {}
     backbone = load_backbone(model_dir, dtype=dtype)
-    head = torch.nn.Linear(config["hidden_size"], 1, bias=False, dtype=dtype)
-    with torch.no_grad():
-        head.weight.copy_(saved_head(model_dir).to(dtype))
+    head = saved_head(model_dir, config["hidden_size"], dtype)
     model = Reranker(backbone, config.get("pooling", "avg"), config.get("temperature", 1.0), head).eval().to(device)
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     model.tokenizer = load_tokenizer(model_dir, tokenizer_config.get("padding_side", "right"))

@@ -17,7 +17,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,41 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_data import synthetic_text  # noqa: E402
+from bench_data import memory_kib, synthetic_text  # noqa: E402
+from bench_export import sample_peak  # noqa: E402
 from make_miniature import QUERIES_SCHEMA, dataset_card  # noqa: E402
 
 FULL_QUERIES, FULL_DOCS, FULL_SUBSETS = 3_660_000, 9_100_000, 14
 CHUNK = 100_000
-
-
-def memory_kib():
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0])
-    return fields
-
-
-class PeakMemory:
-    """Polls /proc/self/status every 20 ms: peak anonymous and file-backed RSS, and VmHWM."""
-
-    def __enter__(self):
-        self.peak, self.done = {"RssAnon": 0, "RssFile": 0}, False
-        self.thread = threading.Thread(target=self.poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def poll(self):
-        while not self.done:
-            now = memory_kib()
-            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.done = True
-        self.thread.join()
-        self.peak["VmHWM"] = memory_kib()["VmHWM"]
 
 
 def metadata(name, ids_only):
@@ -151,10 +121,14 @@ def child(task, args):
         prepare(args[0], args[1], workers=1)
         print(json.dumps({"seconds": time.perf_counter() - start}))
         return
-    with PeakMemory() as memory:
+
+    def restore():
         _, problems = restore_subset(Path(args[0]), Path(args[1]), sources=args[2])
         assert not problems, problems[:3]
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_kib": memory.peak}))
+
+    result = sample_peak(restore)  # peak VmRSS / RssAnon / RssFile sampled every 20 ms, MiB
+    result["peak_mib"]["VmHWM"] = round(memory_kib()["VmHWM"] / 1024, 1)
+    print(json.dumps(result))
 
 
 def run_child(*args):

@@ -80,6 +80,11 @@ class Collator:
             "positive_hash": positive_hash_matrix(positive_hash),
             "passage_hash": torch.tensor(passage_hash, dtype=torch.long),
         }
+        return self.with_parts(batch, parts)
+
+    def with_parts(self, batch, parts):
+        """`batch` with its encoder calls: under GradCache (chunk_size) as "chunks", else the one part's
+        tensors at the top level."""
         if self.chunk_size:
             batch["chunks"] = parts
         else:
@@ -149,12 +154,7 @@ class PairCollator(Collator):
         for start in range(0, len(examples), chunk):
             sequences = ids[start * group : (start + chunk) * group]
             parts.append({**self.encoder_inputs(sequences, 0), "num_pairs": len(sequences)})
-        batch = {"group_size": group}
-        if self.chunk_size:
-            batch["chunks"] = parts
-        else:
-            batch.update(parts[0])
-        return batch
+        return self.with_parts({"group_size": group}, parts)
 
 
 def encoder_parts(batch):

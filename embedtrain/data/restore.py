@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embedtrain.data.formats import atomic_json
+from embedtrain.data.formats import atomic_json, atomic_parquet
 from embedtrain.data.nemotron import DataError
 
 SOURCE_CONFIG = "source_config.json"
@@ -295,9 +295,7 @@ def write_restored(folder, target, queries, corpus, requests, bad, record):
     meta = json.loads((folder / "dataset_metadata.json").read_text())
     meta["ids_only"] = False
     for name, content in (("queries.parquet", restored_queries), ("corpus.parquet", restored_corpus)):
-        tmp = target / (name + ".tmp")
-        pq.write_table(content, tmp)
-        os.replace(tmp, target / name)
+        atomic_parquet(target / name, content.schema, [content])
     atomic_json(target / "dataset_metadata.json", meta)
     atomic_json(target / RECORD, {"original": original, "source": record})
 

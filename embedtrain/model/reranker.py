@@ -73,29 +73,32 @@ def is_reranker_folder(path):
     return RERANKER_ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
 
 
-def saved_head(path):
-    """The head weight (1, hidden) stored in a reranker folder's safetensors, or None."""
+def saved_head(path, hidden_size, dtype):
+    """The head (Linear hidden -> 1) stored in a reranker folder's safetensors; its absence or a wrong
+    shape is an error naming the folder."""
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             if HEAD_KEY in f.keys():
-                return f.get_tensor(HEAD_KEY)
-    return None
+                weight = f.get_tensor(HEAD_KEY)
+                break
+    else:
+        raise ModelError(f"{path}: a reranker folder without {HEAD_KEY} in its safetensors")
+    if tuple(weight.shape) != (1, hidden_size):
+        raise ModelError(f"{path}: {HEAD_KEY} has shape {tuple(weight.shape)}, expected (1, {hidden_size})")
+    head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(dtype))
+    return head
 
 
 def new_head(path, hidden_size, dtype, seed, initializer_range=0.02):
     """The head of a reranker trained from `path`: its saved head when `path` is a reranker, else
     N(0, initializer_range) (transformers' Llama init) from a generator seeded with `seed`, so that
     every rank starts from the same head."""
+    if is_reranker_folder(path):
+        return saved_head(path, hidden_size, dtype)
     head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
     with torch.no_grad():
-        saved = saved_head(path) if is_reranker_folder(path) else None
-        if saved is not None:
-            if tuple(saved.shape) != (1, hidden_size):
-                raise ModelError(
-                    f"model.path: {path}: {HEAD_KEY} has shape {tuple(saved.shape)}, expected (1, {hidden_size})"
-                )
-            head.weight.copy_(saved.to(dtype))
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            head.weight.copy_(torch.randn((1, hidden_size), generator=generator) * initializer_range)
+        generator = torch.Generator().manual_seed(seed)
+        head.weight.copy_(torch.randn((1, hidden_size), generator=generator) * initializer_range)
     return head
