@@ -18,21 +18,15 @@ source table to N rows with rows no subset uses, to measure restoration at two s
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DOC_REF = pa.struct([("id", pa.string())])
-QUERIES_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("question", pa.string()),
-        ("corpus_id", pa.string()),
-        ("pos_doc", pa.list_(DOC_REF)),
-        ("neg_doc", pa.list_(DOC_REF)),
-    ]
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from embedtrain.data.formats import QUERIES_FILE_SCHEMA as QUERIES_SCHEMA  # noqa: E402 (the layout's queries.parquet)
+
 TEXT_SUBSETS = ("FEVER", "SyntheticClassificationData", "MIRACL")
 MTEB_SUBSETS = ("HotpotQA", "MSMARCO", "NFCorpus", "NaturalQuestions", "SciFact", "TriviaQA")
 COLUMN_SUBSETS = ("EmotionClassification", "GooAQ", "MAmmoTH2", "PAQ", "SQuAD")
