@@ -151,16 +151,24 @@ def prepare(src, out, subsets, input_format, sources, skip_bad_rows, workers, sh
     default=None,
     help="LoRA runs: the base model folder the adapter was trained on. Default: the run's model.path.",
 )
-def export(checkpoint, out, dtype, overwrite, max_shard_gb, adapter_only, base_model):
+@click.option(
+    "--keep-projection",
+    is_flag=True,
+    help="Distillation runs (loss.distill): keep the student -> teacher projection, as a sentence-transformers "
+    "Dense module that embedtrain applies too, so the model embeds in the teacher's space. Default: dropped.",
+)
+def export(checkpoint, out, dtype, overwrite, max_shard_gb, adapter_only, base_model, keep_projection):
     """Export a run (its latest checkpoint) or a checkpoint step folder to a Hugging Face folder.
 
     A LoRA run (model.lora) is merged into its base (W + alpha / r x B A) and written in the same
     format; --adapter-only writes the adapter alone, for peft.PeftModel.from_pretrained on the base.
+    A distilled student keeps its own width unless --keep-projection is given.
 
     \b
     Example:  embedtrain export runs/tiny exported/tiny
     Load it:  AutoModel.from_pretrained("exported/tiny", trust_remote_code=True)
     Adapter:  embedtrain export runs/tiny-lora exported/tiny-lora-adapter --adapter-only
+    Student:  embedtrain export runs/student exported/student-teacher-space --keep-projection
     """
     from embedtrain.export import export_checkpoint
     from embedtrain.train.checkpoint import CheckpointError
@@ -174,6 +182,7 @@ def export(checkpoint, out, dtype, overwrite, max_shard_gb, adapter_only, base_m
             max_shard_gb=max_shard_gb,
             adapter_only=adapter_only,
             base_model=base_model,
+            keep_projection=keep_projection,
         )
     except (CheckpointError, FileExistsError) as err:
         fail(str(err))
@@ -221,16 +230,39 @@ def _inference_errors():
 @click.option(
     "--input",
     "input_path",
-    required=True,
+    default=None,
     type=click.Path(exists=True, dir_okay=False),
-    help='.txt (one text per line) or .jsonl (a "text" field per line).',
+    help='.txt (one text per line) or .jsonl (a "text" field per line). Required, except with --teacher-cache.',
 )
 @click.option(
     "--output",
     "output_path",
     required=True,
-    type=click.Path(dir_okay=False),
-    help=".npy (float32 matrix) or .parquet (text, embedding).",
+    type=click.Path(),
+    help=".npy (float32 matrix) or .parquet (text, embedding); with --teacher-cache the cache folder.",
+)
+@click.option(
+    "--teacher-cache",
+    "teacher_data",
+    default=None,
+    type=click.Path(exists=True),
+    metavar="DATA",
+    help="Teacher-cache mode: embed every distinct query and passage (positives and hard negatives) of the "
+    "training data DATA (prepared or raw) with MODEL as the distillation teacher, each subset with the "
+    "model's own prompts, into the cache folder --output (embedtrain.data.teacher).",
+)
+@click.option(
+    "--subsets",
+    default=None,
+    metavar="A,B",
+    help="With --teacher-cache: only these subsets of DATA (comma-separated). Default: all.",
+)
+@click.option(
+    "--cache-dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="With --teacher-cache: dtype of the stored embeddings.",
 )
 @click.option(
     "--prompt",
@@ -267,10 +299,15 @@ def _inference_errors():
     help="Tokens shared by consecutive windows with --long-documents chunk.",
 )
 @inference_options
+@click.pass_context
 def encode(
+    ctx,
     model,
     input_path,
     output_path,
+    teacher_data,
+    subsets,
+    cache_dtype,
     prompt,
     dim,
     batch_size,
@@ -281,13 +318,28 @@ def encode(
     device,
     dtype,
 ):
-    """Embed texts with an exported model, in input order.
+    """Embed texts with an exported model, in input order; or, with --teacher-cache, build the
+    teacher-embedding cache of a training set for distillation.
 
     \b
     Example:  embedtrain encode exported/tiny --input queries.txt --output q.npy --prompt query
               embedtrain encode exported/1b --input docs.jsonl --output d.npy --prompt document \\
                   --max-length 8192 --max-tokens 65536 --long-documents chunk --device cuda
+    Teacher:  embedtrain encode exported/teacher --teacher-cache /data/prepared --output /data/teacher-cache \\
+                  --subsets FEVER,SciFact --max-tokens 65536 --device cuda
     """
+    if teacher_data is not None:
+        _teacher_cache(
+            ctx, model, teacher_data, output_path, subsets, cache_dtype, batch_size, max_tokens, device, dtype
+        )
+        return
+    _refuse_given(ctx, ("subsets", "cache_dtype"), "only go with --teacher-cache")
+    if input_path is None:
+        raise click.UsageError("Missing option '--input' (or --teacher-cache DATA for a teacher cache).")
+    from pathlib import Path
+
+    if Path(output_path).is_dir():
+        raise click.UsageError(f"--output {output_path} is a folder; expected a .npy or .parquet file.")
     from embedtrain.encode import encode_file
 
     try:
@@ -308,6 +360,50 @@ def encode(
     except (*_inference_errors(), ValueError) as err:
         fail(str(err))
     click.echo(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}")
+
+
+def _refuse_given(ctx, names, reason):
+    """A usage error naming the options among `names` given on the command line."""
+    from click.core import ParameterSource
+
+    params = {p.name: p for p in ctx.command.params}
+    given = [params[n].opts[0] for n in names if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} {reason}.")
+
+
+def _teacher_cache(ctx, model, data, output, subsets, cache_dtype, batch_size, max_tokens, device, dtype):
+    """`encode --teacher-cache`: the options of plain encoding are refused, not ignored."""
+    _refuse_given(
+        ctx,
+        ("input_path", "prompt", "dim", "max_length", "long_documents", "chunk_overlap"),
+        "cannot be used with --teacher-cache (the teacher embeds the data's texts with its own prompts, "
+        "full width, truncated to its max_seq_length)",
+    )
+    names = [name.strip() for name in subsets.split(",")] if subsets is not None else None
+    if names is not None and not all(names):
+        raise click.UsageError(f"--subsets {subsets!r}: expected comma-separated subset names, e.g. FEVER,SciFact.")
+    from embedtrain.data.teacher import write_teacher_cache
+
+    try:
+        summary = write_teacher_cache(
+            model,
+            data,
+            output,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            cache_dtype=cache_dtype,
+            subsets=names,
+            max_tokens=max_tokens,
+        )
+    except (*_inference_errors(), ValueError) as err:
+        fail(str(err))
+    counts = summary["counts"]
+    click.echo(
+        f"wrote the teacher cache of {counts['query']:,} queries and {counts['passage']:,} passages "
+        f"({summary['teacher_dim']} dims, {cache_dtype}) to {output}"
+    )
 
 
 @main.command()

@@ -90,6 +90,22 @@ class LossConfig:
     gather_group_size: int = 0  # global pool: ranks per gather group (e.g. GPUs per node); 0 = world
     matryoshka_dims: list[int] | None = None  # e.g. [384, 512, 768, 1024, 2048]: loss summed over truncations
     matryoshka_weights: list[float] | None = None  # one weight per dim; default 1 each
+    # embedding distillation from a teacher's cached embeddings (`embedtrain encode TEACHER
+    # --teacher-cache DATA`): None = off; {teacher_cache, contrastive, cosine, mse, kl, kl_temperature},
+    # omitted keys from DISTILL_DEFAULTS
+    distill: dict | None = None
+
+
+# The loss weights of NeMo AutoModel's embedding distillation recipe (cosine 1 + MSE 1, no contrastive
+# or KL term); KL over the pool's scores at tau 0.05 is available with its own weight.
+DISTILL_DEFAULTS = {
+    "teacher_cache": None,  # required: the cache folder
+    "contrastive": 0.0,  # weight of the run's InfoNCE loss (loss.negatives, loss.temperature)
+    "cosine": 1.0,  # 1 - cos(projected student, teacher), queries and passages
+    "mse": 1.0,  # mean squared error of the same, per element
+    "kl": 0.0,  # KL(teacher || student) of the softmax over the negative pool's scores
+    "kl_temperature": 0.05,
+}
 
 
 @dataclass
@@ -390,6 +406,8 @@ def validate(config):
         validate_reranker(config)
     if config.model.lora is not None:
         config.model.lora = resolve_lora(config.model.lora, config.model.kind)
+    if config.loss.distill is not None:
+        config.loss.distill = resolve_distill(config.loss.distill, config.model.kind)
     if config.loss.negatives == "group" and config.loss.hard_negatives == 0:
         raise ConfigError(
             "loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)"
@@ -436,6 +454,35 @@ def resolve_lora(lora, kind="embedding"):
 
     if importlib.util.find_spec("peft") is None:
         raise ConfigError("model.lora needs the peft package, an optional extra: pip install embedtrain[lora]")
+    return resolved
+
+
+def resolve_distill(distill, kind="embedding"):
+    """loss.distill with every key checked and the omitted ones filled from DISTILL_DEFAULTS (the
+    resolved values are what the run folder records)."""
+    unknown = sorted(set(distill) - set(DISTILL_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"loss.distill.{unknown[0]}: unknown key{did_you_mean(unknown[0], DISTILL_DEFAULTS)}; "
+            f"loss.distill takes {', '.join(DISTILL_DEFAULTS)}"
+        )
+    resolved = {**DISTILL_DEFAULTS, **distill}
+    if not resolved["teacher_cache"]:
+        raise ConfigError(
+            "loss.distill.teacher_cache: required, the folder written by "
+            "`embedtrain encode TEACHER --teacher-cache DATA --output CACHE`"
+        )
+    resolved["teacher_cache"] = str(resolved["teacher_cache"])
+    for key in ("contrastive", "cosine", "mse", "kl", "kl_temperature"):
+        resolved[key] = _coerce(resolved[key], float, f"loss.distill.{key}")
+        if resolved[key] < 0:
+            raise ConfigError(f"loss.distill.{key} must be >= 0, got {resolved[key]}")
+    if resolved["kl_temperature"] <= 0:
+        raise ConfigError(f"loss.distill.kl_temperature must be positive, got {resolved['kl_temperature']}")
+    if not any(resolved[key] for key in ("contrastive", "cosine", "mse", "kl")):
+        raise ConfigError("loss.distill: every weight (contrastive, cosine, mse, kl) is 0: nothing to train")
+    if kind != "embedding":
+        raise ConfigError(f"loss.distill applies to embedding models, not model.kind={kind}")
     return resolved
 
 

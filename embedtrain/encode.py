@@ -17,12 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embedtrain.data.collate import load_tokenizer
 from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model.distill import TeacherSpaceEncoder
 from embedtrain.model.pooling import truncate
-from embedtrain.prompts import model_policy
+from embedtrain.prompts import MODEL_METADATA, model_policy
 
 
 class EncodeError(ValueError):
@@ -74,7 +76,12 @@ def load_encoder(model_dir, dtype=None, device=None):
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = json.loads((model_dir / "config.json").read_text())
-    encoder = BiEncoder(load_backbone(model_dir, dtype=dtype), pooling=config.get("pooling", "avg")).eval()
+    backbone, pooling = load_backbone(model_dir, dtype=dtype), config.get("pooling", "avg")
+    projection = kept_projection(model_dir)
+    if projection is None:
+        encoder = BiEncoder(backbone, pooling=pooling).eval()
+    else:
+        encoder = TeacherSpaceEncoder(backbone, pooling=pooling, projection=projection).eval()
     encoder.to(device)
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     tokenizer = load_tokenizer(model_dir, tokenizer_config.get("padding_side", "right"))
@@ -84,6 +91,22 @@ def load_encoder(model_dir, dtype=None, device=None):
     encoder.tokenizer, encoder.prompt_policy, encoder.max_seq_length = tokenizer, policy, max_length
     encoder.name_or_path = str(model_dir)
     return encoder, tokenizer, policy, max_length
+
+
+def kept_projection(model_dir):
+    """A distilled student's projection kept at export (`export --keep-projection`: embedtrain.json
+    "projection" and its sentence-transformers Dense folder) as an fp32 Linear, else None."""
+    metadata_file = Path(model_dir) / MODEL_METADATA
+    entry = json.loads(metadata_file.read_text()).get("projection") if metadata_file.is_file() else None
+    if entry is None:
+        return None
+    weights_file = Path(model_dir) / entry["path"] / "model.safetensors"
+    if not weights_file.is_file():
+        raise EncodeError(f"{model_dir}: {MODEL_METADATA} names a projection, but {weights_file} is missing")
+    tensors = load_file(str(weights_file))
+    projection = torch.nn.Linear(entry["in_features"], entry["out_features"], bias=True)
+    projection.load_state_dict({"weight": tensors["linear.weight"], "bias": tensors["linear.bias"]})
+    return projection
 
 
 def prompt_text(policy, prompt):
@@ -98,9 +121,9 @@ def prompt_text(policy, prompt):
 
 def output_dim(encoder, dim=None):
     """Width of the vectors encode_texts returns: the hidden size, or `dim` (checked)."""
-    hidden = encoder.backbone.config.hidden_size
+    hidden = encoder.width
     if dim is not None and not 0 < dim <= hidden:
-        raise EncodeError(f"--dim {dim} is outside 1..{hidden} (the model's hidden size)")
+        raise EncodeError(f"--dim {dim} is outside 1..{hidden} (the model's embedding width)")
     return dim or hidden
 
 

@@ -34,6 +34,7 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
+from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
 from embedtrain.model.lora import (
     ADAPTER_BASE,
     ADAPTER_CONFIG,
@@ -84,8 +85,10 @@ def hf_config_dict(model_config):
     return config
 
 
-def checkpoint_parameters(folder):
-    """(name, fp32 tensor) of the backbone, streamed for ZeRO-3, in memory for other stages."""
+def checkpoint_parameters(folder, projection=None):
+    """(name, fp32 tensor) of the backbone, streamed for ZeRO-3, in memory for other stages.
+    `projection`: a dict that receives a distilled student's projection tensors (by their names
+    without the prefix), which are not yielded."""
     stage = (
         load_checkpoint_file(rank_files(folder, "model")[0])["ds_config"].get("zero_optimization", {}).get("stage", 0)
     )
@@ -102,6 +105,8 @@ def checkpoint_parameters(folder):
             yield name[len(BACKBONE_PREFIX) :], tensor
         elif name == HEAD_PARAMETER:
             yield name, tensor
+        elif projection is not None and name.startswith(PROJECTION_PREFIX):
+            projection[name[len(PROJECTION_PREFIX) :]] = tensor
     if not found:
         raise CheckpointError(f"{folder}: no '{BACKBONE_PREFIX}*' weights in the checkpoint (not an embedtrain run?)")
 
@@ -137,13 +142,20 @@ def write_shards(named_tensors, folder, dtype, max_shard_bytes):
     return total
 
 
-def sentence_transformers_files(folder, config, prompts, max_seq_length):
-    """modules.json (Transformer -> Pooling -> Normalize) and each module's config."""
+def sentence_transformers_files(folder, config, prompts, max_seq_length, projection=None):
+    """modules.json (Transformer -> Pooling -> Normalize, then with a kept distillation projection
+    Dense -> Normalize) and each module's config."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]
+    if projection is not None:
+        modules += [
+            {"idx": 3, "name": "3", "path": projection["path"], "type": "sentence_transformers.models.Dense"},
+            {"idx": 4, "name": "4", "path": "4_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+        (folder / "4_Normalize").mkdir()
     (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
     pooling = {
         mode: False
@@ -175,6 +187,28 @@ def sentence_transformers_files(folder, config, prompts, max_seq_length):
     if config.get("matryoshka_dims"):
         st_config["matryoshka_dims"] = config["matryoshka_dims"]
     (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
+
+
+def write_projection(folder, tensors, step_folder):
+    """A distilled student's projection as a sentence-transformers Dense module (identity
+    activation, fp32) in `folder`/3_Dense; returns its entry for embedtrain.json."""
+    if set(tensors) != {"weight", "bias"}:
+        raise CheckpointError(
+            f"{step_folder}: no distillation projection in the checkpoint (found {sorted(tensors) or 'none'})"
+        )
+    weight, bias = tensors["weight"].float().contiguous(), tensors["bias"].float().contiguous()
+    dense = folder / PROJECTION_FOLDER
+    dense.mkdir()
+    save_file({"linear.weight": weight, "linear.bias": bias}, dense / "model.safetensors")
+    out_features, in_features = weight.shape
+    config = {
+        "in_features": in_features,
+        "out_features": out_features,
+        "bias": True,
+        "activation_function": "torch.nn.modules.linear.Identity",
+    }
+    (dense / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"path": PROJECTION_FOLDER, "in_features": in_features, "out_features": out_features}
 
 
 def lora_line(run_config):
@@ -247,11 +281,20 @@ def merged_lora_parameters(step_folder, base_path):
 
 
 def export_checkpoint(
-    source, out, dtype="float32", overwrite=False, max_shard_gb=5.0, adapter_only=False, base_model=None
+    source,
+    out,
+    dtype="float32",
+    overwrite=False,
+    max_shard_gb=5.0,
+    adapter_only=False,
+    base_model=None,
+    keep_projection=False,
 ):
     """Write the checkpoint `source` names (a run, its checkpoints folder, a step folder) as a
     Hugging Face folder `out`. A LoRA run: merged into its base (`base_model`, default the run's
-    model.path), or with `adapter_only` the adapter in peft's format."""
+    model.path), or with `adapter_only` the adapter in peft's format. A distilled student
+    (loss.distill) is exported at its own width; `keep_projection` adds its projection to the
+    teacher's width as a sentence-transformers Dense module, which embedtrain applies too."""
     checkpoint_root, tag = resolve_checkpoint(source)
     step_folder = checkpoint_root / tag
     base = step_folder / "base_model"
@@ -264,7 +307,7 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only, base_model)
+        write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only, base_model, keep_projection)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
         raise
@@ -534,11 +577,21 @@ the released format (transformers and sentence-transformers load it without peft
 """
 
 
-def write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False, base_model=None):
+def write_export(
+    step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False, base_model=None, keep_projection=False
+):
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     reranker = json.loads((base / KIND_FILE).read_text()) if (base / KIND_FILE).is_file() else None
     run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
     lora = (run_config.get("model") or {}).get("lora")
+    projection = {} if keep_projection else None
+    if keep_projection and (run_config.get("loss") or {}).get("distill") is None:
+        raise CheckpointError(f"{step_folder} is not a distillation run (loss.distill is unset): no projection to keep")
+    if keep_projection and lora is not None:
+        raise CheckpointError(
+            f"{step_folder}: --keep-projection is not supported for LoRA runs (the merged export reads the "
+            "adapter, not the projection); export without it"
+        )
     if lora is None and (adapter_only or base_model):
         raise CheckpointError(
             f"{step_folder} is not a LoRA run (model.lora is unset): --adapter-only and --base-model apply to LoRA "
@@ -550,7 +603,7 @@ def write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False
     if lora is not None:
         parameters = merged_lora_parameters(step_folder, lora_base(run_config, base_model))
     else:
-        parameters = checkpoint_parameters(step_folder)
+        parameters = checkpoint_parameters(step_folder, projection)
     if reranker is not None:
         parameters = reranker_names(parameters)
     write_shards(parameters, tmp, torch_dtype, int(max_shard_gb * 2**30))
@@ -562,6 +615,8 @@ def write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False
     shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
     policy = model_policy(base)
     metadata = policy.to_dict() if reranker is None else {**policy.to_dict(), **reranker}
+    if projection is not None:
+        metadata["projection"] = write_projection(tmp, projection, step_folder)
     (tmp / MODEL_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     for item in base.iterdir():
         if item.name not in ("config.json", "prompts.json", KIND_FILE):
@@ -572,5 +627,7 @@ def write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False
         (tmp / "README.md").write_text(reranker_model_card(config, run_config, step, reranker))
         return
     prompts = policy.sentence_transformers_prompts()
-    sentence_transformers_files(tmp, config, prompts, run_config["data"]["passage_max_length"])
+    sentence_transformers_files(
+        tmp, config, prompts, run_config["data"]["passage_max_length"], metadata.get("projection")
+    )
     (tmp / "README.md").write_text(model_card(config, run_config, step, prompts))

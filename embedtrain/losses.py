@@ -24,10 +24,8 @@ def group_info_nce(queries_QD, passages_PD, temperature):
     queries_QD: (Q, D); passages_PD: (Q*G, D) grouped per query, positive first. Returns
     (loss: mean over queries, logits_QG).
     """
-    q = queries_QD.float()
-    groups_QGD = passages_PD.float().view(q.shape[0], -1, q.shape[-1])
-    logits_QG = torch.einsum("qd,qgd->qg", q, groups_QGD) / temperature
-    targets_Q = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    logits_QG = group_scores(queries_QD, passages_PD, temperature)
+    targets_Q = torch.zeros(logits_QG.shape[0], dtype=torch.long, device=logits_QG.device)
     return F.cross_entropy(logits_QG, targets_Q), logits_QG
 
 
@@ -97,3 +95,31 @@ def group_cross_entropy(logits_QG):
         if logits_QG.shape[1] > 1:
             stats["margin"] = (logits_QG[:, 0] - logits_QG[:, 1:].max(dim=-1).values).mean()
     return loss, stats
+
+
+def embedding_distance(projected_ND, teacher_ND):
+    """Distillation's embedding terms: (mean cosine distance 1 - cos(s, t), mean squared error per
+    element) between the projected student embeddings and the teacher's, row by row, in fp32."""
+    s, t = projected_ND.float(), teacher_ND.float()
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean(), F.mse_loss(s, t)
+
+
+def score_kl(student_logits_QN, teacher_logits_QN, masked_QN=None):
+    """Mean over queries of KL(softmax(teacher row) || softmax(student row)): the student learns the
+    teacher's distribution over the same candidates. Masked entries (not candidates of that query)
+    drop out of both softmaxes."""
+    student, teacher = student_logits_QN.float(), teacher_logits_QN.float()
+    if masked_QN is not None:
+        student = student.masked_fill(masked_QN, float("-inf"))
+        teacher = teacher.masked_fill(masked_QN, float("-inf"))
+    log_p_student, log_p_teacher = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
+    log_ratio = log_p_teacher - log_p_student
+    if masked_QN is not None:
+        log_ratio = log_ratio.masked_fill(masked_QN, 0.0)  # p_teacher is 0 there; keeps -inf - -inf out
+    return (log_p_teacher.exp() * log_ratio).sum(-1).mean()
+
+
+def group_scores(queries_QD, passages_PD, temperature):
+    """(Q, G) scores of each query against its own group of passages, in fp32."""
+    q = queries_QD.float()
+    return torch.einsum("qd,qgd->qg", q, passages_PD.float().view(q.shape[0], -1, q.shape[-1])) / temperature

@@ -37,11 +37,14 @@ class Collator:
     tensors come per chunk of queries with their passages, in "chunks".
     """
 
-    def __init__(self, tokenizer, data_config, subsets, chunk_size=0):
-        """`subsets`: name -> {"query_instruction", "passage_instruction"} (the prepared manifest's)."""
+    def __init__(self, tokenizer, data_config, subsets, chunk_size=0, teacher=None):
+        """`subsets`: name -> {"query_instruction", "passage_instruction"} (the prepared manifest's).
+        `teacher`: a TeacherCache (embedtrain.data.teacher) for distillation: the batch then also holds
+        teacher_query (Q, T) and teacher_passage (Q*G, T), float32, looked up by each raw text."""
         self.tokenizer = tokenizer
         self.config = data_config
         self.chunk_size = chunk_size
+        self.teacher = teacher
         self.policy = training_policy(data_config, subsets)
         self.subset_prompts = {name: self.policy.for_subset(info) for name, info in subsets.items()}
         self.pack_length = data_config.pack_length or max(data_config.query_max_length, data_config.passage_max_length)
@@ -57,12 +60,17 @@ class Collator:
 
     def __call__(self, examples):
         query_ids, passage_ids = self.tokenize(examples)
-        return self.assemble(
+        batch = self.assemble(
             query_ids,
             passage_ids,
             [known_positive_hashes(e) for e in examples],
             [content_hash(p) for e in examples for p in e.passages],
         )
+        if self.teacher is not None:
+            batch["teacher_query"] = torch.from_numpy(self.teacher.lookup([e.query for e in examples], "query"))
+            passages = [p for e in examples for p in e.passages]
+            batch["teacher_passage"] = torch.from_numpy(self.teacher.lookup(passages, "passage"))
+        return batch
 
     def assemble(self, query_ids, passage_ids, positive_hash, passage_hash):
         """The batch dict of token lists (queries, then passages grouped by query) and hashes.

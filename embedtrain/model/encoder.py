@@ -35,9 +35,19 @@ class BiEncoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
 
+    @property
+    def width(self):
+        """The width of the embeddings forward returns."""
+        return self.backbone.config.hidden_size
+
     def forward(self, input_ids, attention_mask, sequence_index=None, sequence_mask=None):
-        """With `sequence_index` / `sequence_mask` (packing.pack_rows, made on the CPU) the batch is
-        packed and the sequences are gathered by index, without reading the mask on the host."""
+        embeddings_BD = self.pooled(input_ids, attention_mask, sequence_index, sequence_mask)
+        return F.normalize(embeddings_BD, dim=-1) if self.normalize else embeddings_BD
+
+    def pooled(self, input_ids, attention_mask, sequence_index=None, sequence_mask=None):
+        """The pooled hidden states, before normalisation. With `sequence_index` / `sequence_mask`
+        (packing.pack_rows, made on the CPU) the batch is packed and the sequences are gathered by
+        index, without reading the mask on the host."""
         packed = sequence_index is not None
         hidden_BLD = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, packed=packed or None
@@ -46,8 +56,7 @@ class BiEncoder(nn.Module):
             hidden_BLD, attention_mask = gather_sequences(hidden_BLD, sequence_index, sequence_mask)
         elif is_packed(attention_mask):
             hidden_BLD, attention_mask = unpack(hidden_BLD, attention_mask)
-        embeddings_BD = pool(hidden_BLD, attention_mask, self.pooling)
-        return F.normalize(embeddings_BD, dim=-1) if self.normalize else embeddings_BD
+        return pool(hidden_BLD, attention_mask, self.pooling)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):

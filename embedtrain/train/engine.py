@@ -9,6 +9,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from embedtrain.config import ConfigError, precision_dtype
 from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
+from embedtrain.model.distill import ProjectedEncoder, new_projection
 from embedtrain.model.lora import add_lora
 from embedtrain.model.reranker import Reranker, new_head
 
@@ -50,7 +51,9 @@ def lr_multiplier(step, warmup_steps, max_steps, schedule, min_ratio):
     return min_ratio + (1 - min_ratio) * (1 - progress)
 
 
-def build_encoder(config, dtype, use_reentrant=False):
+def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None):
+    """The model to train: a BiEncoder, a Reranker, or with loss.distill a ProjectedEncoder whose
+    projection maps the student's width to `teacher_dim` (the teacher cache's)."""
     backbone = load_backbone(
         config.model.path,
         dtype=dtype,
@@ -77,6 +80,9 @@ def build_encoder(config, dtype, use_reentrant=False):
     if config.model.kind == "reranker":
         head = new_head(config.model.path, backbone.config.hidden_size, dtype, config.train.seed)
         return Reranker(backbone, config.model.pooling, config.loss.temperature, head)
+    if config.loss.distill is not None:
+        projection = new_projection(backbone.config.hidden_size, teacher_dim, config.train.seed)
+        return ProjectedEncoder(backbone, config.model.pooling, config.model.normalize, projection)
     return BiEncoder(backbone, config.model.pooling, config.model.normalize)
 
 
@@ -93,9 +99,10 @@ def apply_liger_kernels(backbone):
     )
 
 
-def build_engine(config, ds_config, use_reentrant=False):
+def build_engine(config, ds_config, use_reentrant=False, teacher_dim=None):
     """deepspeed.initialize on the encoder. Under ZeRO-3 the weights are partitioned while they
-    load: HfDeepSpeedConfig must stay alive during from_pretrained (zero.Init directly crashed)."""
+    load: HfDeepSpeedConfig must stay alive during from_pretrained (zero.Init directly crashed).
+    `teacher_dim`: the teacher's embedding width, with loss.distill."""
     if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         raise ConfigError(
             "model.attn_implementation=flex_attention: FlexAttention has no backward on the CPU; "
@@ -104,7 +111,9 @@ def build_engine(config, ds_config, use_reentrant=False):
     dtype = precision_dtype(ds_config)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (kept alive on purpose)
-    encoder = build_encoder(config, dtype, use_reentrant)
+    if config.loss.distill is not None and not teacher_dim:
+        raise ConfigError("loss.distill: the teacher's embedding width is needed to build the projection")
+    encoder = build_encoder(config, dtype, use_reentrant, teacher_dim)
     groups = parameter_groups(encoder, config.optim.weight_decay)
     adam = dict(lr=config.train.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
     if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":

@@ -17,6 +17,7 @@ from embedtrain.data.nemotron import DataError
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
+from embedtrain.data.teacher import TeacherCache
 from embedtrain.model.encoder import read_llama_config
 from embedtrain.train.checkpoint import (
     CheckpointError,
@@ -45,6 +46,11 @@ def open_dataset(data_config, run_dir):
         distributed.run_on_main(lambda: prepare(path, target, data_config.subsets))
         path = target
     return PreparedDataset(path, data_config.subsets)
+
+
+def open_teacher(distill):
+    """The teacher cache of loss.distill (None without distillation)."""
+    return None if distill is None else TeacherCache(distill["teacher_cache"])
 
 
 def make_sampler(config, dataset):
@@ -102,12 +108,14 @@ def train(config, on_step=None):
     dataset = open_dataset(config.data, run_dir)
     sampler = make_sampler(config, dataset)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
-    collator = (PairCollator if config.model.kind == "reranker" else Collator)(
-        tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size
-    )
+    teacher = open_teacher(config.loss.distill)
+    if config.model.kind == "reranker":
+        collator = PairCollator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size)
+    else:
+        collator = Collator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size, teacher)
     config_dict = config.to_dict()
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
-    engine = build_engine(config, ds_config)
+    engine = build_engine(config, ds_config, teacher_dim=teacher.dim if teacher is not None else None)
     if rank == 0:
         reranker = None
         if config.model.kind == "reranker":

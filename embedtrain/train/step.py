@@ -10,12 +10,17 @@ from embedtrain import distributed
 from embedtrain.data.collate import encoder_parts
 from embedtrain.losses import (
     duplicate_positive_mask,
+    embedding_distance,
     group_accuracy,
     group_cross_entropy,
     group_info_nce,
+    group_scores,
     pooled_info_nce,
     positive_targets,
+    score_kl,
+    scores,
 )
+from embedtrain.model.distill import split_projected
 from embedtrain.model.pooling import truncate
 
 ENCODER_KEYS = ("input_ids", "attention_mask", "sequence_index", "sequence_mask")
@@ -41,6 +46,14 @@ def contrastive_loss(encoder, batch, loss_config, device, group=None, uniform=Fa
     """Encode one micro-batch with a DeepSpeed engine or a plain BiEncoder; return (loss, stats).
     `uniform`: every rank's micro-batch has this one's size (the training loop's always do)."""
     queries_QD, passages_PD = encode_micro_batch(encoder, batch, device)
+    return embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group, uniform)
+
+
+def embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group=None, uniform=False):
+    """The micro-batch's loss from its embeddings: InfoNCE over the configured pool, or with
+    loss.distill the distillation loss (the embeddings then carry the student's projection)."""
+    if loss_config.distill is not None:
+        return distill_loss(queries_QD, passages_PD, batch, loss_config, device, group, uniform)
     return negatives_loss(
         queries_QD,
         passages_PD,
@@ -93,15 +106,7 @@ def grad_cache_backward(engine, batch, loss_config, accumulation, group=None):
             cached.append(encode_part(engine, part, device))
     queries_QD = torch.cat([q for q, _ in cached]).requires_grad_()
     passages_PD = torch.cat([p for _, p in cached]).requires_grad_()
-    loss, stats = negatives_loss(
-        queries_QD,
-        passages_PD,
-        batch["positive_hash"].to(device),
-        batch["passage_hash"].to(device),
-        loss_config,
-        group,
-        uniform=True,
-    )
+    loss, stats = embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group, uniform=True)
     query_grad_QD, passage_grad_PD = torch.autograd.grad(loss, [queries_QD, passages_PD])
 
     replay_error = torch.zeros((), device=device)
@@ -177,7 +182,9 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def negatives_loss(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group=None, uniform=False):
+def negatives_loss(
+    queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group=None, uniform=False, pool=None
+):
     """InfoNCE of this rank's queries against the pool that `loss_config.negatives` names; with
     loss.matryoshka_dims, the weighted sum over the embeddings truncated to each dim and
     re-normalised (Kusupati et al., 2022). The pool is assembled (and gathered) once for all dims.
@@ -185,7 +192,7 @@ def negatives_loss(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, lo
     `global` pools the passages (and with `loss.query_negatives` the queries) of every rank of
     `group` (default: the world), gathered with gradient. Each rank's loss is its share of the
     mean over all pooled queries, so that DeepSpeed's average over ranks is that mean even when
-    ranks hold different numbers of queries.
+    ranks hold different numbers of queries. `pool`: assemble_pool's result when the caller has it.
     """
     dims = loss_config.matryoshka_dims or [None]
     weights = loss_config.matryoshka_weights or [1.0] * len(dims)
@@ -196,7 +203,7 @@ def negatives_loss(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, lo
             for d in dims
         ]
     else:
-        pool_ND, targets_Q, masked_QN, share = assemble_pool(
+        pool_ND, targets_Q, masked_QN, share = pool or assemble_pool(
             queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group, uniform
         )
         losses = [
@@ -242,3 +249,82 @@ def assemble_pool(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, los
         pool_ND = torch.cat([pool_ND, query_pool_MD])
         masked_QN = torch.cat([masked_QN, self_QM], dim=1)
     return pool_ND, targets_Q, masked_QN, share
+
+
+def distill_loss(queries_QX, passages_PX, batch, loss_config, device, group=None, uniform=False):
+    """Embedding distillation from the teacher's cached embeddings (batch teacher_query (Q, T) and
+    teacher_passage (Q*G, T)); the embeddings are the student's training output [D dims | T projected].
+
+        loss = contrastive x InfoNCE(student)                      (the run's pool and Matryoshka dims)
+             + cosine x mean(1 - cos(projected, teacher))          (queries and passages)
+             + mse x mean((projected - teacher)^2)
+             + kl x KL(teacher || student) over the pool's scores at kl_temperature
+
+    The KL's candidates are the contrastive pool's (group: each query's own passages; local/global:
+    the pool with its masks); under `global` the student's pool is gathered with gradient and the
+    teacher's without, and the KL, like InfoNCE, is this rank's share of the mean over all pooled
+    queries. With Matryoshka dims the student's InfoNCE and KL are summed over its truncations with
+    their weights; the projection reads the full embedding.
+    """
+    weights = loss_config.distill
+    teacher_QT = batch["teacher_query"].to(device, non_blocking=True)
+    teacher_PT = batch["teacher_passage"].to(device, non_blocking=True)
+    student_dim = queries_QX.shape[-1] - teacher_QT.shape[-1]
+    queries_QD, projected_QT = split_projected(queries_QX, student_dim)
+    passages_PD, projected_PT = split_projected(passages_PX, student_dim)
+    positive_hash_QK, passage_hash_P = batch["positive_hash"].to(device), batch["passage_hash"].to(device)
+
+    pool = None  # the student's pool, gathered once for InfoNCE and the KL
+    if loss_config.negatives != "group" and (weights["contrastive"] or weights["kl"]):
+        pool = assemble_pool(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group, uniform)
+    total = 0.0
+    if weights["contrastive"]:
+        contrastive, stats = negatives_loss(
+            queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group, uniform, pool
+        )
+        total = total + weights["contrastive"] * contrastive
+        stats["loss_contrastive"] = contrastive.detach()
+    else:
+        stats = group_accuracy(queries_QD, passages_PD)
+    cosine, mse = embedding_distance(torch.cat([projected_QT, projected_PT]), torch.cat([teacher_QT, teacher_PT]))
+    total = total + weights["cosine"] * cosine + weights["mse"] * mse
+    stats["distill_cosine"], stats["distill_mse"] = cosine.detach(), mse.detach()
+    if weights["kl"]:
+        kl = pool_kl(queries_QD, passages_PD, teacher_QT, teacher_PT, pool, loss_config, group, uniform)
+        total = total + weights["kl"] * kl
+        stats["distill_kl"] = kl.detach()
+    return total, stats
+
+
+def pool_kl(queries_QD, passages_PD, teacher_QT, teacher_PT, pool, loss_config, group=None, uniform=False):
+    """KL(teacher || student) over the contrastive pool's candidates (`pool`: assemble_pool's result;
+    None under `group`), summed over the Matryoshka truncations of the student with their weights
+    (the teacher's scores use its full embedding)."""
+    tau = loss_config.distill["kl_temperature"]
+    dims = loss_config.matryoshka_dims or [None]
+    weights = loss_config.matryoshka_weights or [1.0] * len(dims)
+    if pool is None:
+        teacher_QG = group_scores(teacher_QT, teacher_PT, tau)
+        terms = [
+            score_kl(group_scores(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau), teacher_QG)
+            for d in dims
+        ]
+    else:
+        pool_ND, _, masked_QN, share = pool
+        teacher_QN = scores(teacher_QT, teacher_pool(teacher_QT, teacher_PT, loss_config, group, uniform), tau)
+        terms = [
+            share * score_kl(scores(truncate_to(queries_QD, d), truncate_to(pool_ND, d), tau), teacher_QN, masked_QN)
+            for d in dims
+        ]
+    return sum(w * term for w, term in zip(weights, terms))
+
+
+def teacher_pool(teacher_QT, teacher_PT, loss_config, group=None, uniform=False):
+    """The teacher's embeddings laid out as assemble_pool lays out the student's (passages of every
+    rank under `global`, then the queries with loss.query_negatives), gathered without gradient."""
+    if loss_config.negatives == "global":
+        pool_NT = distributed.gather_no_grad(teacher_PT, group, uniform)
+        queries_MT = distributed.gather_no_grad(teacher_QT, group, uniform) if loss_config.query_negatives else None
+    else:
+        pool_NT, queries_MT = teacher_PT, teacher_QT if loss_config.query_negatives else None
+    return pool_NT if queries_MT is None else torch.cat([pool_NT, queries_MT])

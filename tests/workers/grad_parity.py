@@ -4,6 +4,8 @@
     python tests/workers/grad_parity.py --out r.json --reentrant      # 1 rank, reentrant checkpointing
     torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global \
         --two-positives --step 1                                       # sibling positives, cycled
+    torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global \
+        --distill                                                      # distillation: all four terms
 
 Every rank runs DeepSpeed on its share of global batch `--step` (default 0) and reads the full
 gradient of every parameter before the optimizer step; every rank also runs the plain reference on
@@ -120,6 +122,21 @@ def positive_masking(records, micro_examples, truth, per_query):
     return dict(zip(counts, totals.tolist()))
 
 
+class SyntheticTeacher:
+    """A teacher cache stand-in: a fixed random unit vector of width `dim` per (side, text), from a
+    generator seeded by the text's content hash, so every rank and the reference see the same."""
+
+    def __init__(self, dim=48):
+        self.dim = dim
+
+    def lookup(self, texts, side):
+        rows = []
+        for text in texts:
+            generator = torch.Generator().manual_seed((content_hash(text) + (side == "query")) % 2**31)
+            rows.append(torch.nn.functional.normalize(torch.randn(self.dim, generator=generator), dim=0))
+        return torch.stack(rows).numpy()
+
+
 def relative_errors(grads, reference):
     errors = {}
     for name, ref in reference.items():
@@ -144,6 +161,11 @@ def main():
     parser.add_argument("--long", type=int, default=0, help="replace passages by synthetic ones of this many tokens")
     parser.add_argument("--matryoshka", action="store_true", help="loss summed over dims 16 and 64")
     parser.add_argument("--step", type=int, default=0, help="the global batch to compare")
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="loss.distill from a synthetic teacher: contrastive 0.5 + cosine + MSE + KL, projection trained",
+    )
     parser.add_argument(
         "--two-positives",
         action="store_true",
@@ -176,6 +198,15 @@ def main():
         f"train.compile={str(args.compile).lower()}",
         *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else []),
     ]
+    teacher = None
+    if args.distill:
+        teacher = SyntheticTeacher()
+        overrides += [
+            "loss.distill.teacher_cache=synthetic",
+            "loss.distill.contrastive=0.5",
+            "loss.distill.kl=1.0",
+            "loss.distill.kl_temperature=0.1",
+        ]
     truth = None
     if args.two_positives:  # one step = one epoch over global_batch queries
         source = Path(args.out).parent / "two_positives"
@@ -189,7 +220,8 @@ def main():
     config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
     torch.manual_seed(0)
     dataset = open_dataset(config.data, config.train.output_dir)
-    collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info, args.grad_cache)
+    collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info, args.grad_cache, teacher)
+    teacher_dim = teacher.dim if teacher is not None else None
     sampler = Sampler(dataset.subset_sizes(), global_batch, 0)
 
     def batch_of(examples):
@@ -238,7 +270,9 @@ def main():
     if args.detached:
         distributed.gather_with_grad = detached_gather
 
-    engine = build_engine(config, deepspeed_config(config, world), use_reentrant=args.reentrant)
+    engine = build_engine(
+        config, deepspeed_config(config, world), use_reentrant=args.reentrant, teacher_dim=teacher_dim
+    )
     for layer in engine.module.backbone.layers:  # dropout makes the parity reference moot: replay only
         layer.self_attn.attention_dropout = args.dropout
     records = []
@@ -249,12 +283,13 @@ def main():
         return masked_QN
 
     step_module.duplicate_positive_mask = recording_mask  # the DeepSpeed pass's masks, for --two-positives
-    losses, replay = [], 0.0
+    losses, terms, replay = [], [], 0.0
     for index, batch in enumerate(micro_batches(rank, world, args.micro)):
         loss, stats = micro_batch_backward(engine, batch, config.loss, args.accumulation, args.grad_cache)
         if index < args.accumulation - 1:
             engine.step()  # inside the accumulation window: no update; the last step is left out
         losses.append(loss.item())
+        terms.append({k: float(v) for k, v in stats.items() if k.startswith(("distill_", "loss_contrastive"))})
         replay = max(replay, float(stats.get("grad_cache_replay_error", 0.0)))
     step_module.duplicate_positive_mask = duplicate_positive_mask
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
@@ -268,7 +303,7 @@ def main():
     config.train.activation_checkpointing = False
     config.train.compile = False
     config.loss.negatives = "local" if args.negatives == "global" else args.negatives
-    reference = build_encoder(config, torch.float32)
+    reference = build_encoder(config, torch.float32, teacher_dim=teacher_dim)
     ref_loss = 0.0
     for batch in reference_micro_batches():
         loss, _ = contrastive_loss(reference, batch, config.loss, "cpu")
@@ -289,6 +324,8 @@ def main():
                     "replay_error": replay,
                     "micro_steps": engine.micro_steps,
                     "ds_accumulation": engine.gradient_accumulation_steps(),
+                    "loss_terms": terms,
+                    "parameters": sorted(errors),
                     **masking,
                 },
                 f,
