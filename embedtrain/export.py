@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from embedtrain.model import bidirectional
 from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
+from embedtrain.model.families import family_of
 from embedtrain.model.lora import (
     ADAPTER_BASE,
     ADAPTER_CONFIG,
@@ -67,16 +68,21 @@ ST_POOLING = {
 
 
 def hf_config_dict(model_config):
-    """config.json contents. Also writes rope_theta / rope_scaling at the top level: transformers 4.x
-    does not read 5.x's rope_parameters and would silently fall back to its default theta."""
+    """config.json contents. Llama: `llama_bidirec` with the modeling file (auto_map); also writes
+    rope_theta / rope_scaling at the top level: transformers 4.x does not read 5.x's rope_parameters
+    and would silently fall back to its default theta. Other families: their stock model_type and
+    model class with is_causal false, no remote code (embedtrain.model.families)."""
     config = dict(model_config)
+    family = family_of(config.get("model_type"))
+    config["architectures"] = [family.architecture]
+    config["is_causal"] = False
+    if family.stock_export:
+        return config
     config["model_type"] = "llama_bidirec"
-    config["architectures"] = ["LlamaBidirectionalModel"]
     config["auto_map"] = {
         "AutoConfig": f"{MODELING_FILE[:-3]}.LlamaBidirectionalConfig",
         "AutoModel": f"{MODELING_FILE[:-3]}.LlamaBidirectionalModel",
     }
-    config["is_causal"] = False
     rope = config.get("rope_parameters") or {}
     if "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
@@ -232,7 +238,8 @@ pipeline_tag: feature-extraction
 
 Trained with embedtrain from `{run_config.get("model", {}).get("path", "?")}` for {step} steps.
 
-- Architecture: Llama, {config["num_hidden_layers"]} layers, hidden {config["hidden_size"]}, bidirectional attention
+- Architecture: {family_of(config["model_type"]).name if "auto_map" not in config else "Llama"}, \
+{config["num_hidden_layers"]} layers, hidden {config["hidden_size"]}, bidirectional attention
 - Pooling: `{config["pooling"]}`, L2-normalised; similarity: cosine
 - Data: `{data.get("path", "?")}`, subsets {data.get("subsets") or "all"}
 - Loss: InfoNCE, negatives `{loss.get("negatives")}`, {loss.get("hard_negatives")} hard negatives, \
@@ -612,7 +619,8 @@ def write_export(
         config = reranker_config_dict(config)
     config["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
+    if "auto_map" in config:  # Llama's own classes; stock families need no remote code
+        shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
     policy = model_policy(base)
     metadata = policy.to_dict() if reranker is None else {**policy.to_dict(), **reranker}
     if projection is not None:

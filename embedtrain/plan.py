@@ -19,8 +19,9 @@ Memory per GPU under ZeRO-3 with bf16 (bytes):
 An option fits when its total is at most 90 % of the GPU's memory (headroom for allocator peaks).
 Step time = compute + communication, added, not overlapped (DeepSpeed prefetches and overlaps
 part of it, so this is an upper bound):
-  compute        model FLOPs of the step (6 x non-embedding params + 12 x layers x hidden x L per
-                 token; x 4/3 with checkpointing for the recomputed forward) / (GPUs x peak x MFU);
+  compute        model FLOPs of the step (6 x non-embedding params + 12 x layers x A x L per token,
+                 A = attention heads x head_dim: the hidden size for Llama, 2 x hidden for Qwen3-0.6B;
+                 x 4/3 with checkpointing for the recomputed forward) / (GPUs x peak x MFU);
                  with LoRA 4 x params + 6 x adapter params + the same attention term (no weight
                  gradients for the frozen base), and a recomputed forward adds half of that;
   communication  per GPU and optimizer step, under ZeRO-3 with A accumulation micro-steps and
@@ -54,7 +55,10 @@ from pathlib import Path
 GIB = 2**30
 NVLINK_GBPS = 3600.0  # H100 SXM NVLink 4: 900 GB/s both directions -> 450 GB/s = 3,600 Gb/s each way
 INTER_NODE_GBPS = 400.0  # one ConnectX-7 NDR InfiniBand port (400 Gb/s) per GPU, as in a DGX H100
-SHAPES = {  # public architecture facts of the recipes' base models
+# the config.json keys every family's shape needs (num_key_value_heads may be left to the family default)
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+SHAPES = {  # public architecture facts of the recipes' base models (docs/recipes.md)
+    # config.json of https://huggingface.co/meta-llama/Llama-3.2-1B (head_dim 64 = 2048 / 32)
     "llama-3.2-1b": dict(
         vocab_size=128256,
         hidden_size=2048,
@@ -62,7 +66,9 @@ SHAPES = {  # public architecture facts of the recipes' base models
         num_hidden_layers=16,
         num_attention_heads=32,
         num_key_value_heads=8,
+        tie_word_embeddings=True,
     ),
+    # config.json of https://huggingface.co/meta-llama/Llama-3.1-8B (head_dim 128 = 4096 / 32)
     "llama-3.1-8b": dict(
         vocab_size=128256,
         hidden_size=4096,
@@ -71,23 +77,141 @@ SHAPES = {  # public architecture facts of the recipes' base models
         num_attention_heads=32,
         num_key_value_heads=8,
     ),
+    # Qwen/Qwen3-0.6B: model card https://huggingface.co/Qwen/Qwen3-0.6B (28 layers, 16 query / 8 KV
+    # heads, 0.6B parameters of which 0.44B non-embedding) and its config.json (hidden 1024,
+    # intermediate 3072, head_dim 128, vocabulary 151936, tie_word_embeddings true; read from copies of
+    # that file, which the card's 0.44B non-embedding count confirms: tests/test_plan.py); every Qwen3
+    # layer has an RMSNorm of head_dim on queries and one on keys (transformers' Qwen3Attention)
+    "qwen3-0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        qk_norm=True,
+        tie_word_embeddings=True,
+    ),
+    # Ministral 3 3B (mistralai/Ministral-3-3B-Base-2512 and -Instruct-2512, a Mistral3 vision-language
+    # checkpoint whose text_config is model_type ministral3): "Ministral 3", arXiv:2601.08584 (26 layers,
+    # hidden 3072, FFN 9216, 32 query / 8 KV heads, 131K vocabulary, tied input/output embeddings in the
+    # 3B); head_dim 128 and vocab_size 131072 from the checkpoint's config.json text_config (read from a
+    # re-upload of the Instruct checkpoint; mistralai's own page was not reachable) and transformers'
+    # Ministral3Config defaults; the model card https://huggingface.co/mistralai/Ministral-3-3B-Base-2512
+    # says "3.4B Language Model" + "0.4B Vision Encoder", which the count here matches (with head_dim
+    # 3072 / 32 = 96 it would be 3.2B). The vision encoder is not part of the text encoder trained here.
+    "ministral3-3b": dict(
+        vocab_size=131072,
+        hidden_size=3072,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
 }
-RECIPE_SHAPES = {"llama3_2_1b": "llama-3.2-1b", "llama_embed_nemotron_8b": "llama-3.1-8b"}
+RECIPE_SHAPES = {
+    "llama3_2_1b": "llama-3.2-1b",
+    "llama_embed_nemotron_8b": "llama-3.1-8b",
+    "ministral3_3b": "ministral3-3b",
+    "qwen3_0_6b": "qwen3-0.6b",
+}
+# What a config.json leaves out, per family: the defaults of transformers' config classes (5.x:
+# LlamaConfig, MistralConfig, MinistralConfig, Ministral3Config, Qwen3Config). head_dim None and
+# num_key_value_heads None mean hidden / heads and every head. llama_bidirec is embedtrain's (and the
+# released llama-embed-nemotron's) bidirectional Llama; mistral3 is the vision-language wrapper of
+# Ministral 3 checkpoints, whose text model is read from its text_config.
+FAMILY_DEFAULTS = {
+    "llama": dict(head_dim=None, num_key_value_heads=None, qk_norm=False),
+    "llama_bidirec": dict(head_dim=None, num_key_value_heads=None, qk_norm=False),
+    "mistral": dict(head_dim=None, num_key_value_heads=8, qk_norm=False),
+    "ministral": dict(head_dim=None, num_key_value_heads=8, qk_norm=False),
+    "ministral3": dict(head_dim=128, num_key_value_heads=8, qk_norm=False),
+    "qwen3": dict(head_dim=128, num_key_value_heads=32, qk_norm=True),
+}
 
 
 @dataclass
 class Shape:
+    """A decoder's size: Llama, Mistral/Ministral/Ministral3 and Qwen3 are the same block (RMSNorm,
+    grouped-query attention, SwiGLU MLP) apart from head_dim (Qwen3 and Ministral3 set it, so q_proj
+    maps hidden to heads x head_dim, which need not be hidden), Qwen3's q_norm and k_norm, and
+    biases (Llama's attention_bias / mlp_bias, off in every released checkpoint here). `params` is
+    the backbone an embedding model keeps: no lm_head; `causal_lm_params` adds the lm_head unless
+    tied to the embeddings (what model cards count)."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Llama, Mistral)
+    qk_norm: bool = False  # Qwen3: RMSNorm(head_dim) on queries and on keys in every layer
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_config(cls, raw):
+        """The shape of a config.json dict of a supported family (FAMILY_DEFAULTS); a Mistral3
+        vision-language config is read through its text_config."""
+        if raw.get("model_type") == "mistral3" and isinstance(raw.get("text_config"), dict):
+            text = raw["text_config"]
+            if text.get("tie_word_embeddings") is None and raw.get("tie_word_embeddings") is not None:
+                text = {**text, "tie_word_embeddings": raw["tie_word_embeddings"]}
+            raw = text
+        model_type = raw.get("model_type")
+        if model_type not in FAMILY_DEFAULTS:
+            raise ValueError(
+                f"config.json model_type {model_type!r} is not a family plan knows "
+                f"({', '.join([*FAMILY_DEFAULTS, 'mistral3'])})"
+            )
+        defaults = FAMILY_DEFAULTS[model_type]
+        missing = [k for k in CONFIG_KEYS if raw.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json ({model_type}) lacks {', '.join(missing)}")
+
+        def read(key, default):
+            return raw[key] if raw.get(key) is not None else default
+
+        kv_heads = read("num_key_value_heads", defaults["num_key_value_heads"])
+        return cls(
+            **{k: raw[k] for k in CONFIG_KEYS},
+            num_key_value_heads=kv_heads if kv_heads is not None else raw["num_attention_heads"],
+            head_dim=read("head_dim", defaults["head_dim"]),
+            qk_norm=defaults["qk_norm"],
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+        )
+
+    @property
+    def attention_width(self):
+        """Width of the queries, and of the attention output before o_proj: heads x head_dim."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self):
+        return self.num_key_value_heads * self.head_dim
 
     @property
     def layer_params(self):
-        h, kv = self.hidden_size, self.hidden_size // self.num_attention_heads * self.num_key_value_heads
-        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
+        h, q, kv, i = self.hidden_size, self.attention_width, self.kv_width, self.intermediate_size
+        params = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two RMSNorms
+        if self.qk_norm:
+            params += 2 * self.head_dim
+        if self.attention_bias:
+            params += q + 2 * kv + h
+        if self.mlp_bias:
+            params += 2 * i + h
+        return params
 
     @property
     def non_embedding_params(self):
@@ -98,18 +222,22 @@ class Shape:
         return self.non_embedding_params + self.vocab_size * self.hidden_size
 
     @property
+    def causal_lm_params(self):
+        """The causal language model's count: the backbone plus an lm_head unless it is tied."""
+        return self.params + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
+
+    @property
     def largest_layer_params(self):
         return max(self.layer_params, self.vocab_size * self.hidden_size)
 
     def projection_shapes(self):
         """(in, out) features of each linear projection of a decoder layer, by module name."""
-        h, i = self.hidden_size, self.intermediate_size
-        kv = h // self.num_attention_heads * self.num_key_value_heads
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.attention_width, self.kv_width
         return {
-            "q_proj": (h, h),
+            "q_proj": (h, q),
             "k_proj": (h, kv),
             "v_proj": (h, kv),
-            "o_proj": (h, h),
+            "o_proj": (q, h),
             "gate_proj": (h, i),
             "up_proj": (h, i),
             "down_proj": (i, h),
@@ -124,17 +252,18 @@ class Shape:
         return self.num_hidden_layers * lora["r"] * sum(sum(shapes[name]) for name in lora["target_modules"])
 
     def flops_per_token(self, length, lora=None):
-        """Training FLOPs per token of a sequence of `length`: forward 2 N + 4 L h length, backward
-        twice that (gradients of activations and of weights). With LoRA the frozen base needs no
-        weight gradients: 4 N + 6 N_lora + 12 L h length (N: non-embedding parameters)."""
-        attention = 12 * self.num_hidden_layers * self.hidden_size * length
+        """Training FLOPs per token of a sequence of `length`: forward 2 N + 4 L A length, backward
+        twice that (gradients of activations and of weights); A = heads x head_dim, the width of
+        QK^T and of the attention-weighted values (the hidden size for Llama). With LoRA the frozen
+        base needs no weight gradients: 4 N + 6 N_lora + 12 L A length (N: non-embedding parameters)."""
+        attention = 12 * self.num_hidden_layers * self.attention_width * length
         if not lora:
             return 6 * self.non_embedding_params + attention
         return 4 * self.non_embedding_params + 6 * self.lora_params(lora) + attention
 
     def forward_flops_per_token(self, length, lora=None):
         """FLOPs of one forward per token (what activation checkpointing and GradCache repeat)."""
-        attention = 4 * self.num_hidden_layers * self.hidden_size * length
+        attention = 4 * self.num_hidden_layers * self.attention_width * length
         return 2 * (self.non_embedding_params + self.lora_params(lora)) + attention
 
 
@@ -143,10 +272,10 @@ def shape_for(config, recipe_name, shape_name=None):
         return Shape(**SHAPES[shape_name])
     config_file = Path(config.model.path) / "config.json"
     if config_file.is_file():
-        raw = json.loads(config_file.read_text())
-        return Shape(
-            **{k: raw[k] if raw.get(k) is not None else raw["num_attention_heads"] for k in SHAPES["llama-3.1-8b"]}
-        )
+        try:
+            return Shape.from_config(json.loads(config_file.read_text()))
+        except ValueError as err:
+            raise ValueError(f"model.path: {config_file}: {err}") from err
     if recipe_name in RECIPE_SHAPES:
         return Shape(**SHAPES[RECIPE_SHAPES[recipe_name]])
     raise ValueError(f"no model shape: set model.path to a checkpoint folder or pass --shape ({', '.join(SHAPES)})")
@@ -354,7 +483,8 @@ def format_plan(result):
     shape, best = result["shape"], result["best"]
     lines = [
         f"model: {result['params'] / 1e9:.2f}B parameters ({shape.num_hidden_layers} layers, hidden "
-        f"{shape.hidden_size}); {result['gpus']} GPU(s) of {result['gpu_memory_gib']:.0f} GiB; "
+        f"{shape.hidden_size}, {shape.num_attention_heads} query / {shape.num_key_value_heads} KV heads of "
+        f"{shape.head_dim}); {result['gpus']} GPU(s) of {result['gpu_memory_gib']:.0f} GiB; "
         f"{result['tokens_per_step']:,} padded tokens per step (query {result['lengths'][0]}, passages "
         f"{result['lengths'][1]} tokens, {result['attention']} attention"
         + (f", GradCache chunks of {result['grad_cache_chunk']}" if result["grad_cache_chunk"] else "")

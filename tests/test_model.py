@@ -37,7 +37,7 @@ def test_a_stock_causal_llama_fails_the_same_check():
     torch.manual_seed(0)
     causal = LlamaModel(LlamaConfig(**SMALL)).eval()
     assert not attention_is_bidirectional(causal)
-    with pytest.raises(RuntimeError, match="attention is causal"):
+    with pytest.raises(RuntimeError, match="attention is causal on the full, padded path"):
         check_bidirectional(causal)
 
 
@@ -86,9 +86,9 @@ def test_loads_causal_lm_and_base_model_folders(tmp_path, source):
     torch.testing.assert_close(backbone.layers[1].mlp.down_proj.weight, base.layers[1].mlp.down_proj.weight)
 
 
-def test_a_non_llama_checkpoint_is_refused(tmp_path):
+def test_a_checkpoint_of_an_unsupported_family_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="not a Llama checkpoint.*model_type='bert'"):
+    with pytest.raises(ValueError, match="not a checkpoint of a supported family.*model_type='bert'.*qwen3"):
         load_backbone(tmp_path)
 
 

@@ -1,13 +1,25 @@
 """`embedtrain plan`: parameter counts match the real model, model-state memory matches DeepSpeed's
 own estimator, and the recommendation is one that fits."""
 
+import json
+
 import pytest
+import torch
+import transformers
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from test_cli import embedtrain
 from transformers import LlamaConfig, LlamaModel
 
 from embedtrain.config import load_config
-from embedtrain.plan import SHAPES, Shape, communication_bytes, communication_seconds, memory_per_gpu, plan
+from embedtrain.plan import (
+    SHAPES,
+    Shape,
+    communication_bytes,
+    communication_seconds,
+    memory_per_gpu,
+    plan,
+    shape_for,
+)
 
 
 def test_parameter_count_matches_a_built_model():
@@ -27,6 +39,106 @@ def test_8b_shape_is_the_published_size():
     assert abs(Shape(**SHAPES["llama-3.1-8b"]).params - 7.50e9) < 0.01e9  # Llama-3.1-8B without lm_head
     flops = Shape(**SHAPES["llama-3.2-1b"]).flops_per_token(512)
     assert abs(flops - 6.04e9) < 0.01e9  # docs/benchmarks.md, plain baselines on one H100 80GB
+
+
+def built_params(config_name, model_name, **dims):
+    """Parameters of transformers' own model for these dims, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = getattr(transformers, model_name)(getattr(transformers, config_name)(**dims))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_new_shapes_are_the_published_sizes():
+    """Qwen3-0.6B: 596,049,920 parameters, 440,467,456 without the embeddings (model card: 0.6B,
+    0.44B non-embedding; tied, so the causal LM has no more). Ministral 3 3B's language model:
+    3,429,006,336 (model card: 3.4B language model; tied). Both equal transformers' built models."""
+    qwen = Shape(**SHAPES["qwen3-0.6b"])
+    assert qwen.params == qwen.causal_lm_params == 596_049_920 and round(qwen.params / 1e9, 1) == 0.6
+    assert qwen.non_embedding_params == 440_467_456 and round(qwen.non_embedding_params / 1e9, 2) == 0.44
+    assert qwen.projection_shapes()["q_proj"] == (1024, 2048) and qwen.projection_shapes()["o_proj"] == (2048, 1024)
+    dims = {k: v for k, v in SHAPES["qwen3-0.6b"].items() if k != "qk_norm"}
+    assert qwen.params == built_params("Qwen3Config", "Qwen3Model", **dims)
+    ministral = Shape(**SHAPES["ministral3-3b"])
+    assert ministral.params == ministral.causal_lm_params == 3_429_006_336
+    assert round(ministral.params / 1e9, 1) == 3.4
+    assert ministral.params == built_params("Ministral3Config", "Ministral3Model", **SHAPES["ministral3-3b"])
+    # Llama: the published 8.03B of Llama-3.1-8B counts its untied lm_head; 1.24B for Llama-3.2-1B (tied)
+    assert round(Shape(**SHAPES["llama-3.1-8b"]).causal_lm_params / 1e9, 2) == 8.03
+    assert Shape(**SHAPES["llama-3.2-1b"]).causal_lm_params == Shape(**SHAPES["llama-3.2-1b"]).params
+
+
+def test_attention_flops_use_heads_times_head_dim():
+    """Qwen3-0.6B's attention is 16 x 128 = 2048 wide, twice its hidden size; Llama's is its hidden size."""
+    qwen = Shape(**SHAPES["qwen3-0.6b"])
+    assert qwen.attention_width == 2048
+    assert qwen.flops_per_token(512) - qwen.flops_per_token(0) == 12 * 28 * 2048 * 512
+    assert qwen.forward_flops_per_token(512) - qwen.forward_flops_per_token(0) == 4 * 28 * 2048 * 512
+    llama = Shape(**SHAPES["llama-3.2-1b"])
+    assert llama.head_dim == 64 and llama.attention_width == llama.hidden_size
+    assert llama.flops_per_token(512) - llama.flops_per_token(0) == 12 * 16 * 2048 * 512
+
+
+# head_dim 32 with hidden 64 and 4 heads: q_proj 64 -> 128, k/v 64 -> 64, o_proj 128 -> 64
+TINY = dict(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+)
+
+
+@pytest.mark.parametrize(
+    "config_name, model_name, extra",
+    [
+        ("MistralConfig", "MistralModel", {}),
+        ("MinistralConfig", "MinistralModel", {}),
+        ("Ministral3Config", "Ministral3Model", {}),
+        ("Qwen3Config", "Qwen3Model", {}),
+        ("Qwen3Config", "Qwen3Model", {"attention_bias": True}),
+        ("LlamaConfig", "LlamaModel", {}),
+        ("LlamaConfig", "LlamaModel", {"attention_bias": True, "mlp_bias": True}),
+    ],
+)
+def test_shape_read_from_config_json_matches_the_built_model(tmp_path, config_name, model_name, extra):
+    """A config.json saved by each family's config class, head_dim != hidden / heads: plan's count
+    equals the parameters of the transformers model built from that config."""
+    getattr(transformers, config_name)(**TINY, **extra, tie_word_embeddings=True).save_pretrained(tmp_path)
+    config = load_config("tiny", [f"model.path={tmp_path}"])
+    shape = shape_for(config, "tiny")
+    assert (shape.head_dim, shape.attention_width, shape.kv_width) == (32, 128, 64)
+    assert shape.tie_word_embeddings and shape.qk_norm == (model_name == "Qwen3Model")
+    assert shape.params == built_params(config_name, model_name, **TINY, **extra)
+    assert shape.projection_shapes()["q_proj"] == (64, 128) and shape.projection_shapes()["o_proj"] == (128, 64)
+
+
+def test_shape_of_hand_written_and_nested_configs(tmp_path):
+    """Keys a config.json leaves out take the family's transformers default (Qwen3: head_dim 128);
+    a Ministral 3 vision-language checkpoint (model_type mistral3) is read through its text_config;
+    a family plan does not know is an error naming it."""
+    qwen = {k: v for k, v in TINY.items() if k != "head_dim"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", **qwen}))
+    shape = shape_for(load_config("tiny", [f"model.path={tmp_path}"]), "tiny")
+    assert shape.head_dim == 128 and shape.params == built_params("Qwen3Config", "Qwen3Model", **qwen)
+    text = {"model_type": "ministral3", **TINY, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": text}))
+    shape = shape_for(load_config("tiny", [f"model.path={tmp_path}"]), "tiny")
+    assert shape.tie_word_embeddings and shape.params == built_params("Ministral3Config", "Ministral3Model", **TINY)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **TINY}))
+    with pytest.raises(ValueError, match="model_type 'qwen2'"):
+        shape_for(load_config("tiny", [f"model.path={tmp_path}"]), "tiny")
+
+
+@pytest.mark.parametrize(
+    "recipe, total",
+    [("ministral3_3b", "3.43B parameters (26 layers, hidden 3072"), ("qwen3_0_6b", "0.60B parameters (28 layers")],
+)
+def test_plan_command_for_the_new_recipes(recipe, total):
+    run = embedtrain("plan", "--config", recipe, "--nodes", "1", "--gpus-per-node", "8")
+    assert run.returncode == 0, run.stderr
+    assert total in run.stdout and "recommendation: micro-batch" in run.stdout
 
 
 @pytest.mark.parametrize(

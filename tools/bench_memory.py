@@ -84,7 +84,7 @@ def measure_point(point):
     from embedtrain import distributed
     from embedtrain.config import deepspeed_config, load_config
     from embedtrain.data.collate import Collator, encoder_parts, load_tokenizer
-    from embedtrain.model.encoder import read_llama_config
+    from embedtrain.model.encoder import read_model_config
     from embedtrain.train.engine import build_engine
     from embedtrain.train.step import micro_batch_backward
 
@@ -104,7 +104,7 @@ def measure_point(point):
     ]
     config = load_config("tiny", overrides, output_dir="/tmp/embedtrain-bench-memory")
     engine = build_engine(config, deepspeed_config(config, 1))
-    vocab = read_llama_config(config.model.path).vocab_size
+    vocab = read_model_config(config.model.path).vocab_size
     collator = Collator(load_tokenizer(config.model.path), config.data, {}, chunk)
     batch = synthetic_batch(
         collator, vocab, point["batch"], 1 + point["hard_negatives"], point["query_length"], point["passage_length"]

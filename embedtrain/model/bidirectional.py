@@ -160,12 +160,14 @@ def pool(hidden_BLD, mask_BL, mode="avg"):
     raise ValueError(f"unknown pooling mode {mode!r}; expected one of {', '.join(POOLING_MODES)}")
 
 
-class LlamaBidirectionalModel(LlamaModel):
-    """`LlamaModel` whose attention sees past and future tokens; only padding is masked."""
-
-    config_class = LlamaBidirectionalConfig
+class BidirectionalDecoderMixin:
+    """Makes a Llama-shaped decoder stack (embed_tokens, rotary_emb, layers, norm; transformers'
+    Llama, Mistral, Ministral3, Qwen3 models) bidirectional: its attention sees past and future
+    tokens; only padding, or in a packed row the other sequences, is masked. Put it before the
+    transformers model class: `class XBidirectionalModel(BidirectionalDecoderMixin, XModel)`."""
 
     def __init__(self, config):
+        config.is_causal = False
         super().__init__(config)
         for layer in self.layers:
             layer.self_attn.is_causal = False
@@ -201,6 +203,12 @@ class LlamaBidirectionalModel(LlamaModel):
             hidden = out[0] if isinstance(out, tuple) else out  # 4.x layers return tuples
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+class LlamaBidirectionalModel(BidirectionalDecoderMixin, LlamaModel):
+    """`LlamaModel` whose attention sees past and future tokens; only padding is masked."""
+
+    config_class = LlamaBidirectionalConfig
 
 
 class LlamaBidirectionalForSequenceClassification(LlamaPreTrainedModel):

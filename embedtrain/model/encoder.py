@@ -8,15 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from embedtrain.model.bidirectional import LlamaBidirectionalConfig, LlamaBidirectionalModel
+from embedtrain.model.bidirectional import BidirectionalDecoderMixin
+from embedtrain.model.families import MODEL_TYPES, family_config, family_of
 from embedtrain.model.packing import gather_sequences, is_packed, unpack
 from embedtrain.model.pooling import POOLING_MODES, pool
 
-LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
-
 
 class ModelError(ValueError):
-    """A model folder that is not a usable Llama checkpoint; the message names the path."""
+    """A model folder that is not a usable checkpoint of a supported family; the message names the path."""
 
 
 class BiEncoder(nn.Module):
@@ -94,8 +93,9 @@ class BiEncoder(nn.Module):
         return vectors[0] if single else vectors
 
 
-def read_llama_config(path):
-    """The checkpoint's config as a LlamaBidirectionalConfig; errors name the path and the problem."""
+def read_model_config(path):
+    """The checkpoint's config as its family's bidirectional config (embedtrain.model.families);
+    errors name the path and the problem."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -104,23 +104,21 @@ def read_llama_config(path):
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ModelError(f"model.path: {config_file} is not valid JSON: {err}") from err
-    model_type = raw.get("model_type")
-    if model_type not in LLAMA_MODEL_TYPES:
+    family = family_of(raw.get("model_type"))
+    if family is None:
         raise ModelError(
-            f"model.path: {path} is not a Llama checkpoint (config.json model_type={model_type!r}; "
-            f"expected one of {', '.join(LLAMA_MODEL_TYPES)})"
+            f"model.path: {path} is not a checkpoint of a supported family (config.json model_type="
+            f"{raw.get('model_type')!r}; supported: {', '.join(MODEL_TYPES)})"
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"model.path: {path} has a config.json but no weights (*.safetensors or *.bin)")
-    for key in ("auto_map", "architectures", "transformers_version", "dtype", "torch_dtype"):
-        raw.pop(key, None)
-    return LlamaBidirectionalConfig(**raw)
+    return family_config(family, raw)
 
 
 def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling=None):
-    """Load a Llama checkpoint folder (LlamaForCausalLM, LlamaModel or an embedtrain export) as a
-    bidirectional backbone. Missing backbone weights are an error, not a random init."""
-    config = read_llama_config(path)
+    """Load a checkpoint folder of any supported family (a causal LM, its base model or an embedtrain
+    export) as a bidirectional backbone. Missing backbone weights are an error, not a random init."""
+    config = read_model_config(path)
     if pooling is not None:
         config.pooling = pooling
     # transformers reports the keys it does not use (a causal LM's lm_head, a reranker's score head)
@@ -128,7 +126,7 @@ def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = LlamaBidirectionalModel.from_pretrained(
+        model, info = family_of(config.model_type).model_class.from_pretrained(
             path, config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
         )
     finally:
@@ -142,32 +140,62 @@ def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling
     return model
 
 
-@torch.no_grad()
-def attention_is_bidirectional(backbone, vocab_size=None, length=8):
-    """True when changing the last token changes the first token's output state.
+LAYOUTS = ("full", "padded", "packed")  # the batch layouts training and encoding hand the backbone
 
-    A causal model cannot pass: its first position never sees later tokens. Runs on whatever
-    device the backbone's embeddings live on; under ZeRO-3 every rank must call it together.
+
+@torch.no_grad()
+def causal_layouts(backbone, vocab_size=None, length=8):
+    """The batch layouts on which the backbone's attention stayed causal (empty: bidirectional on all).
+
+    Each layout changes the last real token of the first sequence and checks that the first token's
+    output state changes (a causal model's first position never sees later tokens): "full" (no
+    padding: on transformers 5 no mask is passed, so the attention modules' is_causal decides),
+    "padded" (right padding, a padding mask), "packed" (two sequences in one row, labelled 1 and 2:
+    embedtrain's padding-free batches; only for embedtrain's bidirectional backbones). Runs on the
+    device of the embeddings; under ZeRO-3 every rank must call it together.
     """
     vocab_size = vocab_size or backbone.config.vocab_size
     device = backbone.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (1, length), generator=generator).to(device)
-    changed = ids.clone()
-    changed[0, -1] = (ids[0, -1] + 1) % vocab_size
-    mask = torch.ones_like(ids)
+    half = length // 2
+    cases = {
+        "full": (torch.ones_like(ids), length - 1),
+        "padded": (torch.tensor([[1] * (length - 2) + [0, 0]], device=device), length - 3),
+        "packed": (torch.tensor([[1] * half + [2] * (length - half)], device=device), half - 1),
+    }
+    if not isinstance(backbone, BidirectionalDecoderMixin):
+        cases.pop("packed")  # sequence labels are embedtrain's own mask format
     was_training = backbone.training
     backbone.eval()
-    first = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0].float()
-    first_changed = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[0, 0].float()
+    causal = []
+    for layout, (mask, position) in cases.items():
+        changed = ids.clone()
+        changed[0, position] = (ids[0, position] + 1) % vocab_size
+        first = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0].float()
+        first_changed = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[0, 0].float()
+        if torch.allclose(first, first_changed, rtol=0, atol=1e-6):
+            causal.append(layout)
     backbone.train(was_training)
-    return not torch.allclose(first, first_changed, rtol=0, atol=1e-6)
+    return causal
+
+
+def attention_is_bidirectional(backbone, vocab_size=None, length=8):
+    """True when no layout stays causal (causal_layouts)."""
+    return not causal_layouts(backbone, vocab_size, length)
 
 
 def check_bidirectional(backbone):
     """Start-up self-check: fail loudly rather than train a silently causal model."""
-    if not attention_is_bidirectional(backbone):
+    causal = causal_layouts(backbone)
+    if causal:
+        import transformers
+
+        implementation = getattr(backbone.config, "_attn_implementation", "sdpa")
         raise RuntimeError(
-            "attention is causal: changing the last token did not change the first token's output. "
-            "The bidirectional mask was not applied (transformers version or attention backend?)."
+            f"attention is causal on the {', '.join(causal)} path(s) of {type(backbone).__name__} "
+            f"(attn_implementation={implementation}, transformers {transformers.__version__}): changing a later "
+            "token did not change the first token's output, so the bidirectional mask was not applied there. "
+            "Use another model.attn_implementation or transformers version, or check the family's entry in "
+            "embedtrain/model/families.py."
         )

@@ -130,13 +130,14 @@ def merge_lora(named_weights, adapter, scaling):
 
 
 def backbone_parameter_names(path):
-    """The parameter names of the bidirectional backbone of a Llama checkpoint folder (what a full
+    """The parameter names of the bidirectional backbone of a checkpoint folder (what a full
     fine-tune exports), from its config alone (a meta-device model: no memory, no weights read)."""
-    from embedtrain.model.bidirectional import LlamaBidirectionalModel
-    from embedtrain.model.encoder import read_llama_config
+    from embedtrain.model.encoder import read_model_config
+    from embedtrain.model.families import family_of
 
+    config = read_model_config(path)
     with torch.device("meta"):
-        model = LlamaBidirectionalModel(read_llama_config(path))
+        model = family_of(config.model_type).model_class(config)
     return [name for name, _ in model.named_parameters()]
 
 

@@ -10,6 +10,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from embedtrain.config import ConfigError, precision_dtype
 from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
 from embedtrain.model.distill import ProjectedEncoder, new_projection
+from embedtrain.model.families import family_of
 from embedtrain.model.lora import add_lora
 from embedtrain.model.reranker import Reranker, new_head
 
@@ -60,6 +61,12 @@ def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None):
         attn_implementation=config.model.attn_implementation,
         pooling=config.model.pooling,
     )
+    family = family_of(backbone.config.model_type)
+    if config.model.kind == "reranker" and not family.reranker:
+        raise ConfigError(
+            f"model.kind=reranker: not supported for the {family.name} family of {config.model.path} "
+            "(its reranker export format is not built); supported for Llama"
+        )
     backbone.config.temperature = config.loss.temperature
     if config.loss.matryoshka_dims:
         too_large = [d for d in config.loss.matryoshka_dims if d > backbone.config.hidden_size]
@@ -69,7 +76,7 @@ def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None):
             )
         backbone.config.matryoshka_dims = list(config.loss.matryoshka_dims)  # recorded in exports
     if config.model.liger_kernels:
-        apply_liger_kernels(backbone)
+        apply_liger_kernels(backbone, family.liger)
     if config.model.lora is not None:
         # after loading (under ZeRO-3 the base is partitioned already; the new adapter weights are
         # whole until deepspeed.initialize partitions them, broadcasting rank 0's values), before
@@ -86,15 +93,16 @@ def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None):
     return BiEncoder(backbone, config.model.pooling, config.model.normalize)
 
 
-def apply_liger_kernels(backbone):
+def apply_liger_kernels(backbone, function="apply_liger_kernel_to_llama"):
     """Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE on this model's modules
-    (model.liger_kernels; `pip install liger-kernel`, CUDA only). Same results within dtype
-    tolerance (tests/test_gpu.py), less activation memory and fewer kernel launches."""
+    (model.liger_kernels; `pip install liger-kernel`, CUDA only), through the family's liger
+    function. Same results within dtype tolerance (tests/test_gpu.py), less activation memory and
+    fewer kernel launches."""
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel.transformers as liger
     except ImportError as err:
         raise ConfigError(f"model.liger_kernels=true needs the liger-kernel package (CUDA and Triton): {err}") from err
-    apply_liger_kernel_to_llama(
+    getattr(liger, function)(
         rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=backbone
     )
 

@@ -18,7 +18,7 @@ from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.data.teacher import TeacherCache
-from embedtrain.model.encoder import read_llama_config
+from embedtrain.model.encoder import read_model_config
 from embedtrain.train.checkpoint import (
     CheckpointError,
     check_lora_resume,
@@ -102,7 +102,7 @@ def train(config, on_step=None):
     micro, accumulation = batch_layout(config, world)
     seed_everything(config.train.seed, rank)
     # Bad input must fail before the model is loaded and GPUs spin: model folder, checkpoint, data.
-    check_lengths(config, read_llama_config(config.model.path))
+    check_lengths(config, read_model_config(config.model.path))
     run_dir = Path(config.train.output_dir)
     resume_from = distributed.run_on_main(lambda: prepare_run_dir(config, run_dir))
     dataset = open_dataset(config.data, run_dir)

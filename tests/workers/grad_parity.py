@@ -161,6 +161,7 @@ def main():
     parser.add_argument("--long", type=int, default=0, help="replace passages by synthetic ones of this many tokens")
     parser.add_argument("--matryoshka", action="store_true", help="loss summed over dims 16 and 64")
     parser.add_argument("--step", type=int, default=0, help="the global batch to compare")
+    parser.add_argument("--model", default=None, help="model.path (default: the tiny recipe's tiny Llama)")
     parser.add_argument(
         "--distill",
         action="store_true",
@@ -198,6 +199,8 @@ def main():
         f"train.compile={str(args.compile).lower()}",
         *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else []),
     ]
+    if args.model:
+        overrides.append(f"model.path={args.model}")
     teacher = None
     if args.distill:
         teacher = SyntheticTeacher()
@@ -325,6 +328,7 @@ def main():
                     "micro_steps": engine.micro_steps,
                     "ds_accumulation": engine.gradient_accumulation_steps(),
                     "loss_terms": terms,
+                    "backbone": type(engine.module.backbone).__name__,
                     "parameters": sorted(errors),
                     **masking,
                 },
