@@ -14,7 +14,7 @@ from embedtrain.config import ConfigError, load_config
 from embedtrain.model import check_bidirectional, load_backbone
 from embedtrain.model.encoder import causal_layouts
 from embedtrain.model.families import FAMILIES, family_of
-from embedtrain.model.tiny import CLASSES, make_tiny
+from embedtrain.model.tiny import CLASSES, make_tiny, make_tiny_wrapper
 
 FAMILY_NAMES = sorted(CLASSES)
 TEXTS = [
@@ -124,3 +124,18 @@ def test_reranker_is_refused_for_a_stock_family(tiny, tmp_path):
     config = load_config("tiny_reranker", [f"model.path={tiny['qwen3']}"], output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="model.kind=reranker: not supported for the qwen3 family"):
         build_encoder(config, torch.float32)
+
+
+def test_a_vision_language_wrapper_trains_its_language_model(tmp_path):
+    """mistralai's Ministral 3 checkpoints are `mistral3` wrappers: embedtrain reads the text config
+    and the language model's weights (`language_model.model.*`), not a random init."""
+    from safetensors.torch import load_file
+
+    folder = make_tiny_wrapper(tmp_path / "mistral3")
+    backbone = load_backbone(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    assert type(backbone).__name__ == "Ministral3BidirectionalModel" and causal_layouts(backbone) == []
+    assert torch.equal(
+        backbone.layers[1].mlp.up_proj.weight, weights["language_model.model.layers.1.mlp.up_proj.weight"]
+    )
+    assert torch.equal(backbone.embed_tokens.weight, weights["language_model.model.embed_tokens.weight"])

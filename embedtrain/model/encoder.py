@@ -9,7 +9,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from embedtrain.model.bidirectional import BidirectionalDecoderMixin
-from embedtrain.model.families import MODEL_TYPES, family_config, family_of
+from embedtrain.model.families import MODEL_TYPES, WRAPPED_WEIGHTS, WRAPPERS, family_config, family_of
 from embedtrain.model.packing import gather_sequences, is_packed, unpack
 from embedtrain.model.pooling import POOLING_MODES, pool
 
@@ -104,6 +104,8 @@ def read_model_config(path):
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ModelError(f"model.path: {config_file} is not valid JSON: {err}") from err
+    if raw.get("model_type") in WRAPPERS:  # a vision-language checkpoint: its language model
+        raw = dict(raw[WRAPPERS[raw["model_type"]]])
     family = family_of(raw.get("model_type"))
     if family is None:
         raise ModelError(
@@ -113,6 +115,11 @@ def read_model_config(path):
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"model.path: {path} has a config.json but no weights (*.safetensors or *.bin)")
     return family_config(family, raw)
+
+
+def is_wrapper(path):
+    """Whether the checkpoint at `path` is a vision-language wrapper (families.WRAPPERS)."""
+    return json.loads((Path(path) / "config.json").read_text()).get("model_type") in WRAPPERS
 
 
 def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling=None):
@@ -127,7 +134,12 @@ def load_backbone(path, dtype=torch.float32, attn_implementation="sdpa", pooling
     hf_logging.set_verbosity_error()
     try:
         model, info = family_of(config.model_type).model_class.from_pretrained(
-            path, config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+            path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            key_mapping=WRAPPED_WEIGHTS if is_wrapper(path) else None,
         )
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -32,7 +32,7 @@ class Family:
     architecture: str  # the `architectures` entry of an export
     stock_export: bool  # export as the stock model_type with is_causal false (no remote code)
     reranker: bool  # model.kind=reranker supported (its export format exists)
-    liger: str  # liger_kernel.transformers function for model.liger_kernels
+    liger: str | None  # liger_kernel.transformers function for model.liger_kernels (None: no Liger patch)
 
 
 def stock_family(name, model_types, config_name, model_name, liger):
@@ -58,11 +58,18 @@ FAMILIES = (
         liger="apply_liger_kernel_to_llama",
     ),
     stock_family("mistral", ("mistral",), "MistralConfig", "MistralModel", "apply_liger_kernel_to_mistral"),
-    stock_family("ministral", ("ministral",), "MinistralConfig", "MinistralModel", "apply_liger_kernel_to_mistral"),
-    stock_family("ministral3", ("ministral3",), "Ministral3Config", "Ministral3Model", "apply_liger_kernel_to_mistral"),
+    stock_family("ministral", ("ministral",), "MinistralConfig", "MinistralModel", "apply_liger_kernel_to_ministral"),
+    stock_family("ministral3", ("ministral3",), "Ministral3Config", "Ministral3Model", None),  # liger 0.8.5: none
     stock_family("qwen3", ("qwen3",), "Qwen3Config", "Qwen3Model", "apply_liger_kernel_to_qwen3"),
 )
 MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.model_types}
+
+# Vision-language checkpoints whose language model embedtrain trains (the vision tower and projector
+# are not read): their config key holding the text model's config, and the regexes that map their
+# weight names to the text model's. mistralai's Ministral 3 checkpoints are `mistral3` wrappers of a
+# `ministral3` text model (NeMo AutoModel extracts the language model the same way).
+WRAPPERS = {"mistral3": "text_config"}
+WRAPPED_WEIGHTS = {r"^language_model\.model\.": "", r"^model\.language_model\.": ""}
 
 
 def family_of(model_type):

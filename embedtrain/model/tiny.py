@@ -66,6 +66,24 @@ def make_tiny(family, out, seed=0):
     return out
 
 
+def make_tiny_wrapper(out, seed=0):
+    """A tiny `mistral3` vision-language checkpoint (Mistral3ForConditionalGeneration) around the
+    tiny ministral3 text model, saved in the layout of mistralai's Ministral 3 releases."""
+    text = transformers.Ministral3Config(**FAMILY_SHAPES["ministral3"])
+    vision = transformers.PixtralVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    torch.manual_seed(seed)
+    model = transformers.Mistral3ForConditionalGeneration(
+        transformers.Mistral3Config(text_config=text, vision_config=vision)
+    )
+    out = Path(out)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_LLAMA / name, out / name)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("family", choices=sorted(CLASSES))

@@ -76,6 +76,8 @@ def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None):
             )
         backbone.config.matryoshka_dims = list(config.loss.matryoshka_dims)  # recorded in exports
     if config.model.liger_kernels:
+        if family.liger is None:
+            raise ConfigError(f"model.liger_kernels=true: liger-kernel has no patch for the {family.name} family")
         apply_liger_kernels(backbone, family.liger)
     if config.model.lora is not None:
         # after loading (under ZeRO-3 the base is partitioned already; the new adapter weights are

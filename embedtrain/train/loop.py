@@ -234,28 +234,17 @@ def optimizer_step(engine, micro_batches, config, accumulation, group, window, f
 
 class FlopsCounter:
     """Model FLOPs of a training step (forward and backward, no recompute): 6 x non-embedding
-    parameters per token plus the attention term 12 x layers x hidden x the token's sequence
-    length (Chinchilla/PaLM accounting; docs/benchmarks.md), over real tokens only. With LoRA the
-    frozen base has no weight gradients: 4 x parameters + 6 x adapter parameters (plan.Shape)."""
+    parameters per token plus the attention term 12 x layers x attention width (heads x head_dim,
+    the hidden size for Llama) x the token's sequence length (Chinchilla/PaLM accounting;
+    docs/benchmarks.md), over real tokens only. With LoRA the frozen base has no weight gradients:
+    4 x parameters + 6 x adapter parameters (plan.Shape)."""
 
     def __init__(self, backbone_config, lora=None):
         from embedtrain.plan import Shape
 
-        shape = Shape(
-            **{
-                key: getattr(backbone_config, key)
-                for key in (
-                    "vocab_size",
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                )
-            }
-        )
+        shape = Shape.from_config(backbone_config.to_dict())
         self.per_token = shape.flops_per_token(0, lora)
-        self.per_token_and_length = 12 * shape.num_hidden_layers * shape.hidden_size
+        self.per_token_and_length = 12 * shape.num_hidden_layers * shape.attention_width
 
     def of(self, part):
         return self.per_token * part["real_tokens"] + self.per_token_and_length * part["squared_lengths"]
