@@ -470,7 +470,7 @@ def rerank(model, input_path, output_path, batch_size, max_tokens, max_length, d
 @click.option("--peak-tflops", type=float, default=989.0, show_default=True, help="Dense bf16 peak per GPU.")
 @click.option(
     "--shape",
-    type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]),
+    type=click.Choice(["llama-3.2-1b", "llama-3.1-8b", "qwen3-0.6b", "ministral3-3b"]),
     default=None,
     help="Model shape when model.path is not a local checkpoint.",
 )

@@ -367,7 +367,7 @@ def load_config(recipe_or_path, overrides=(), output_dir=None):
 def validate(config):
     """Checks that need more than one field; each error names the keys involved."""
     if not config.model.path:
-        raise ConfigError("model.path is not set (a local Llama checkpoint folder)")
+        raise ConfigError("model.path is not set (a local checkpoint folder: Llama, Mistral, Ministral3 or Qwen3)")
     if not config.data.path:
         raise ConfigError("data.path is not set (a folder of subsets in the embed-nemotron-dataset-v1 layout)")
     positive = {

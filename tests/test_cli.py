@@ -68,13 +68,14 @@ def test_dataset_missing_a_column_stops_before_training(tmp_path, demo_data):
     assert run.returncode == 2 and "SciFact" in run.stderr and "lacks column(s) text" in run.stderr
 
 
-def test_a_non_llama_model_stops_before_training(tmp_path):
+def test_a_model_of_an_unsupported_family_stops_before_training(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     run = embedtrain(
         "train", "--config", "tiny", "--output-dir", tmp_path / "run", "--set", f"model.path={tmp_path / 'bert'}"
     )
-    assert run.returncode == 2 and "is not a Llama checkpoint (config.json model_type='bert'" in run.stderr
+    assert run.returncode == 2
+    assert "is not a checkpoint of a supported family (config.json model_type='bert'" in run.stderr
 
 
 @pytest.mark.parametrize(
