@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embedtrain.data.collate import load_tokenizer
-from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
 from embedtrain.model.distill import TeacherSpaceEncoder
 from embedtrain.model.pooling import truncate
 from embedtrain.prompts import MODEL_METADATA, model_policy
@@ -83,6 +83,7 @@ def load_encoder(model_dir, dtype=None, device=None):
     else:
         encoder = TeacherSpaceEncoder(backbone, pooling=pooling, projection=projection).eval()
     encoder.to(device)
+    check_bidirectional(encoder.backbone)  # a causal path would encode silently wrong vectors
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     tokenizer = load_tokenizer(model_dir, tokenizer_config.get("padding_side", "right"))
     bert_config = model_dir / "sentence_bert_config.json"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from embedtrain.data.collate import load_tokenizer
 from embedtrain.encode import BLOCK, EncodeError, resolve_device, resolve_dtype, token_budget_batches
-from embedtrain.model import load_backbone
+from embedtrain.model import check_bidirectional, load_backbone
 from embedtrain.model.reranker import Reranker, is_reranker_folder, saved_head
 from embedtrain.prompts import MODEL_METADATA
 
@@ -61,6 +61,7 @@ def load_reranker(model_dir, dtype=None, device=None):
     backbone = load_backbone(model_dir, dtype=dtype)
     head = saved_head(model_dir, config["hidden_size"], dtype)
     model = Reranker(backbone, config.get("pooling", "avg"), config.get("temperature", 1.0), head).eval().to(device)
+    check_bidirectional(model.backbone)
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     model.tokenizer = load_tokenizer(model_dir, tokenizer_config.get("padding_side", "right"))
     model.pair_template = metadata.get("pair_template", "question:{query} \n \n passage:{passage}")

@@ -157,7 +157,8 @@ LAYOUTS = ("full", "padded", "packed")  # the batch layouts training and encodin
 
 @torch.no_grad()
 def causal_layouts(backbone, vocab_size=None, length=8):
-    """The batch layouts on which the backbone's attention stayed causal (empty: bidirectional on all).
+    """The batch layouts on which the backbone's attention stayed causal (empty: bidirectional on all;
+    "packed (leaks across sequences)" when a packed row's second sequence sees the first).
 
     Each layout changes the last real token of the first sequence and checks that the first token's
     output state changes (a causal model's first position never sees later tokens): "full" (no
@@ -184,10 +185,12 @@ def causal_layouts(backbone, vocab_size=None, length=8):
     for layout, (mask, position) in cases.items():
         changed = ids.clone()
         changed[0, position] = (ids[0, position] + 1) % vocab_size
-        first = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0].float()
-        first_changed = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[0, 0].float()
-        if torch.allclose(first, first_changed, rtol=0, atol=1e-6):
+        states = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0].float()
+        states_changed = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[0].float()
+        if torch.allclose(states[0], states_changed[0], rtol=0, atol=1e-6):
             causal.append(layout)
+        if layout == "packed" and not torch.allclose(states[half:], states_changed[half:], rtol=0, atol=1e-6):
+            causal.append("packed (leaks across sequences)")  # the second sequence saw the first
     backbone.train(was_training)
     return causal
 
