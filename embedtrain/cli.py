@@ -584,6 +584,10 @@ def evaluate(
     from embedtrain.eval import evaluate as run_eval
     from embedtrain.eval import format_table
 
+    if output:  # checked before the encoding: a result is never computed to be lost
+        from pathlib import Path
+
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
     rank, world, _ = distributed.init_inference()
     try:
         result = run_eval(

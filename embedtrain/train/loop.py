@@ -399,6 +399,14 @@ def make_writer(config, run_dir, start_step):
     return SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
 
+DISTILL_TERMS = (
+    ("contrastive", "train/loss_contrastive"),
+    ("cos", "train/distill_cosine"),
+    ("mse", "train/distill_mse"),
+    ("kl", "train/distill_kl"),
+)
+
+
 def log_window(engine, writer, done, step_stats, window, config):
     """Console line and TensorBoard scalars; all ranks join the reductions, rank 0 writes. This is
     where device values are read (one sync per logging step)."""
@@ -430,8 +438,12 @@ def log_window(engine, writer, done, step_stats, window, config):
         eta = format_duration(step_time * (config.train.max_steps - done))
         on_gpu = "perf/peak_memory_gib" in scalars  # MFU against a GPU's peak means nothing on the CPU
         device = f"  MFU {scalars['perf/mfu']:.1%}  {scalars['perf/peak_memory_gib']:.1f} GiB" if on_gpu else ""
+        terms = "".join(  # distillation: its terms, so runs with different weights can be compared
+            f" {name} {scalars[key]:.4f}" for name, key in DISTILL_TERMS if key in scalars
+        )
         print(
-            f"[embedtrain] step {done}: loss {loss:.4f}  acc {scalars.get('train/accuracy', 0):.3f}  "
+            f"[embedtrain] step {done}: loss {loss:.4f}{f' ({terms.strip()})' if terms else ''}  "
+            f"acc {scalars.get('train/accuracy', 0):.3f}  "
             f"lr {scalars['train/lr']:.2e}  {scalars['perf/tokens_per_s']:,.0f} tok/s  "
             f"{scalars['perf/real_tokens_per_s']:,.0f} real tok/s  pad-eff {scalars['perf/padding_efficiency']:.3f}  "
             f"{step_time:.2f} s/step{device}  ETA {eta}",
