@@ -139,3 +139,11 @@ def test_a_vision_language_wrapper_trains_its_language_model(tmp_path):
         backbone.layers[1].mlp.up_proj.weight, weights["language_model.model.layers.1.mlp.up_proj.weight"]
     )
     assert torch.equal(backbone.embed_tokens.weight, weights["language_model.model.embed_tokens.weight"])
+
+
+def test_lora_on_qwen3_matches_plain_peft(tiny, tmp_path):
+    """LoRA adapters on a frozen Qwen3 base under ZeRO-3 on 2 ranks: the gradients of plain PyTorch
+    with peft, optimizer state for the adapters only."""
+    result, _ = run_worker("lora_parity.py", tmp_path / "r.json", "--model", tiny["qwen3"], nproc=2)
+    assert result["max_rel_error"] < 1e-5, result
+    assert result["optimizer_master_numel"] == result["lora_numel"] < result["model_numel"]

@@ -63,6 +63,7 @@ def main():
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--grad-cache", type=int, default=0, help="GradCache chunk size (queries)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (GradCache replays it)")
+    parser.add_argument("--model", default=None, help="model.path (default: the tiny recipe's tiny Llama)")
     args = parser.parse_args()
 
     rank, world, _ = distributed.init_distributed()
@@ -74,6 +75,7 @@ def main():
         f"deepspeed.zero_optimization.stage={args.stage}",
         f"train.grad_cache_chunk_size={args.grad_cache}",
         f"model.lora={{r: 4, alpha: 8, dropout: {args.dropout}}}",
+        *([f"model.path={args.model}"] if args.model else []),
     ]
     config = load_config("tiny", overrides, output_dir=str(Path(args.out).parent / "run"))
     dataset = open_dataset(config.data, config.train.output_dir)
