@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from embedtrain.plan import SHAPES  # noqa: E402 (plan imports nothing heavy)
 
 LLAMA_3_2_1B = dict(
-    **SHAPES["llama-3.2-1b"],  # layers, widths, heads, vocabulary: embedtrain.plan's public shape
+    SHAPES["llama-3.2-1b"],  # layers, widths, heads, vocabulary, tied embeddings: embedtrain.plan's public shape
     head_dim=64,
     tie_word_embeddings=True,
     max_position_embeddings=131072,
