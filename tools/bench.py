@@ -344,7 +344,7 @@ def step_examples(spec):
 
 def padded_batches(spec, config, steps):
     """The plain runs' batches: each side padded to its longest, prompts as the Collator adds them."""
-    from embedtrain.data.collate import load_tokenizer
+    from embedtrain.model.encoder import load_tokenizer
     from embedtrain.prompts import training_policy
 
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
@@ -380,7 +380,8 @@ def padded_batches(spec, config, steps):
 def run_embedtrain(spec, config, steps, counter):
     from embedtrain import distributed
     from embedtrain.config import deepspeed_config
-    from embedtrain.data.collate import Collator, load_tokenizer
+    from embedtrain.data.collate import Collator
+    from embedtrain.model.encoder import load_tokenizer
     from embedtrain.train.engine import build_engine
 
     distributed.init_distributed()
@@ -663,13 +664,12 @@ def make_model(spec):
     if marker.is_file() and json.loads(marker.read_text()) == spec["shape"]:
         return
     shutil.rmtree(folder, ignore_errors=True)
-    config = LlamaConfig(
-        **spec["shape"],
+    config = LlamaConfig(  # a LlamaModel has no output layer: tying the embeddings changes nothing here
+        **{"tie_word_embeddings": False, **spec["shape"]},
         max_position_embeddings=8192,
         rope_theta=500000.0,
         bos_token_id=1022,
         eos_token_id=1023,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(spec["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
