@@ -4,8 +4,8 @@ import traceback
 
 import click
 
-from embedtrain.config import ConfigError
 from embedtrain.data.formats import FORMATS
+from embedtrain.errors import CheckpointError, EmbedtrainError
 
 
 def fail(message, exit_code=2):
@@ -54,14 +54,10 @@ def train(recipe, overrides, output_dir, resume):
     """Train an embedding model.
 
     \b
-    Single process:  embedtrain train --config tiny --output-dir runs/tiny
-    Multi-rank:      deepspeed --num_gpus 8 launch/train.py --config llama3_2_1b --set data.path=/data/nemotron
+    Example:     embedtrain train --config tiny --output-dir runs/tiny
+    Multi-rank:  deepspeed --num_gpus 8 launch/train.py --config llama3_2_1b --set data.path=/data/nemotron
     """
     from embedtrain.config import load_config
-    from embedtrain.data.nemotron import DataError
-    from embedtrain.model.encoder import ModelError
-    from embedtrain.train.checkpoint import CheckpointError
-    from embedtrain.train.loop import TrainingError
 
     try:
         config = load_config(recipe, [*overrides, *([f"train.resume={resume}"] if resume else [])], output_dir)
@@ -70,7 +66,7 @@ def train(recipe, overrides, output_dir, resume):
 
         run_training(config)
         distributed.shutdown()
-    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as err:
+    except EmbedtrainError as err:
         fail(str(err))
     except Exception as err:  # noqa: BLE001 - a bug or a crash below us: traceback, then a clean exit 1
         traceback.print_exc()
@@ -115,14 +111,13 @@ def prepare(src, out, subsets, input_format, sources, skip_bad_rows, workers, sh
     Example:  embedtrain prepare /data/embed-nemotron-dataset-v1 /data/prepared --subset FEVER
     Then:     embedtrain train --config llama3_2_1b --set data.path=/data/prepared ...
     """
-    from embedtrain.data.nemotron import DataError
     from embedtrain.data.prepare import prepare as run_prepare
 
     try:
         manifest = run_prepare(
             src, out, subsets or None, skip_bad_rows, workers, shard_mb, sources=sources, input_format=input_format
         )
-    except DataError as err:
+    except EmbedtrainError as err:
         fail(str(err))
     total = sum(s["num_queries"] for s in manifest["subsets"].values())
     click.echo(f"prepared {total:,} queries from {len(manifest['subsets'])} subset(s) into {out}")
@@ -171,7 +166,6 @@ def export(checkpoint, out, dtype, overwrite, max_shard_gb, adapter_only, base_m
     Student:  embedtrain export runs/student exported/student-teacher-space --keep-projection
     """
     from embedtrain.export import export_checkpoint
-    from embedtrain.train.checkpoint import CheckpointError
 
     try:
         path = export_checkpoint(
@@ -217,12 +211,41 @@ def inference_options(command):
     )(command)
 
 
-def _inference_errors():
-    from embedtrain.data.nemotron import DataError
-    from embedtrain.encode import EncodeError
-    from embedtrain.model.encoder import ModelError
+def search_chunk_options(command):
+    """--corpus-chunk and --query-chunk, shared by eval and mine."""
+    command = click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")(
+        command
+    )
+    return click.option(
+        "--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block."
+    )(command)
 
-    return DataError, EncodeError, ModelError
+
+def rerank_batch_and_inference_options(command):
+    """--rerank-batch-size, --device and --dtype: the last options of eval and mine."""
+    return click.option(
+        "--rerank-batch-size",
+        type=int,
+        default=32,
+        show_default=True,
+        help="(query, document) pairs per reranker batch.",
+    )(inference_options(command))
+
+
+def run_sharded(run, report):
+    """`run()` on every rank of a torchrun/deepspeed launch (or in one process), an EmbedtrainError
+    reported as bad input; then `report(result)` on rank 0, and the process group ends."""
+    from embedtrain import distributed
+
+    rank, world, _ = distributed.init_inference()
+    try:
+        result = run()
+    except EmbedtrainError as err:
+        fail(str(err))
+    if rank == 0:
+        report(result)
+    if world > 1:
+        distributed.shutdown()
 
 
 @main.command()
@@ -357,7 +380,7 @@ def encode(
             device=device,
             dtype=dtype,
         )
-    except (*_inference_errors(), ValueError) as err:
+    except (EmbedtrainError, ValueError) as err:
         fail(str(err))
     click.echo(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}")
 
@@ -383,7 +406,7 @@ def _teacher_cache(ctx, model, data, output, subsets, cache_dtype, batch_size, m
     names = [name.strip() for name in subsets.split(",")] if subsets is not None else None
     if names is not None and not all(names):
         raise click.UsageError(f"--subsets {subsets!r}: expected comma-separated subset names, e.g. FEVER,SciFact.")
-    from embedtrain.data.teacher import write_teacher_cache
+    from embedtrain.teacher_cache import write_teacher_cache
 
     try:
         summary = write_teacher_cache(
@@ -397,7 +420,7 @@ def _teacher_cache(ctx, model, data, output, subsets, cache_dtype, batch_size, m
             subsets=names,
             max_tokens=max_tokens,
         )
-    except (*_inference_errors(), ValueError) as err:
+    except (EmbedtrainError, ValueError) as err:
         fail(str(err))
     counts = summary["counts"]
     click.echo(
@@ -455,7 +478,7 @@ def rerank(model, input_path, output_path, batch_size, max_tokens, max_length, d
         lines, pairs = rerank_file(
             model, input_path, output_path, batch_size, max_length, max_tokens, device=device, dtype=dtype
         )
-    except (*_inference_errors(), OSError) as err:
+    except (EmbedtrainError, OSError) as err:
         fail(str(err))
     click.echo(f"wrote the scores of {pairs} pairs ({lines} lines) to {output_path}")
 
@@ -499,7 +522,7 @@ def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, 
         result = run_plan(
             config, recipe_path(recipe).stem, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape, bandwidth_gbps
         )
-    except (ConfigError, ValueError) as err:
+    except (EmbedtrainError, ValueError) as err:
         fail(str(err))
     click.echo(format_plan(result))
 
@@ -529,8 +552,7 @@ def _placeholder_paths(overrides):
     help="Folder for the float16 embedding files, shared by all ranks (default: a temporary folder, "
     "removed after; give a shared one for multi-node runs).",
 )
-@click.option("--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block.")
-@click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")
+@search_chunk_options
 @click.option(
     "--rerank",
     type=click.Path(exists=True, file_okay=False),
@@ -546,26 +568,8 @@ def _placeholder_paths(overrides):
     show_default=True,
     help="First-stage candidates per query rescored by --rerank (over 100: the first stage searches deeper).",
 )
-@click.option(
-    "--rerank-batch-size", type=int, default=32, show_default=True, help="(query, document) pairs per reranker batch."
-)
-@inference_options
-def evaluate(
-    model,
-    data,
-    output,
-    batch_size,
-    query_prompt,
-    dim,
-    work_dir,
-    corpus_chunk,
-    query_chunk,
-    rerank,
-    rerank_top_k,
-    rerank_batch_size,
-    device,
-    dtype,
-):
+@rerank_batch_and_inference_options
+def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, rerank, rerank_top_k, **run_options):
     """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search), optionally
     reranked by a reranker (--rerank).
 
@@ -580,7 +584,6 @@ def evaluate(
     """
     import json as json_module
 
-    from embedtrain import distributed
     from embedtrain.eval import evaluate as run_eval
     from embedtrain.eval import format_table
 
@@ -588,27 +591,8 @@ def evaluate(
         from pathlib import Path
 
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-    rank, world, _ = distributed.init_inference()
-    try:
-        result = run_eval(
-            model,
-            data,
-            batch_size,
-            query_prompt,
-            progress=True,
-            dim=dim,
-            device=device,
-            dtype=dtype,
-            work_dir=work_dir,
-            query_chunk=query_chunk,
-            corpus_chunk=corpus_chunk,
-            rerank=rerank,
-            rerank_top_k=rerank_top_k,
-            rerank_batch_size=rerank_batch_size,
-        )
-    except _inference_errors() as err:
-        fail(str(err))
-    if rank == 0:
+
+    def report(result):
         text = json_module.dumps(result, indent=2)
         if output:
             with open(output, "w") as f:
@@ -616,8 +600,22 @@ def evaluate(
         if rerank:
             click.echo(format_table(result), err=True)
         click.echo(text)
-    if world > 1:
-        distributed.shutdown()
+
+    run_sharded(
+        lambda: run_eval(
+            model,
+            data,
+            batch_size,
+            query_prompt,
+            progress=True,
+            dim=dim,
+            work_dir=work_dir,
+            rerank=rerank,
+            rerank_top_k=rerank_top_k,
+            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size
+        ),
+        report,
+    )
 
 
 @main.command()
@@ -632,8 +630,7 @@ def evaluate(
     show_default=True,
     help="Drop candidates scoring above margin x the lowest positive score (TopK-PercPos).",
 )
-@click.option("--corpus-chunk", type=int, default=4096, show_default=True, help="Documents scored per block.")
-@click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")
+@search_chunk_options
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Sequences per encoding batch.")
 @click.option(
     "--rerank",
@@ -651,25 +648,8 @@ def evaluate(
     show_default=True,
     help="With --rerank: also drop negatives within this many score units below the positive.",
 )
-@click.option(
-    "--rerank-batch-size", type=int, default=32, show_default=True, help="(query, document) pairs per reranker batch."
-)
-@inference_options
-def mine(
-    model,
-    data,
-    out,
-    top_k,
-    margin,
-    corpus_chunk,
-    query_chunk,
-    batch_size,
-    rerank,
-    rerank_margin,
-    rerank_batch_size,
-    device,
-    dtype,
-):
+@rerank_batch_and_inference_options
+def mine(model, data, out, top_k, margin, batch_size, rerank, rerank_margin, **run_options):
     """Re-mine hard negatives with a model, written as ranked neg_doc in the dataset's layout.
 
     \b
@@ -680,29 +660,9 @@ def mine(
     import json as json_module
     from pathlib import Path
 
-    from embedtrain import distributed
     from embedtrain.mine import mine as run_mine
 
-    rank, world, _ = distributed.init_inference()
-    try:
-        written = run_mine(
-            model,
-            data,
-            out,
-            top_k,
-            margin,
-            batch_size=batch_size,
-            query_chunk=query_chunk,
-            corpus_chunk=corpus_chunk,
-            device=device,
-            dtype=dtype,
-            rerank=rerank,
-            rerank_margin=rerank_margin,
-            rerank_batch_size=rerank_batch_size,
-        )
-    except _inference_errors() as err:
-        fail(str(err))
-    if rank == 0:
+    def report(written):
         click.echo(f"mined {sum(written.values()):,} queries in {len(written)} subset(s) into {out}")
         if rerank:
             manifests = [json_module.loads((Path(out) / name / "mining.json").read_text()) for name in written]
@@ -711,8 +671,21 @@ def mine(
                 f"{sum(m['rerank_scored'] for m in manifests):,} mined negatives as likely false negatives "
                 "(counts per subset in mining.json)"
             )
-    if world > 1:
-        distributed.shutdown()
+
+    run_sharded(
+        lambda: run_mine(
+            model,
+            data,
+            out,
+            top_k,
+            margin,
+            batch_size=batch_size,
+            rerank=rerank,
+            rerank_margin=rerank_margin,
+            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size
+        ),
+        report,
+    )
 
 
 @main.command()
@@ -727,12 +700,11 @@ def merge(out, models, weights, dtype, overwrite):
     \b
     Example:  embedtrain merge exported/soup exported/run1 exported/run2 exported/run3
     """
-    from embedtrain.merge import MergeError
     from embedtrain.merge import merge as run_merge
 
     try:
         run_merge(out, models, weights.split(",") if weights else None, dtype, overwrite)
-    except (MergeError, FileExistsError, ValueError) as err:
+    except (EmbedtrainError, FileExistsError, ValueError) as err:
         fail(str(err))
     click.echo(f"merged {len(models)} models into {out}")
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from embedtrain.errors import ConfigError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 RECIPES_DIR = PACKAGE_DIR / "recipes"
@@ -168,10 +170,6 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    """A bad recipe, override or DeepSpeed JSON; the message names the key or file."""
 
 
 CHOICES = {

@@ -17,6 +17,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from embedtrain.errors import ConfigError
+
 
 def free_port():
     with socket.socket() as sock:
@@ -90,8 +92,6 @@ def negatives_group(group_size):
     if group_size in (0, world):
         return None
     if group_size < 0 or world % group_size:
-        from embedtrain.config import ConfigError
-
         raise ConfigError(f"loss.gather_group_size={group_size} must divide the world size {world}")
     group, _ = dist.new_subgroups(group_size=group_size, backend=process_group_backend())
     return group
@@ -110,10 +110,7 @@ def run_on_main(function):
             outcome = (function(), None)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             outcome = (None, err)
-    if world_size() > 1:
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0)
-        outcome = box[0]
+    outcome = broadcast_object(outcome)
     if outcome[1] is not None:
         raise outcome[1]
     return outcome[0]
@@ -234,6 +231,6 @@ def broadcast_object(value, src=0):
     """`value` of rank `src` on every rank (a path, a small dict); the identity for one process."""
     if world_size() == 1:
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    objects = [value]  # broadcast_object_list fills the list in place
+    dist.broadcast_object_list(objects, src=src)
+    return objects[0]

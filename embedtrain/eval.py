@@ -7,7 +7,7 @@ into an on-disk float16 matrix, blocked top-100 on the model's device, rank-shar
 on several processes); metrics per subset and their mean.
 
 With --rerank, a second stage: each query's first `rerank_top_k` candidates from that search are
-rescored by a reranker (cross-encoder, embedtrain.rerank) and reordered by its scores (ties keep
+rescored by a reranker (cross-encoder, embedtrain.model.inference) and reordered by its scores (ties keep
 their first-stage order); candidates beyond the top k keep their first-stage order below the
 reranked ones. Both stages are reported side by side. The reranking is rank-sharded too, on the
 same query-chunk grid, so N ranks give the result of one.
@@ -21,7 +21,6 @@ Metrics (pure functions of a ranking and the relevance judgements, as trec_eval 
 import copy
 import gc
 import json
-import math
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -29,69 +28,28 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from embedtrain import distributed
-from embedtrain.data.nemotron import DataError, read_metadata, subset_folders
-from embedtrain.encode import BLOCK, EncodeError, load_encoder
-from embedtrain.rerank import load_reranker, require_kind, score_pairs
+from embedtrain.data.nemotron import read_metadata, subset_folders
+from embedtrain.errors import DataError, EncodeError
+from embedtrain.model.inference import BLOCK, load_encoder, load_reranker, require_kind, score_pairs
 from embedtrain.retrieval import (
     JsonlTexts,
     ListTexts,
     MatrixFile,
     ParquetTexts,
     encode_to_file,
+    metrics,
     rank_range,
-    search,
+    read_columns,
     search_sharded,
+    with_mean,
 )
 
 SEARCH_DEPTH = 100  # first-stage candidates per query (Recall@100); more when --rerank-top-k asks for more
-METRIC_KEYS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
 RERANK_PASS_PAIRS = 1 << 18  # candidate texts a rank holds at a time while reranking (one corpus pass each)
-
-
-def ndcg_at_k(ranking, relevance, k):
-    dcg = sum(relevance.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranking[:k]))
-    ideal = sorted((r for r in relevance.values() if r > 0), reverse=True)[:k]
-    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def recall_at_k(ranking, relevance, k):
-    relevant = {d for d, r in relevance.items() if r > 0}
-    return len(relevant & set(ranking[:k])) / len(relevant) if relevant else 0.0
-
-
-def mrr_at_k(ranking, relevance, k):
-    for i, doc in enumerate(ranking[:k]):
-        if relevance.get(doc, 0) > 0:
-            return 1.0 / (i + 1)
-    return 0.0
-
-
-def metrics(rankings, qrels):
-    """Mean nDCG@10, Recall@10, Recall@100, MRR@10 over the queries that have judgements."""
-    queries = [q for q in qrels if any(r > 0 for r in qrels[q].values())]
-    if not queries:
-        return {"ndcg@10": 0.0, "recall@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0, "queries": 0}
-    mean = lambda f, k: sum(f(rankings.get(q, []), qrels[q], k) for q in queries) / len(queries)  # noqa: E731
-    return {
-        "ndcg@10": mean(ndcg_at_k, 10),
-        "recall@10": mean(recall_at_k, 10),
-        "recall@100": mean(recall_at_k, 100),
-        "mrr@10": mean(mrr_at_k, 10),
-        "queries": len(queries),
-    }
-
-
-def top_k(query_vectors, doc_vectors, doc_ids, k=100, chunk=1024):
-    """Exact inner-product search over in-memory vectors; ranked doc ids per query (in-training
-    evaluation's path; `evaluate` goes through embedtrain.retrieval)."""
-    _, rows, _ = search(query_vectors, doc_vectors, k, query_chunk=chunk, corpus_chunk=max(1, len(doc_ids)))
-    return [[doc_ids[i] for i in row if i >= 0] for row in rows.tolist()]
 
 
 def read_beir(folder):
@@ -119,30 +77,6 @@ def read_beir(folder):
         qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
     query_ids = [q for q in qrels if q in queries]
     return query_ids, [queries[q] for q in query_ids], JsonlTexts(folder / "corpus.jsonl"), qrels
-
-
-def read_subset(folder):
-    """(queries {id: text}, corpus {id: text}, qrels {query: {doc: 1}}, dataset metadata) of one
-    subset in the dataset's layout, in memory (in-training evaluation of small held-out sets)."""
-    meta = read_metadata(folder)
-    corpus_rows = read_columns(folder / "corpus.parquet", ["id", "text"]).to_pylist()
-    query_rows = read_columns(folder / "queries.parquet", ["question_id", "question", "pos_doc"]).to_pylist()
-    corpus = {r["id"]: r["text"] for r in corpus_rows}
-    queries = {q["question_id"]: q["question"] for q in query_rows}
-    qrels = {q["question_id"]: {d["id"]: 1 for d in q["pos_doc"] or []} for q in query_rows}
-    return queries, corpus, qrels, meta
-
-
-def read_columns(path, columns, required=None):
-    """Those columns of a parquet file (None: all); a missing file or `required` column (default:
-    `columns`) is an error naming it."""
-    if not Path(path).is_file():
-        raise DataError(f"missing {path}")
-    names = pq.ParquetFile(path).schema_arrow.names
-    absent = [c for c in (columns if required is None else required) if c not in names]
-    if absent:
-        raise DataError(f"{path}: no column(s) {', '.join(absent)}")
-    return pq.read_table(path, columns=columns)
 
 
 def subset_sources(folder, policy, query_prompt=None):
@@ -282,11 +216,6 @@ def evaluate(
         result["reranked"] = with_mean(reranked)
         result["rerank"] = {"model": str(rerank), "top_k": rerank_top_k}
     return result
-
-
-def with_mean(results):
-    """{"subsets": results, "mean": the mean of each metric over the subsets}."""
-    return {"subsets": results, "mean": {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}}
 
 
 def ranked_ids(rows, doc_ids, query_ids):

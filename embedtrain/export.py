@@ -33,8 +33,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from embedtrain.errors import CheckpointError
 from embedtrain.model import bidirectional
 from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
+from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.families import family_of
 from embedtrain.model.lora import (
     ADAPTER_BASE,
@@ -48,13 +50,7 @@ from embedtrain.model.lora import (
 )
 from embedtrain.model.reranker import HEAD_KEY, KIND_FILE, RERANKER_ARCHITECTURE
 from embedtrain.prompts import MODEL_METADATA, model_policy
-from embedtrain.train.checkpoint import (
-    CheckpointError,
-    load_checkpoint_file,
-    rank_files,
-    resolve_checkpoint,
-    zero3_full_tensors,
-)
+from embedtrain.train.checkpoint import load_checkpoint_file, rank_files, resolve_checkpoint, zero3_full_tensors
 
 MODELING_FILE = "llama_bidirectional_model.py"
 BACKBONE_PREFIX = "backbone."
@@ -411,9 +407,7 @@ PROBE_PAIRS = [
 
 def check_pair_rendering(folder, pair_template):
     """The chat template, rendered and tokenized as CrossEncoder does, gives the token ids embedtrain
-    scores (rerank.score_pairs): refuse to write a folder where the two would differ."""
-    from embedtrain.data.collate import load_tokenizer
-
+    scores (model.inference.score_pairs): refuse to write a folder where the two would differ."""
     tokenizer = load_tokenizer(folder)
     for query, passage in PROBE_PAIRS:
         messages = [{"role": "query", "content": query}, {"role": "document", "content": passage}]
@@ -430,8 +424,6 @@ def cross_encoder_files(folder, reranker):
     """chat_template.jinja (the pair template) and the sentence-transformers files of a CrossEncoder:
     one Transformer module (sequence classification, pairs rendered as flat chat messages, truncated
     to pair_max_length), Identity activation, no prompts."""
-    from embedtrain.data.collate import load_tokenizer
-
     prefix, suffix = special_affixes(load_tokenizer(folder))
     (folder / CHAT_TEMPLATE_FILE).write_text(pair_chat_template(reranker["pair_template"], prefix, suffix))
     shutil.rmtree(folder / "additional_chat_templates", ignore_errors=True)  # a base model's chat templates

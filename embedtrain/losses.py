@@ -123,3 +123,14 @@ def group_scores(queries_QD, passages_PD, temperature):
     """(Q, G) scores of each query against its own group of passages, in fp32."""
     q = queries_QD.float()
     return torch.einsum("qd,qgd->qg", q, passages_PD.float().view(q.shape[0], -1, q.shape[-1])) / temperature
+
+
+def matryoshka(loss_at_dim, dims=None, weights=None):
+    """Matryoshka representation learning (Kusupati et al., 2022) around any embedding loss:
+    (sum of weight x loss_at_dim(dim) over `dims`, [each dim's loss]). loss_at_dim(dim) is the loss
+    with the embeddings truncated to their first `dim` dims and re-normalised (None: the full
+    embedding, the only term without `dims`); weights default to 1 each."""
+    dims = dims or [None]
+    weights = weights or [1.0] * len(dims)
+    losses = [loss_at_dim(dim) for dim in dims]
+    return sum(weight * loss for weight, loss in zip(weights, losses)), losses

@@ -12,13 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from embedtrain.errors import MergeError
 from embedtrain.export import write_shards
 
 IGNORED_CONFIG_KEYS = ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
-
-
-class MergeError(ValueError):
-    """Incompatible inputs; the message names the model and the key."""
 
 
 def weight_files(folder):

@@ -27,10 +27,17 @@ from tqdm import tqdm
 
 from embedtrain import distributed
 from embedtrain.data.nemotron import read_metadata, subset_folders
-from embedtrain.encode import load_encoder
-from embedtrain.eval import free_device_memory, read_columns, score_candidates_sharded
-from embedtrain.rerank import load_reranker, require_kind
-from embedtrain.retrieval import ParquetTexts, doc_lists, encode_to_file, positive_ceilings, search, search_sharded
+from embedtrain.eval import free_device_memory, score_candidates_sharded
+from embedtrain.model.inference import load_encoder, load_reranker, require_kind
+from embedtrain.retrieval import (
+    ParquetTexts,
+    doc_lists,
+    encode_to_file,
+    positive_ceilings,
+    read_columns,
+    search,
+    search_sharded,
+)
 
 WORK_FOLDER = ".embedtrain-mine"  # under OUT while mining, removed at the end
 

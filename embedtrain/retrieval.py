@@ -1,7 +1,8 @@
-"""Retrieval at any corpus size: texts -> on-disk embedding matrices -> exact blocked top-k.
+"""Retrieval at any corpus size: texts -> on-disk embedding matrices -> exact blocked top-k, and
+the retrieval metrics (nDCG@10, Recall@10, Recall@100, MRR@10).
 
-The shared lower layer of `embedtrain eval`, `embedtrain mine` (and in-training evaluation). Host
-memory does not grow with the corpus:
+The shared lower layer of `embedtrain eval`, `embedtrain mine` and in-training evaluation
+(embedtrain.train.evaluation). Host memory does not grow with the corpus:
 
 - texts are streamed from their file in blocks (`ParquetTexts`, `JsonlTexts`; `ListTexts` for
   what is small enough to hold, such as queries) and each block's embeddings go straight into a
@@ -32,8 +33,9 @@ import torch
 from tqdm import tqdm
 
 from embedtrain import distributed
-from embedtrain.data.nemotron import DataError
-from embedtrain.encode import BLOCK, encode_texts, output_dim
+from embedtrain.data.nemotron import read_metadata
+from embedtrain.errors import DataError
+from embedtrain.model.inference import BLOCK, encode_texts, output_dim
 
 MIN_BLOCKS = 16  # a small corpus is still cut into this many blocks, so that every rank gets some
 
@@ -42,7 +44,7 @@ MIN_BLOCKS = 16  # a small corpus is still cut into this many blocks, so that ev
 
 
 def block_rows(n, batch_size):
-    """Rows per encoding block for n texts: at most encode.BLOCK (bounds token lists), at least one
+    """Rows per encoding block for n texts: at most inference.BLOCK (bounds token lists), at least one
     batch, else n / MIN_BLOCKS. A function of n and batch_size only (never of the rank count)."""
     return max(1, batch_size, min(BLOCK, math.ceil(n / MIN_BLOCKS)))
 
@@ -55,6 +57,33 @@ def rank_range(n, unit, rank=None, world=None):
     blocks = math.ceil(n / unit)
     first, last = rank * blocks // world, (rank + 1) * blocks // world
     return min(n, first * unit), min(n, last * unit)
+
+
+# ---------------------------------------------------------------- held-out sets in the dataset's layout
+
+
+def read_columns(path, columns, required=None):
+    """Those columns of a parquet file (None: all); a missing file or `required` column (default:
+    `columns`) is an error naming it."""
+    if not Path(path).is_file():
+        raise DataError(f"missing {path}")
+    names = pq.ParquetFile(path).schema_arrow.names
+    absent = [c for c in (columns if required is None else required) if c not in names]
+    if absent:
+        raise DataError(f"{path}: no column(s) {', '.join(absent)}")
+    return pq.read_table(path, columns=columns)
+
+
+def read_subset(folder):
+    """(queries {id: text}, corpus {id: text}, qrels {query: {doc: 1}}, dataset metadata) of one
+    subset in the dataset's layout, in memory (in-training evaluation of small held-out sets)."""
+    meta = read_metadata(folder)
+    corpus_rows = read_columns(folder / "corpus.parquet", ["id", "text"]).to_pylist()
+    query_rows = read_columns(folder / "queries.parquet", ["question_id", "question", "pos_doc"]).to_pylist()
+    corpus = {r["id"]: r["text"] for r in corpus_rows}
+    queries = {q["question_id"]: q["question"] for q in query_rows}
+    qrels = {q["question_id"]: {d["id"]: 1 for d in q["pos_doc"] or []} for q in query_rows}
+    return queries, corpus, qrels, meta
 
 
 # ---------------------------------------------------------------- text sources
@@ -279,7 +308,7 @@ def encode_to_file(
     **options,
 ):
     """Embed every text of `source` into the MatrixFile `path` (N x D, `storage` dtype), rank-sharded:
-    each rank encodes its contiguous run of blocks (`block_rows`) with encode.encode_texts (options:
+    each rank encodes its contiguous run of blocks (`block_rows`) with inference.encode_texts (options:
     max_tokens, long_documents, chunk_overlap) and writes it in place. Every rank must call it; all
     return the file once every rank has written."""
     n, d = len(source), output_dim(encoder, dim)
@@ -447,3 +476,58 @@ def search_sharded(queries, docs, k, work_dir, query_chunk=256, progress=False, 
     score_file.remove()
     row_file.remove()
     return result
+
+
+# ---------------------------------------------------------------- metrics
+# Pure functions of a ranking and the relevance judgements, as trec_eval computes them:
+#   nDCG@k   sum_{i<=k} rel_i / log2(i + 1), divided by the same sum for the ideal ranking
+#   Recall@k |relevant in the top k| / |relevant|
+#   MRR@k    1 / rank of the first relevant document in the top k (0 if none)
+
+METRIC_KEYS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
+
+
+def ndcg_at_k(ranking, relevance, k):
+    dcg = sum(relevance.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranking[:k]))
+    ideal = sorted((r for r in relevance.values() if r > 0), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranking, relevance, k):
+    relevant = {d for d, r in relevance.items() if r > 0}
+    return len(relevant & set(ranking[:k])) / len(relevant) if relevant else 0.0
+
+
+def mrr_at_k(ranking, relevance, k):
+    for i, doc in enumerate(ranking[:k]):
+        if relevance.get(doc, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def metrics(rankings, qrels):
+    """Mean nDCG@10, Recall@10, Recall@100, MRR@10 over the queries that have judgements."""
+    queries = [q for q in qrels if any(r > 0 for r in qrels[q].values())]
+    if not queries:
+        return {"ndcg@10": 0.0, "recall@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0, "queries": 0}
+    mean = lambda f, k: sum(f(rankings.get(q, []), qrels[q], k) for q in queries) / len(queries)  # noqa: E731
+    return {
+        "ndcg@10": mean(ndcg_at_k, 10),
+        "recall@10": mean(recall_at_k, 10),
+        "recall@100": mean(recall_at_k, 100),
+        "mrr@10": mean(mrr_at_k, 10),
+        "queries": len(queries),
+    }
+
+
+def with_mean(results):
+    """{"subsets": results, "mean": the mean of each metric over the subsets}."""
+    return {"subsets": results, "mean": {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}}
+
+
+def top_k(query_vectors, doc_vectors, doc_ids, k=100, chunk=1024):
+    """Exact inner-product search over in-memory vectors; ranked doc ids per query (in-training
+    evaluation's path; `embedtrain eval` searches on-disk matrices with search_sharded)."""
+    _, rows, _ = search(query_vectors, doc_vectors, k, query_chunk=chunk, corpus_chunk=max(1, len(doc_ids)))
+    return [[doc_ids[i] for i in row if i >= 0] for row in rows.tolist()]

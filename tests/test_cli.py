@@ -29,7 +29,7 @@ def test_tiny_recipe_trains_then_exports(tmp_path):
     texts = ["Instruct: Given a claim, retrieve documents\nQuery: Shilin Linlofo is a chemist.", "d"]
     from_transformers, _ = embed_with_transformers(tmp_path / "out", texts)
     native = BiEncoder(load_backbone(tmp_path / "out")).eval()
-    from embedtrain.data.collate import load_tokenizer
+    from embedtrain.model.encoder import load_tokenizer
 
     batch = load_tokenizer(tmp_path / "out")(texts, padding=True, return_tensors="pt")
     with torch.no_grad():

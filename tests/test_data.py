@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from embedtrain.config import load_config
-from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.collate import Collator
 from embedtrain.data.nemotron import DataError
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, rank_micro_batches
+from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.packing import pack_rows
 
 

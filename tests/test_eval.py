@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from test_cli import embedtrain
 
 from conftest import REPO
-from embedtrain.eval import evaluate, metrics, mrr_at_k, ndcg_at_k, recall_at_k
+from embedtrain.eval import evaluate
 from embedtrain.merge import MergeError, merge
 from embedtrain.mine import mine, mine_rankings
+from embedtrain.retrieval import metrics, mrr_at_k, ndcg_at_k, recall_at_k
 
 
 def make_demo_data(out, seed, queries):

@@ -64,7 +64,7 @@ def test_from_pretrained_encode_equals_cli_and_sentence_transformers(exported, t
 
 def test_device_and_dtype_are_honoured(exported, tmp_path):
     from embedtrain import BiEncoder
-    from embedtrain.encode import EncodeError
+    from embedtrain.errors import EncodeError
 
     full = BiEncoder.from_pretrained(exported / "model", device="cpu", dtype="float32")
     half = BiEncoder.from_pretrained(exported / "model", device="cpu", dtype="bfloat16")
@@ -158,8 +158,9 @@ def brute_force_rankings(query_vectors, doc_vectors, doc_ids, k=100):
 
 def test_memory_mapped_eval_equals_exact_in_memory_metrics(exported):
     from embedtrain.data.nemotron import read_metadata, subset_folders
-    from embedtrain.encode import encode_texts, load_encoder
-    from embedtrain.eval import evaluate, metrics, read_subset
+    from embedtrain.eval import evaluate
+    from embedtrain.model.inference import encode_texts, load_encoder
+    from embedtrain.retrieval import metrics, read_subset
 
     encoder, tokenizer, policy, max_length = load_encoder(exported / "model")
     result = evaluate(exported / "model", exported / "heldout", corpus_chunk=16, query_chunk=8)

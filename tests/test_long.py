@@ -147,7 +147,7 @@ def test_training_on_2048_token_passages_matches_plain_pytorch(tmp_path):
 
 
 def test_token_budget_batches_longest_first_within_the_budget():
-    from embedtrain.encode import token_budget_batches
+    from embedtrain.model.inference import token_budget_batches
 
     lengths = [10, 500, 20, 400, 30, 2000]
     batches = token_budget_batches(lengths, batch_size=8, max_tokens=1000)
@@ -157,7 +157,7 @@ def test_token_budget_batches_longest_first_within_the_budget():
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):
-    from embedtrain.data.collate import load_tokenizer
+    from embedtrain.model.encoder import load_tokenizer
 
     return load_tokenizer(tiny_llama)
 
@@ -169,7 +169,7 @@ def words(count, seed):
 
 
 def test_token_budget_encoding_equals_one_text_at_a_time(encoder, tokenizer):
-    from embedtrain.encode import encode_texts
+    from embedtrain.model.inference import encode_texts
 
     texts = [words(n, n) for n in (5, 3000, 40, 900, 12)]
     assert max(len(tokenizer(t)["input_ids"]) for t in texts) > 2048
@@ -182,7 +182,7 @@ def test_token_budget_encoding_equals_one_text_at_a_time(encoder, tokenizer):
 def test_long_documents_chunk_mean_of_window_embeddings(encoder, tokenizer):
     """--long-documents chunk: windows of max_length tokens, each with BOS and the prompt's tokens,
     consecutive windows sharing `overlap` tokens; the embedding is the re-normalised mean."""
-    from embedtrain.encode import encode_texts
+    from embedtrain.model.inference import encode_texts
 
     text, prompt, max_length, overlap = words(300, 7), "passage: ", 64, 8
     got = encode_texts(

@@ -95,7 +95,7 @@ def cosines(a, b):
 
 
 def embed(encoder, texts):
-    from embedtrain.data.collate import load_tokenizer
+    from embedtrain.model.encoder import load_tokenizer
 
     batch = load_tokenizer(BASE)(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -105,7 +105,8 @@ def embed(encoder, texts):
 def test_adapter_saved_under_zero3_is_the_trained_one_and_both_exports_reproduce_it(tmp_path):
     from peft import PeftModel
 
-    from embedtrain.encode import EncodeError, load_encoder
+    from embedtrain.errors import EncodeError
+    from embedtrain.model.inference import load_encoder
 
     run_dir, memory = tmp_path / "run", tmp_path / "memory.pt"
     fast = ["--set", "train.lr=2e-3", "--set", "optim.warmup_steps=1"]  # let the adapter move visibly

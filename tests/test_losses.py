@@ -5,7 +5,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from embedtrain.losses import duplicate_positive_mask, group_info_nce, pooled_info_nce, positive_targets, scores
+from embedtrain.losses import (
+    duplicate_positive_mask,
+    group_info_nce,
+    matryoshka,
+    pooled_info_nce,
+    positive_targets,
+    scores,
+)
 
 
 def unit(rows):
@@ -89,3 +96,18 @@ def test_gradient_flows_to_queries_and_passages():
     q, p = QUERIES.clone().requires_grad_(), PASSAGES.clone().requires_grad_()
     group_info_nce(q, p, TAU)[0].backward()
     assert q.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
+
+
+def test_matryoshka_sums_a_loss_over_its_truncations_with_their_weights():
+    seen = []
+
+    def loss_at_dim(dim):
+        seen.append(dim)
+        return torch.tensor(float(dim or 100))
+
+    total, losses = matryoshka(loss_at_dim, [8, 32], [0.25, 2.0])
+    assert seen == [8, 32] and [t.item() for t in losses] == [8.0, 32.0] and total.item() == 0.25 * 8 + 2.0 * 32
+    total, losses = matryoshka(loss_at_dim, [8, 32])  # weights default to 1 each
+    assert total.item() == 40.0
+    total, losses = matryoshka(loss_at_dim, None)  # no dims: the full embedding alone, weight 1
+    assert seen[-1] is None and len(losses) == 1 and total.item() == 100.0

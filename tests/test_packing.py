@@ -7,9 +7,10 @@ import torch
 
 from conftest import run_worker
 from embedtrain.config import ConfigError, load_config
-from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.collate import Collator
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import PreparedDataset
+from embedtrain.model.encoder import load_tokenizer
 from embedtrain.train.engine import build_encoder, build_engine
 from embedtrain.train.step import contrastive_loss
 

@@ -214,7 +214,10 @@ def test_plan_accounts_for_sequence_length_and_attention():
     assert long["fits"] and long["memory_gib"] < 0.9 * 80, long
     cached = option(512, "sdpa", micro=32, extra=["train.grad_cache_chunk_size=4"])
     plain = option(512, "sdpa", micro=32)
-    assert cached["held"] == 4 and cached["parts_gib"]["activations"] < plain["parts_gib"]["activations"] / 4
+    assert (
+        cached["queries_per_forward"] == 4
+        and cached["parts_gib"]["activations"] < plain["parts_gib"]["activations"] / 4
+    )
     assert cached["step_seconds"] == pytest.approx(plain["step_seconds"] * 5 / 4)
 
 

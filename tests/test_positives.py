@@ -10,11 +10,12 @@ import pytest
 
 from conftest import run_worker
 from embedtrain.config import ConfigError, DataConfig, load_config
-from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.collate import Collator
 from embedtrain.data.nemotron import DataError, content_hash
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, QUERY_SCHEMA, PreparedDataset, write_shard
 from embedtrain.data.stream import Sampler, StepBatches
+from embedtrain.model.encoder import load_tokenizer
 
 SUBSETS = {"Birds": 6, "Rivers": 10}  # queries per subset: epochs of the two subsets differ
 

@@ -12,10 +12,11 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import ASSETS
 from embedtrain.config import load_config
-from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.collate import Collator
 from embedtrain.data.nemotron import read_metadata, subset_folders
 from embedtrain.data.shards import PreparedDataset
 from embedtrain.export import export_checkpoint
+from embedtrain.model.encoder import load_tokenizer
 from embedtrain.prompts import PromptPolicy, model_policy, training_policy
 from embedtrain.train.evaluation import load_sources
 

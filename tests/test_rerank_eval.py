@@ -12,11 +12,11 @@ from test_eval import make_demo_data
 
 from conftest import REPO, embedtrain_cli, run_ranks
 from embedtrain.data.nemotron import read_metadata
-from embedtrain.encode import EncodeError, encode_texts, load_encoder
-from embedtrain.eval import metrics, rerank_ranking, rerank_rankings
+from embedtrain.errors import EncodeError
+from embedtrain.eval import rerank_ranking, rerank_rankings
 from embedtrain.mine import drop_false_negatives, mine, negatives_column, padded_rows
-from embedtrain.rerank import load_reranker
-from embedtrain.retrieval import search
+from embedtrain.model.inference import encode_texts, load_encoder, load_reranker
+from embedtrain.retrieval import metrics, search
 from embedtrain.train.evaluation import candidate_list
 
 SUBSETS = ("FEVER", "SciFact", "SyntheticClassificationData")

@@ -6,9 +6,10 @@ import torch
 
 from conftest import run_worker
 from embedtrain.config import ConfigError, load_config
-from embedtrain.data.collate import PairCollator, load_tokenizer
+from embedtrain.data.collate import PairCollator
 from embedtrain.data.nemotron import Example
 from embedtrain.losses import group_cross_entropy
+from embedtrain.model.encoder import load_tokenizer
 
 TOLERANCE = 1e-5
 

@@ -13,7 +13,7 @@ from test_export import TF451, TF451_PACKAGES
 
 from conftest import REPO, embedtrain_cli, worker_env
 from embedtrain import BiEncoder, Reranker
-from embedtrain.encode import EncodeError
+from embedtrain.errors import EncodeError
 from embedtrain.rerank import read_pairs
 
 QUERIES = ["Which material did Dorbra Ostmorven use?", "Who is Shilin Linlofo?"]

@@ -1,8 +1,9 @@
-"""The teacher-embedding cache (embedtrain.data.teacher, `embedtrain encode --teacher-cache`): its rows
-equal the teacher's own encode of each text with the teacher's prompts for the subset, it holds
-exactly the distinct texts of each side, missing texts and foreign folders are errors that say what to
-do, the command line builds it and refuses the plain-encode options, a killed build leaves nothing
-that looks complete, and it pickles cheaply into DataLoader workers."""
+"""The teacher-embedding cache (embedtrain.teacher_cache writes it, `embedtrain encode --teacher-cache`;
+embedtrain.data.teacher reads it): its rows equal the teacher's own encode of each text with the
+teacher's prompts for the subset, it holds exactly the distinct texts of each side, missing texts and
+foreign folders are errors that say what to do, the command line builds it and refuses the
+plain-encode options, a killed build leaves nothing that looks complete, and it pickles cheaply into
+DataLoader workers."""
 
 import json
 import pickle
@@ -16,7 +17,8 @@ from click.testing import CliRunner
 
 from conftest import embedtrain_cli
 from embedtrain.data.nemotron import DataError
-from embedtrain.data.teacher import CACHE_FORMAT, TeacherCache, write_teacher_cache
+from embedtrain.data.teacher import CACHE_FORMAT, TeacherCache
+from embedtrain.teacher_cache import write_teacher_cache
 
 SUBSET = "FEVER"
 PREFIXES = {"query": "query: ", "passage": "passage: "}
@@ -172,12 +174,12 @@ def test_command_line_builds_the_cache_and_refuses_plain_encode_options(prefix_t
 def test_a_failed_build_leaves_the_old_cache_and_a_finished_one_replaces_it(
     tiny_export, prepared, cache32, tmp_path, monkeypatch
 ):
-    import embedtrain.encode
+    import embedtrain.teacher_cache
 
     output = tmp_path / "cache"
     shutil.copytree(cache32, output)
     before = (output / "teacher.json").read_text()
-    real, calls = embedtrain.encode.encode_texts, []
+    real, calls = embedtrain.teacher_cache.encode_texts, []
 
     def dies_midway(*args, **kwargs):
         calls.append(1)
@@ -185,11 +187,11 @@ def test_a_failed_build_leaves_the_old_cache_and_a_finished_one_replaces_it(
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(embedtrain.encode, "encode_texts", dies_midway)
+    monkeypatch.setattr(embedtrain.teacher_cache, "encode_texts", dies_midway)
     with pytest.raises(RuntimeError, match="killed"):
         write_teacher_cache(tiny_export, prepared, output, subsets=[SUBSET], progress=False)
     assert (output / "teacher.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
-    monkeypatch.setattr(embedtrain.encode, "encode_texts", real)
+    monkeypatch.setattr(embedtrain.teacher_cache, "encode_texts", real)
     summary = write_teacher_cache(tiny_export, prepared, output, subsets=[SUBSET], progress=False)
     assert summary["cache_dtype"] == "float16" and TeacherCache(output).metadata == summary
     assert not summary["prepared_from_raw"] and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

@@ -114,9 +114,10 @@ def stream(folder, steps):
 
 def collate_throughput(folder, steps):
     from embedtrain.config import load_config
-    from embedtrain.data.collate import Collator, load_tokenizer
+    from embedtrain.data.collate import Collator
     from embedtrain.data.shards import PreparedDataset
     from embedtrain.data.stream import Sampler, StepBatches
+    from embedtrain.model.encoder import load_tokenizer
 
     config = load_config("tiny", ["data.query_max_length=512", "data.passage_max_length=512"])
     dataset = PreparedDataset(folder)

@@ -83,8 +83,8 @@ def measure_point(point):
 
     from embedtrain import distributed
     from embedtrain.config import deepspeed_config, load_config
-    from embedtrain.data.collate import Collator, encoder_parts, load_tokenizer
-    from embedtrain.model.encoder import read_model_config
+    from embedtrain.data.collate import Collator, encoder_parts
+    from embedtrain.model.encoder import load_tokenizer, read_model_config
     from embedtrain.train.engine import build_engine
     from embedtrain.train.step import micro_batch_backward
 

@@ -4,23 +4,10 @@ query and passage sides, padding to a multiple of 8."""
 import numbers
 
 import torch
-from transformers import AutoTokenizer
 
 from embedtrain.data.nemotron import content_hash
-from embedtrain.model.encoder import ModelError
 from embedtrain.model.packing import pack_rows
 from embedtrain.prompts import training_policy
-
-
-def load_tokenizer(path, padding_side="right"):
-    """The checkpoint's tokenizer with a pad token: Llama has none, training uses eos as pad."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(f"model.path: the tokenizer in {path} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
-    return tokenizer
 
 
 class Collator:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedtrain.data.nemotron import DataError
+from embedtrain.errors import DataError
 
 FORMATS = ("auto", "nemotron", "jsonl", "corpus-json", "beir", "datasets")
 CONVERTED = "converted.json"

@@ -5,7 +5,7 @@ the cache when offline (HF_HUB_OFFLINE=1) or when the Hub cannot be reached."""
 import re
 from pathlib import Path
 
-from embedtrain.data.nemotron import DataError
+from embedtrain.errors import DataError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 

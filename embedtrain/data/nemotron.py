@@ -6,13 +6,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embedtrain.errors import DataError
+
 METADATA_KEYS = ("corpus_id", "query_instruction", "passage_instruction", "ids_only")
 QUERY_COLUMNS = ("question_id", "question", "corpus_id", "pos_doc", "neg_doc")
 CORPUS_COLUMNS = ("id", "text")
-
-
-class DataError(ValueError):
-    """Bad dataset input; the message names the subset, file, column or row."""
 
 
 @dataclass

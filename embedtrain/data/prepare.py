@@ -23,13 +23,13 @@ from embedtrain.data.nemotron import (
     CORPUS_COLUMNS,
     METADATA_KEYS,
     QUERY_COLUMNS,
-    DataError,
     content_hash,
     read_metadata,
     subset_folders,
 )
 from embedtrain.data.restore import RECORD, restore_subsets
 from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded
+from embedtrain.errors import DataError
 
 DONE = "done.json"
 

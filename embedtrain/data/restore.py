@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embedtrain.data.formats import atomic_json, atomic_parquet
-from embedtrain.data.nemotron import DataError
+from embedtrain.errors import DataError
 
 SOURCE_CONFIG = "source_config.json"
 RECORD = "restored.json"

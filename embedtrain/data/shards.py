@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from embedtrain.data.nemotron import DataError, Example
+from embedtrain.data.nemotron import Example
+from embedtrain.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "embedtrain-shards-v2"  # v2: every positive of a query (v1 kept only pos_doc[0])

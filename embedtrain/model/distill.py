@@ -1,5 +1,5 @@
 """The student of embedding distillation: a BiEncoder with a trainable linear projection from its
-width to the teacher's, used only by the distillation loss (embedtrain.losses.distill_terms).
+width to the teacher's, used only by the distillation loss (embedtrain.train.step.distill_loss).
 
 In training mode forward returns [embeddings | projected] concatenated on the last dim, (S, D + T):
 one tensor, so the training step's one forward, the global pool's gather and GradCache's embedding

@@ -1,4 +1,4 @@
-"""BiEncoder: a token batch -> L2-normalised fp32 embeddings; plus loading any Llama checkpoint."""
+"""BiEncoder: a token batch -> L2-normalised fp32 embeddings; plus loading any Llama checkpoint and its tokenizer."""
 
 import json
 from pathlib import Path
@@ -6,16 +6,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from embedtrain.errors import ModelError
 from embedtrain.model.bidirectional import BidirectionalDecoderMixin
 from embedtrain.model.families import MODEL_TYPES, WRAPPED_WEIGHTS, WRAPPERS, family_config, family_of
 from embedtrain.model.packing import gather_sequences, is_packed, unpack
 from embedtrain.model.pooling import POOLING_MODES, pool
-
-
-class ModelError(ValueError):
-    """A model folder that is not a usable checkpoint of a supported family; the message names the path."""
 
 
 class BiEncoder(nn.Module):
@@ -65,7 +63,7 @@ class BiEncoder(nn.Module):
         torch.device; dtype: None/"auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16",
         "float16" or a torch.dtype. The tokenizer, prompts and max_seq_length travel with the model.
         """
-        from embedtrain.encode import load_encoder  # embedtrain.encode imports this module
+        from embedtrain.model.inference import load_encoder  # embedtrain.model.inference imports this module
 
         return load_encoder(path, dtype=dtype, device=device)[0]
 
@@ -74,7 +72,7 @@ class BiEncoder(nn.Module):
         string gives one (D,) vector). prompt: "query" / "document" (the model's prompts,
         embedtrain.prompts), any other string put in front literally, or None. max_length: tokens
         per text (default the model's max_seq_length); dim: keep the first K dims (Matryoshka)."""
-        from embedtrain.encode import encode_texts, prompt_text
+        from embedtrain.model.inference import encode_texts, prompt_text
 
         if getattr(self, "tokenizer", None) is None:
             raise ValueError("BiEncoder.encode needs a model loaded with BiEncoder.from_pretrained (no tokenizer here)")
@@ -91,6 +89,17 @@ class BiEncoder(nn.Module):
             normalize=normalize,
         )
         return vectors[0] if single else vectors
+
+
+def load_tokenizer(path, padding_side="right"):
+    """The checkpoint's tokenizer with a pad token: Llama has none, training uses eos as pad."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"model.path: the tokenizer in {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
 
 
 def read_model_config(path):

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from embedtrain.model.encoder import BiEncoder, ModelError
+from embedtrain.errors import ModelError
+from embedtrain.model.encoder import BiEncoder
 
 KIND_FILE = "reranker.json"  # in a run's base_model folder: what the export needs to write a reranker
 RERANKER_ARCHITECTURE = "LlamaBidirectionalForSequenceClassification"
@@ -39,14 +40,14 @@ class Reranker(BiEncoder):
     def from_pretrained(cls, path, device=None, dtype=None):
         """An exported reranker (`embedtrain export` of a model.kind=reranker run) ready for `score`,
         in eval mode; device and dtype as BiEncoder.from_pretrained's."""
-        from embedtrain.rerank import load_reranker  # embedtrain.rerank imports this module
+        from embedtrain.model.inference import load_reranker  # embedtrain.model.inference imports this module
 
         return load_reranker(path, dtype=dtype, device=device)
 
     def score(self, query, passages, batch_size=32, max_length=None):
         """Relevance scores (float32 numpy, one per passage, in order) of `passages` for `query`:
         each pair rendered with the template the model was trained with."""
-        from embedtrain.rerank import score_pairs
+        from embedtrain.model.inference import score_pairs
 
         single = isinstance(passages, str)
         passages = [passages] if single else list(passages)

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from embedtrain import distributed
+from embedtrain.errors import CheckpointError
 from embedtrain.model.lora import ADAPTER_BASE, base_fingerprint, lora_parameters, recorded_base, write_adapter
 from embedtrain.model.reranker import KIND_FILE
 
@@ -51,10 +52,6 @@ def write_base_model(run_dir, backbone_config, tokenizer, prompt_policy, reranke
 
 def checkpoint_root(run_dir):
     return Path(run_dir) / "checkpoints"
-
-
-class CheckpointError(ValueError):
-    """A partial, corrupt or foreign checkpoint; the message names the file."""
 
 
 def rng_state():

@@ -7,7 +7,8 @@ import deepspeed
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
-from embedtrain.config import ConfigError, precision_dtype
+from embedtrain.config import precision_dtype
+from embedtrain.errors import ConfigError
 from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
 from embedtrain.model.distill import ProjectedEncoder, new_projection
 from embedtrain.model.families import family_of

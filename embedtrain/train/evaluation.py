@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from embedtrain import distributed
-from embedtrain.data.nemotron import DataError, read_metadata, subset_folders
-from embedtrain.eval import METRIC_KEYS, metrics, read_columns, read_subset, top_k, with_mean
+from embedtrain.data.nemotron import read_metadata, subset_folders
+from embedtrain.errors import DataError
+from embedtrain.retrieval import metrics, read_columns, read_subset, top_k, with_mean
 
 
 def load_sources(eval_config, prompt_policy):
@@ -87,17 +88,17 @@ def encode_sharded(engine, tokenizer, texts, batch_size, max_length):
     """The engine's outputs for `texts` (in order: embeddings, or a reranker's logits) computed
     rank-sharded, gathered on every rank."""
     rank, world = distributed.rank(), distributed.world_size()
-    share = math.ceil(len(texts) / world)
-    mine = texts[rank * share : (rank + 1) * share]
-    mine = mine + ["."] * (share - len(mine))  # equal forwards on every rank; padding dropped below
+    per_rank = math.ceil(len(texts) / world)
+    mine = texts[rank * per_rank : (rank + 1) * per_rank]
+    mine = mine + ["."] * (per_rank - len(mine))  # equal forwards on every rank; padding dropped below
     vectors = []
-    for start in range(0, share, batch_size):
+    for start in range(0, per_rank, batch_size):
         batch = tokenizer(
             mine[start : start + batch_size], max_length=max_length, truncation=True, padding=True, return_tensors="pt"
         )
         vectors.append(engine(batch["input_ids"].to(engine.device), batch["attention_mask"].to(engine.device)).float())
     local = torch.cat(vectors) if vectors else torch.zeros(0, 1)
-    gathered = distributed.gather_no_grad(local[: max(0, min(share, len(texts) - rank * share))].contiguous())
+    gathered = distributed.gather_no_grad(local[: max(0, min(per_rank, len(texts) - rank * per_rank))].contiguous())
     return gathered.cpu().numpy()
 
 
@@ -113,7 +114,7 @@ def evaluate_in_training(engine, tokenizer, sources, batch_size, max_length):
     engine.train()
     if distributed.rank() != 0:
         return None
-    results["mean"] = {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}
+    results["mean"] = with_mean(results)["mean"]
     return results
 
 

@@ -11,16 +11,16 @@ import torch
 import yaml
 
 from embedtrain import distributed
-from embedtrain.config import ConfigError, batch_layout, deepspeed_config
-from embedtrain.data.collate import Collator, PairCollator, encoder_parts, load_tokenizer
-from embedtrain.data.nemotron import DataError
+from embedtrain.config import batch_layout, deepspeed_config
+from embedtrain.data.collate import Collator, PairCollator, encoder_parts
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.data.teacher import TeacherCache
-from embedtrain.model.encoder import read_model_config
+from embedtrain.errors import CheckpointError, ConfigError, DataError, TrainingError
+from embedtrain.model.encoder import load_tokenizer, read_model_config
+from embedtrain.shape import Shape
 from embedtrain.train.checkpoint import (
-    CheckpointError,
     check_lora_resume,
     checkpoint_root,
     load_checkpoint_file,
@@ -237,11 +237,9 @@ class FlopsCounter:
     parameters per token plus the attention term 12 x layers x attention width (heads x head_dim,
     the hidden size for Llama) x the token's sequence length (Chinchilla/PaLM accounting;
     docs/benchmarks.md), over real tokens only. With LoRA the frozen base has no weight gradients:
-    4 x parameters + 6 x adapter parameters (plan.Shape)."""
+    4 x parameters + 6 x adapter parameters (embedtrain.shape)."""
 
     def __init__(self, backbone_config, lora=None):
-        from embedtrain.plan import Shape
-
         shape = Shape.from_config(backbone_config.to_dict())
         self.per_token = shape.flops_per_token(0, lora)
         self.per_token_and_length = 12 * shape.num_hidden_layers * shape.attention_width
@@ -299,10 +297,6 @@ def evaluate(engine, tokenizer, eval_sources, config, writer, step):
             for key, value in values.items():
                 writer.add_scalar(f"eval/{subset}/{key}", value, step)
         writer.flush()
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps); a checkpoint was written first."""
 
 
 def new_window():

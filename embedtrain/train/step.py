@@ -2,7 +2,8 @@
 
 The pure losses live in embedtrain.losses; this module assembles the pool, which for `global`
 means gathering across ranks with gradient (embedtrain.distributed). `grad_cache_backward` is the
-same step for micro-batches far larger than activation memory allows (GradCache)."""
+same step for micro-batches far larger than activation memory allows (GradCache,
+embedtrain.train.grad_cache)."""
 
 import torch
 
@@ -15,6 +16,7 @@ from embedtrain.losses import (
     group_cross_entropy,
     group_info_nce,
     group_scores,
+    matryoshka,
     pooled_info_nce,
     positive_targets,
     score_kl,
@@ -22,6 +24,7 @@ from embedtrain.losses import (
 )
 from embedtrain.model.distill import split_projected
 from embedtrain.model.pooling import truncate
+from embedtrain.train.grad_cache import grad_cache_backward
 
 ENCODER_KEYS = ("input_ids", "attention_mask", "sequence_index", "sequence_mask")
 
@@ -69,66 +72,18 @@ def micro_batch_backward(engine, batch, loss_config, accumulation, chunk_size=0,
     """engine.backward for one micro-batch, plain or (chunk_size > 0) through GradCache; returns
     (loss, stats). The caller calls engine.step() after it, as after engine.backward."""
     if chunk_size:
-        return grad_cache_backward(engine, batch, loss_config, accumulation, group)
+        return grad_cache_backward(
+            engine,
+            encoder_parts(batch),
+            lambda part: encode_part(engine, part, engine.device),
+            lambda queries_QD, passages_PD: embeddings_loss(
+                queries_QD, passages_PD, batch, loss_config, engine.device, group, uniform=True
+            ),
+            accumulation,
+        )
     loss, stats = contrastive_loss(engine, batch, loss_config, engine.device, group, uniform=True)
     engine.backward(loss)
     return loss, stats
-
-
-def grad_cache_backward(engine, batch, loss_config, accumulation, group=None):
-    """GradCache (Gao et al., 2021): the gradient of the whole micro-batch's loss, with activation
-    memory for only one chunk of queries (and their passages) at a time. The collator cut the
-    micro-batch into chunks (train.grad_cache_chunk_size), each one encoder call.
-
-    1. Encode every chunk without grad, saving the RNG state before each.
-    2. The loss over all embeddings (the pool gathered across ranks as usual), and its gradient
-       with respect to this rank's embeddings: a plain autograd pass, which runs the gather's
-       backward (an all-reduce) on every rank, no parameter gradients.
-    3. Re-encode chunk by chunk with grad, RNG replayed, and backpropagate the cached embedding
-       gradients: engine.backward(sum(embeddings * cached_grad)).
-
-    DeepSpeed sees each chunk as one micro-step: the run's DeepSpeed config has
-    gradient_accumulation_steps = accumulation x chunks (config.deepspeed_micro_steps), and
-    engine.step() follows every chunk but the last, so ZeRO-2/3 reduce gradients each chunk and
-    step the optimizer only at the accumulation boundary. No `no_sync` is needed. Gradients are
-    scaled by 1/accumulation here (scale_wrt_gas=False), as the plain step's engine.backward does.
-    The caller calls engine.step() after the last chunk. Returns (loss, stats) like
-    contrastive_loss; stats["grad_cache_replay_error"] is the largest difference between an
-    embedding re-encoded with grad and its cached value (0 unless the forward is not
-    deterministic given the RNG state).
-    """
-    device = engine.device
-    parts = encoder_parts(batch)
-    rng_states, cached = [], []
-    with torch.no_grad():
-        for part in parts:
-            rng_states.append(RngState(device))
-            cached.append(encode_part(engine, part, device))
-    queries_QD = torch.cat([q for q, _ in cached]).requires_grad_()
-    passages_PD = torch.cat([p for _, p in cached]).requires_grad_()
-    loss, stats = embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group, uniform=True)
-    query_grad_QD, passage_grad_PD = torch.autograd.grad(loss, [queries_QD, passages_PD])
-
-    replay_error = torch.zeros((), device=device)
-    after = RngState(device)
-    query_start = passage_start = 0
-    for index, (part, rng, (cached_q, cached_p)) in enumerate(zip(parts, rng_states, cached)):
-        rng.restore()
-        query_emb, passage_emb = encode_part(engine, part, device)
-        queries = slice(query_start, query_start + cached_q.shape[0])
-        passages = slice(passage_start, passage_start + cached_p.shape[0])
-        query_start, passage_start = queries.stop, passages.stop
-        surrogate = (query_emb * query_grad_QD[queries]).sum() + (passage_emb * passage_grad_PD[passages]).sum()
-        engine.backward(surrogate / accumulation, scale_wrt_gas=False)
-        if index < len(parts) - 1:
-            engine.step()  # a DeepSpeed micro-step inside the accumulation window: no update
-        replay_error = torch.maximum(
-            replay_error,
-            torch.maximum((query_emb.detach() - cached_q).abs().max(), (passage_emb.detach() - cached_p).abs().max()),
-        )
-    after.restore()
-    stats["grad_cache_replay_error"] = replay_error
-    return loss.detach(), stats
 
 
 def reranker_logits(model, part, device):
@@ -158,28 +113,14 @@ def reranker_backward(engine, batch, accumulation):
     loss_sum, stats_sum = 0.0, {}
     for index, part in enumerate(parts):
         loss, stats = group_cross_entropy(reranker_logits(engine, part, engine.device).view(-1, group))
-        share = part["num_pairs"] / total
-        engine.backward(loss * share / accumulation, scale_wrt_gas=False)
+        pair_fraction = part["num_pairs"] / total  # the chunk's fraction of the micro-batch's pairs
+        engine.backward(loss * pair_fraction / accumulation, scale_wrt_gas=False)
         if index < len(parts) - 1:
             engine.step()  # a DeepSpeed micro-step inside the accumulation window: no update
-        loss_sum = loss_sum + loss.detach() * share
+        loss_sum = loss_sum + loss.detach() * pair_fraction
         for key, value in stats.items():
-            stats_sum[key] = stats_sum.get(key, 0.0) + value * share
+            stats_sum[key] = stats_sum.get(key, 0.0) + value * pair_fraction
     return loss_sum, stats_sum
-
-
-class RngState:
-    """The host (and current CUDA device) RNG state, to replay dropout in GradCache's second pass."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-
-    def restore(self):
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 def negatives_loss(
@@ -190,34 +131,32 @@ def negatives_loss(
     re-normalised (Kusupati et al., 2022). The pool is assembled (and gathered) once for all dims.
 
     `global` pools the passages (and with `loss.query_negatives` the queries) of every rank of
-    `group` (default: the world), gathered with gradient. Each rank's loss is its share of the
-    mean over all pooled queries, so that DeepSpeed's average over ranks is that mean even when
-    ranks hold different numbers of queries. `pool`: assemble_pool's result when the caller has it.
+    `group` (default: the world), gathered with gradient. Each rank's loss is its mean weighted by
+    assemble_pool's rank_weight, so that DeepSpeed's average over ranks is the mean over all pooled
+    queries even when ranks hold different numbers of queries. `pool`: assemble_pool's result when
+    the caller has it.
     """
-    dims = loss_config.matryoshka_dims or [None]
-    weights = loss_config.matryoshka_weights or [1.0] * len(dims)
+    tau = loss_config.temperature
     stats = group_accuracy(queries_QD, passages_PD)
     if loss_config.negatives == "group":
-        losses = [
-            group_info_nce(truncate_to(queries_QD, d), truncate_to(passages_PD, d), loss_config.temperature)[0]
-            for d in dims
-        ]
+
+        def info_nce_at_dim(d):
+            return group_info_nce(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau)[0]
     else:
-        pool_ND, targets_Q, masked_QN, share = pool or assemble_pool(
+        pool_ND, targets_Q, masked_QN, rank_weight = pool or assemble_pool(
             queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group, uniform
         )
-        losses = [
-            share
-            * pooled_info_nce(
-                truncate_to(queries_QD, d), truncate_to(pool_ND, d), targets_Q, loss_config.temperature, masked_QN
-            )[0]
-            for d in dims
-        ]
+
+        def info_nce_at_dim(d):
+            queries, candidates = truncate_to(queries_QD, d), truncate_to(pool_ND, d)
+            return rank_weight * pooled_info_nce(queries, candidates, targets_Q, tau, masked_QN)[0]
+
         stats["masked_fraction"] = masked_QN.float().mean()
         stats["negatives_per_query"] = (~masked_QN).float().sum(-1).mean() - 1.0
+    loss, losses = matryoshka(info_nce_at_dim, loss_config.matryoshka_dims, loss_config.matryoshka_weights)
     if loss_config.matryoshka_dims:
-        stats.update({f"loss_dim_{d}": loss.detach() for d, loss in zip(dims, losses)})
-    return sum(w * loss for w, loss in zip(weights, losses)), stats
+        stats.update({f"loss_dim_{d}": term.detach() for d, term in zip(loss_config.matryoshka_dims, losses)})
+    return loss, stats
 
 
 def truncate_to(embeddings, dim):
@@ -225,17 +164,19 @@ def truncate_to(embeddings, dim):
 
 
 def assemble_pool(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group=None, uniform=False):
-    """(pool_ND, targets_Q, masked_QN, share) for the `local` or `global` pool. masked_QN drops
+    """(pool_ND, targets_Q, masked_QN, rank_weight) for the `local` or `global` pool. masked_QN drops
     every known positive of a query (positive_hash_QK: its K known positives' content hashes) from
-    its negatives, wherever in the pool (any rank) it sits, except its target."""
+    its negatives, wherever in the pool (any rank) it sits, except its target. rank_weight: this
+    rank's queries over the mean per rank of the pool (1 for `local`), the factor on this rank's mean
+    loss that makes DeepSpeed's average over ranks the mean over all pooled queries."""
     num_queries, per_query = queries_QD.shape[0], passages_PD.shape[0] // queries_QD.shape[0]
-    share = 1.0
+    rank_weight = 1.0
     query_pool_MD, query_offset = queries_QD, 0
     if loss_config.negatives == "global":
         pool_ND, offset = distributed.gather_with_grad(passages_PD, group, uniform)
         pool_hash_N = distributed.gather_no_grad(passage_hash_P, group, uniform)
         total_queries = pool_ND.shape[0] // per_query
-        share = num_queries * distributed.world_size(group) / total_queries
+        rank_weight = num_queries * distributed.world_size(group) / total_queries
         if loss_config.query_negatives:
             query_pool_MD, query_offset = distributed.gather_with_grad(queries_QD, group, uniform)
     else:
@@ -248,7 +189,7 @@ def assemble_pool(queries_QD, passages_PD, positive_hash_QK, passage_hash_P, los
         self_QM[torch.arange(num_queries), query_offset + torch.arange(num_queries)] = True
         pool_ND = torch.cat([pool_ND, query_pool_MD])
         masked_QN = torch.cat([masked_QN, self_QM], dim=1)
-    return pool_ND, targets_Q, masked_QN, share
+    return pool_ND, targets_Q, masked_QN, rank_weight
 
 
 def distill_loss(queries_QX, passages_PX, batch, loss_config, device, group=None, uniform=False):
@@ -301,22 +242,20 @@ def pool_kl(queries_QD, passages_PD, teacher_QT, teacher_PT, pool, loss_config, 
     None under `group`), summed over the Matryoshka truncations of the student with their weights
     (the teacher's scores use its full embedding)."""
     tau = loss_config.distill["kl_temperature"]
-    dims = loss_config.matryoshka_dims or [None]
-    weights = loss_config.matryoshka_weights or [1.0] * len(dims)
     if pool is None:
         teacher_QG = group_scores(teacher_QT, teacher_PT, tau)
-        terms = [
-            score_kl(group_scores(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau), teacher_QG)
-            for d in dims
-        ]
+
+        def kl_at_dim(d):
+            return score_kl(group_scores(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau), teacher_QG)
     else:
-        pool_ND, _, masked_QN, share = pool
+        pool_ND, _, masked_QN, rank_weight = pool
         teacher_QN = scores(teacher_QT, teacher_pool(teacher_QT, teacher_PT, loss_config, group, uniform), tau)
-        terms = [
-            share * score_kl(scores(truncate_to(queries_QD, d), truncate_to(pool_ND, d), tau), teacher_QN, masked_QN)
-            for d in dims
-        ]
-    return sum(w * term for w, term in zip(weights, terms))
+
+        def kl_at_dim(d):
+            student_QN = scores(truncate_to(queries_QD, d), truncate_to(pool_ND, d), tau)
+            return rank_weight * score_kl(student_QN, teacher_QN, masked_QN)
+
+    return matryoshka(kl_at_dim, loss_config.matryoshka_dims, loss_config.matryoshka_weights)[0]
 
 
 def teacher_pool(teacher_QT, teacher_PT, loss_config, group=None, uniform=False):

@@ -28,10 +28,12 @@ from deepspeed.utils import safe_get_full_grad
 
 from embedtrain import distributed
 from embedtrain.config import deepspeed_config, load_config
-from embedtrain.data.collate import Collator, known_positive_hashes, load_tokenizer
+from embedtrain.data.collate import Collator, known_positive_hashes
 from embedtrain.data.nemotron import content_hash
 from embedtrain.data.stream import Sampler, StepBatches
 from embedtrain.losses import duplicate_positive_mask
+from embedtrain.model.encoder import load_tokenizer
+from embedtrain.train import grad_cache
 from embedtrain.train import step as step_module
 from embedtrain.train.engine import build_encoder, build_engine
 from embedtrain.train.loop import open_dataset
@@ -269,7 +271,7 @@ def main():
         return micro_batches(0, 1, world * args.micro)
 
     if args.no_replay:
-        step_module.RngState.restore = lambda self: None
+        grad_cache.RngState.restore = lambda self: None
     if args.detached:
         distributed.gather_with_grad = detached_gather
 

@@ -20,9 +20,10 @@ from deepspeed.utils import safe_get_full_grad
 
 from embedtrain import distributed
 from embedtrain.config import deepspeed_config, load_config
-from embedtrain.data.collate import Collator, load_tokenizer
+from embedtrain.data.collate import Collator
 from embedtrain.data.stream import Sampler, StepBatches
 from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.lora import lora_parameters
 from embedtrain.train.checkpoint import gather_adapter
 from embedtrain.train.engine import build_engine

@@ -18,8 +18,9 @@ from deepspeed.utils import safe_get_full_grad
 
 from embedtrain import distributed
 from embedtrain.config import deepspeed_config, load_config
-from embedtrain.data.collate import PairCollator, load_tokenizer
+from embedtrain.data.collate import PairCollator
 from embedtrain.data.stream import Sampler, StepBatches
+from embedtrain.model.encoder import load_tokenizer
 from embedtrain.train.engine import build_encoder, build_engine
 from embedtrain.train.loop import open_dataset
 from embedtrain.train.step import reranker_backward, reranker_loss

@@ -150,7 +150,7 @@ EMBED_TEXTS = ["Shilin Linlofo is a chemist.", "A short one.", "Dorbra Ostmorven
 
 def save_in_memory_model(engine, config, out):
     """Every rank: gather the adapter and embed EMBED_TEXTS (collectives under ZeRO-3); rank 0 saves."""
-    from embedtrain.data.collate import load_tokenizer
+    from embedtrain.model.encoder import load_tokenizer
     from embedtrain.train.checkpoint import gather_adapter
 
     adapter = gather_adapter(engine) if config.model.lora is not None else {}

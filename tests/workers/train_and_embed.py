@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from embedtrain import distributed
 from embedtrain.config import load_config
-from embedtrain.data.collate import load_tokenizer
+from embedtrain.model.encoder import load_tokenizer
 from embedtrain.train.loop import train
 
 TEXTS = [
