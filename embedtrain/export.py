@@ -33,6 +33,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from embedtrain import __version__
 from embedtrain.errors import CheckpointError
 from embedtrain.model import bidirectional
 from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
@@ -539,6 +540,7 @@ def write_adapter_export(step_folder, base, tmp, run_config, base_path):
         "max_seq_length": run_config["data"]["passage_max_length"],
         "base_model": str(base_path),
         "base_fingerprint": recorded_base(step_folder).get("fingerprint"),
+        "embedtrain_version": __version__,
     }
     (tmp / MODEL_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     step = int(step_folder.name.split("_")[-1])
@@ -615,6 +617,7 @@ def write_export(
         shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
     policy = model_policy(base)
     metadata = policy.to_dict() if reranker is None else {**policy.to_dict(), **reranker}
+    metadata["embedtrain_version"] = __version__  # which embedtrain wrote the folder (CHANGELOG.md)
     if projection is not None:
         metadata["projection"] = write_projection(tmp, projection, step_folder)
     (tmp / MODEL_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")

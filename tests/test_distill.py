@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import embedtrain
 from conftest import embedtrain_cli, run_worker
 from embedtrain.config import ConfigError, load_config
 from embedtrain.losses import embedding_distance, score_kl
@@ -193,7 +194,9 @@ def test_train_and_export_a_student_with_and_without_its_projection(tiny_export,
         result = embedtrain_cli("export", run, tmp_path / name, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "student" / "3_Dense").exists()
-    assert "projection" not in (tmp_path / "student" / "embedtrain.json").read_text()
+    metadata = json.loads((tmp_path / "student" / "embedtrain.json").read_text())
+    assert "projection" not in metadata
+    assert metadata["embedtrain_version"] == embedtrain.__version__  # the export records its writer
 
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
