@@ -211,6 +211,40 @@ def inference_options(command):
     )(command)
 
 
+def io_options(input_help, output_help, input_required=True, output_dir_okay=False):
+    """--input (an existing file) and --output of encode and rerank."""
+
+    def decorate(command):
+        command = click.option(
+            "--output", "output_path", required=True, type=click.Path(dir_okay=output_dir_okay), help=output_help
+        )(command)
+        input_type = click.Path(exists=True, dir_okay=False)
+        return click.option("--input", "input_path", required=input_required, type=input_type, help=input_help)(command)
+
+    return decorate
+
+
+def batching_options(unit, long_unit, max_length_help):
+    """--batch-size, --max-tokens and --max-length of encode (`unit` sequences) and rerank (pairs)."""
+
+    def decorate(command):
+        options = [
+            click.option("--batch-size", type=int, default=32, show_default=True, help=f"Most {unit} per batch."),
+            click.option(
+                "--max-tokens",
+                type=int,
+                default=None,
+                help=f"Most padded tokens per batch ({unit} x longest); long {long_unit} then go in small batches.",
+            ),
+            click.option("--max-length", type=int, default=None, help=max_length_help),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def search_chunk_options(command):
     """--corpus-chunk and --query-chunk, shared by eval and mine."""
     command = click.option("--query-chunk", type=int, default=256, show_default=True, help="Queries scored per block.")(
@@ -250,19 +284,11 @@ def run_sharded(run, report):
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--input",
-    "input_path",
-    default=None,
-    type=click.Path(exists=True, dir_okay=False),
-    help='.txt (one text per line) or .jsonl (a "text" field per line). Required, except with --teacher-cache.',
-)
-@click.option(
-    "--output",
-    "output_path",
-    required=True,
-    type=click.Path(),
-    help=".npy (float32 matrix) or .parquet (text, embedding); with --teacher-cache the cache folder.",
+@io_options(
+    '.txt (one text per line) or .jsonl (a "text" field per line). Required, except with --teacher-cache.',
+    ".npy (float32 matrix) or .parquet (text, embedding); with --teacher-cache the cache folder.",
+    input_required=False,
+    output_dir_okay=True,
 )
 @click.option(
     "--teacher-cache",
@@ -294,18 +320,8 @@ def run_sharded(run, report):
     help="Prepend the model's prompt of this name (its embedtrain.json / sentence-transformers prompts).",
 )
 @click.option("--dim", type=int, default=None, help="Keep the first K dims and re-normalise (Matryoshka).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Most sequences per batch.")
-@click.option(
-    "--max-tokens",
-    type=int,
-    default=None,
-    help="Most padded tokens per batch (sequences x longest); long texts then go in small batches.",
-)
-@click.option(
-    "--max-length",
-    type=int,
-    default=None,
-    help="Tokens per sequence (default: the model's max_seq_length, sentence_bert_config.json).",
+@batching_options(
+    "sequences", "texts", "Tokens per sequence (default: the model's max_seq_length, sentence_bert_config.json)."
 )
 @click.option(
     "--long-documents",
@@ -431,32 +447,12 @@ def _teacher_cache(ctx, model, data, output, subsets, cache_dtype, batch_size, m
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--input",
-    "input_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help='.jsonl, one object per line: {"query": ..., "passage": ...} or {"query": ..., "passages": [...]}.',
+@io_options(
+    '.jsonl, one object per line: {"query": ..., "passage": ...} or {"query": ..., "passages": [...]}.',
+    '.jsonl, one line per input line, in order: {"score": S} or {"scores": [S, ...]}.',
 )
-@click.option(
-    "--output",
-    "output_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help='.jsonl, one line per input line, in order: {"score": S} or {"scores": [S, ...]}.',
-)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Most pairs per batch.")
-@click.option(
-    "--max-tokens",
-    type=int,
-    default=None,
-    help="Most padded tokens per batch (pairs x longest); long pairs then go in small batches.",
-)
-@click.option(
-    "--max-length",
-    type=int,
-    default=None,
-    help="Tokens per pair, longer ones cut (default: the model's pair_max_length, embedtrain.json).",
+@batching_options(
+    "pairs", "pairs", "Tokens per pair, longer ones cut (default: the model's pair_max_length, embedtrain.json)."
 )
 @inference_options
 def rerank(model, input_path, output_path, batch_size, max_tokens, max_length, device, dtype):
