@@ -80,8 +80,8 @@ def family_of(model_type):
 def family_config(family, raw):
     """The family's config from a config.json dict, bidirectional (is_causal false), without
     sliding windows, keeping embedtrain's `pooling` (and Llama's `temperature`)."""
-    raw = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "transformers_version")}
-    raw.pop("dtype", None), raw.pop("torch_dtype", None)
+    dropped = ("auto_map", "architectures", "transformers_version", "dtype", "torch_dtype")
+    raw = {k: v for k, v in raw.items() if k not in dropped}
     if family.stock_export:
         raw.pop("model_type", None)
         raw.update(is_causal=False, sliding_window=None, use_sliding_window=False)
