@@ -132,9 +132,15 @@ class TrainConfig:
     resume: str = "auto"  # auto: from <output_dir>/checkpoints if any | never | a run or step folder
     max_skipped_steps: int = 20  # steps skipped for a non-finite loss or gradient before the run stops
     stop_check_every: int = 10  # steps between the ranks' agreement on a SIGTERM stop (one collective)
-    activation_checkpointing: bool = True
-    compile: bool = False  # torch.compile of the encoder through DeepSpeed's engine.compile (dynamic shapes)
+    # true (every decoder layer) | false | k (every k-th layer: 0, k, 2k, ...; 1 = every layer) | auto (the least
+    # recompute that fits the card, embedtrain.autoconfig; with deepspeed.config=auto or any JSON)
+    activation_checkpointing: bool | int | str = True
+    compile: bool = False  # torch.compile of each decoder layer (dynamic shapes), not of the whole wrapped engine
     grad_cache_chunk_size: int = 0  # GradCache: encode the micro-batch this many queries at a time; 0 = off
+    # token budget per forward (0 = off): group pool and rerankers cut each rank's share of the global
+    # batch into micro-steps of whole queries holding at most this many tokens; local/global pools keep
+    # micro_batch_size queries per contrastive batch and cut it into GradCache chunks of this many tokens
+    micro_batch_tokens: int = 0
     output_dir: str = "runs/default"
 
 
@@ -165,7 +171,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # {"config": "zero3.json", ...keys of that JSON to override}
+    # {"config": "zero3.json" | "auto", ...keys of that JSON to override}; auto: the cheapest ZeRO stage that
+    # fits the card (embedtrain.autoconfig), recorded in <run>/deepspeed.json
     deepspeed: dict = field(default_factory=lambda: {"config": "zero3.json"})
 
     def to_dict(self):
@@ -219,7 +226,12 @@ def _coerce(value, annotation, key):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for choice in inner[:-1]:  # `bool | int | str`: the first type the value is, in order
+            try:
+                return _coerce(value, choice, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -293,7 +305,7 @@ def _apply(config, key, value, raw=None):
         return
     if len(parts) != 2 or parts[1] not in fields:
         raise ConfigError(f"unknown config key {key!r}{did_you_mean(parts[1], fields)}")
-    takes_text = hints[parts[1]] is str or str in typing.get_args(hints[parts[1]])
+    takes_text = hints[parts[1]] is str or set(typing.get_args(hints[parts[1]])) == {str, type(None)}
     if raw is not None and takes_text and value is not None and not isinstance(value, str):
         value = raw
     value = _coerce(value, hints[parts[1]], key)
@@ -387,6 +399,8 @@ def validate(config):
             f"train.grad_cache_chunk_size={chunk} must be 0 (off) or divide "
             f"train.micro_batch_size={config.train.micro_batch_size}"
         )
+    validate_token_budget(config)
+    validate_checkpointing(config)
     if config.data.pack_length < 0:
         raise ConfigError(f"data.pack_length must be >= 0 (0: the larger max length), got {config.data.pack_length}")
     if config.data.num_workers < 0:
@@ -409,6 +423,56 @@ def validate(config):
     if config.loss.negatives == "group" and config.loss.hard_negatives == 0:
         raise ConfigError(
             "loss.negatives=group needs loss.hard_negatives >= 1 (the group would hold only the positive)"
+        )
+
+
+def validate_checkpointing(config):
+    """train.activation_checkpointing: true, false, auto, or k >= 1 (every k-th decoder layer)."""
+    value = config.train.activation_checkpointing
+    if isinstance(value, str) and value != AUTO:
+        raise ConfigError(f"train.activation_checkpointing: {value!r} is not true, false, auto or an integer k >= 1")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise ConfigError(
+            f"train.activation_checkpointing={value}: k checkpoints every k-th decoder layer and must be >= 1 "
+            "(false: none)"
+        )
+
+
+def checkpoint_every(config, ds_config):
+    """Every how many decoder layers activation checkpointing is on (0 = off, 1 = every layer):
+    train.activation_checkpointing, or with `auto` what deepspeed_config decided (its embedtrain_auto)."""
+    value = config.train.activation_checkpointing
+    if value == AUTO:
+        return ds_config[AUTO_KEY]["checkpoint_every"]
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def validate_token_budget(config):
+    """train.micro_batch_tokens: 0 (off) or a budget of tokens, at least one sequence's maximum (a
+    budget smaller than that reads like a query count, train.micro_batch_size's unit); it replaces
+    train.grad_cache_chunk_size, which it sizes by tokens under the local/global pools."""
+    tokens, chunk = config.train.micro_batch_tokens, config.train.grad_cache_chunk_size
+    if tokens < 0:
+        raise ConfigError(f"train.micro_batch_tokens must be >= 0 (0: off), got {tokens}")
+    if not tokens:
+        return
+    if config.model.kind == "reranker":
+        longest, keys = config.data.pair_max_length, "data.pair_max_length"
+    else:
+        longest = max(config.data.query_max_length, config.data.passage_max_length)
+        keys = "data.query_max_length/passage_max_length"
+    if tokens < longest:
+        raise ConfigError(
+            f"train.micro_batch_tokens={tokens} counts tokens, not queries: it must be at least the longest "
+            f"sequence ({keys}: {longest}); train.micro_batch_size counts queries"
+        )
+    if chunk:
+        raise ConfigError(
+            f"train.micro_batch_tokens={tokens} and train.grad_cache_chunk_size={chunk}: set one. With the "
+            "local/global pools the token budget sizes the GradCache chunks itself; with the group pool "
+            "it cuts micro-steps, which need no GradCache"
         )
 
 
@@ -531,8 +595,14 @@ def deepspeed_micro_steps(config, world_size):
     """(train_micro_batch_size_per_gpu, gradient_accumulation_steps) as DeepSpeed must see them.
     Without GradCache these are the micro-batch and its accumulation. With GradCache every chunk
     is one DeepSpeed micro-step (one backward), so DeepSpeed's accumulation window spans
-    accumulation x chunks backwards of `chunk` queries; the optimizer steps once per global batch."""
+    accumulation x chunks backwards of `chunk` queries; the optimizer steps once per global batch.
+    With train.micro_batch_tokens the number of backwards varies per step: the training loop marks
+    the accumulation boundary itself (train/grad_cache.set_boundary) and divides each loss itself,
+    so DeepSpeed's values only need micro x accumulation x world = global: one query x the rank's
+    share."""
     micro, accumulation = batch_layout(config, world_size)
+    if config.train.micro_batch_tokens:
+        return 1, micro * accumulation
     chunk = config.train.grad_cache_chunk_size
     if not chunk:
         return micro, accumulation
@@ -566,14 +636,77 @@ def _resolve_auto(node, values, where="deepspeed"):
             node[key] = values[key]
 
 
-def deepspeed_config(config, world_size):
-    """The DeepSpeed JSON with recipe overrides merged and "auto" values filled from the recipe."""
-    path = deepspeed_config_path(config.deepspeed.get("config", "zero3.json"))
+AUTO = "auto"
+# the auto decision inside the DeepSpeed dict (DeepSpeed ignores the key; its checkpoints keep it)
+AUTO_KEY = "embedtrain_auto"
+
+
+def micro_step_tokens(config):
+    """(tokens, what they are) whose activations one forward holds: train.micro_batch_tokens when set,
+    else the micro-batch's (or GradCache chunk's) queries at their max lengths, as `embedtrain plan` counts."""
+    budget = getattr(config.train, "micro_batch_tokens", 0)
+    if budget:
+        return budget, "train.micro_batch_tokens"
+    queries = config.train.grad_cache_chunk_size or config.train.micro_batch_size
+    group = 1 + config.loss.hard_negatives
+    if config.model.kind == "reranker":
+        return queries * group * config.data.pair_max_length, f"{queries} queries x {group} pairs at max length"
+    per_query = config.data.query_max_length + group * config.data.passage_max_length
+    return queries * per_query, f"{queries} queries x (1 + {group}) sequences at max length"
+
+
+def model_shape(config):
+    """The Shape of model.path's config.json (auto sizes memory from it)."""
+    from embedtrain.shape import Shape
+
+    path = Path(config.model.path) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"deepspeed.config=auto / train.activation_checkpointing=auto size the model from {path}, "
+            "which does not exist; set model.path to a checkpoint folder or name a DeepSpeed JSON"
+        )
     try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from err
-    _merge(ds, {k: v for k, v in config.deepspeed.items() if k != "config"})
+        return Shape.from_config(json.loads(path.read_text()))
+    except ValueError as err:
+        raise ConfigError(f"model.path: {path}: {err}") from err
+
+
+def auto_decision(config, world_size, stage=None, hardware=None, shape=None):
+    """The auto decision (embedtrain.autoconfig) for this config on `hardware` (default: this
+    machine's, for `world_size` ranks); `stage` fixes the ZeRO stage (an explicit JSON or override)."""
+    from embedtrain import autoconfig
+
+    hardware = hardware or autoconfig.detect_hardware(world_size)
+    shape = shape or model_shape(config)
+    tokens, _ = micro_step_tokens(config)
+    value = config.train.activation_checkpointing
+    every = None if value == AUTO else (int(value) if isinstance(value, bool) else value)
+    return autoconfig.decide(shape, hardware, tokens, shape.lora_params(config.model.lora), stage, every)
+
+
+def deepspeed_config(config, world_size, hardware=None, shape=None):
+    """The DeepSpeed JSON with recipe overrides merged and "auto" values filled from the recipe.
+    deepspeed.config=auto builds the JSON from the auto decision (embedtrain.autoconfig) for
+    `hardware` (default: this machine) and `shape` (default: model.path's config.json); it and
+    train.activation_checkpointing=auto record the decision under "embedtrain_auto"."""
+    name = config.deepspeed.get("config", "zero3.json")
+    overrides = {k: v for k, v in config.deepspeed.items() if k != "config"}
+    decision = None
+    if name == AUTO:
+        from embedtrain.autoconfig import auto_deepspeed_json
+
+        path = "deepspeed.config=auto"
+        forced = (overrides.get("zero_optimization") or {}).get("stage")
+        shape = shape or model_shape(config)
+        decision = auto_decision(config, world_size, forced, hardware, shape)
+        ds = auto_deepspeed_json(decision, shape)
+    else:
+        path = deepspeed_config_path(name)
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from err
+    _merge(ds, overrides)
     micro, accumulation = deepspeed_micro_steps(config, world_size)
     _resolve_auto(
         ds,
@@ -586,6 +719,14 @@ def deepspeed_config(config, world_size):
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    if decision is None and config.train.activation_checkpointing == AUTO:
+        # the recompute only: the JSON's stage stands, and hpZ comes with auto's JSON alone (every ZeRO-3
+        # run, auto or not, gets its decoder layers as leaf modules: train/engine.py)
+        decision = dataclasses.replace(
+            auto_decision(config, world_size, stage, hardware, shape), leaf_modules=False, hpz=1
+        )
+    if decision is not None:
+        ds[AUTO_KEY] = {**decision.record(), "deepspeed_config": name}
     if stage < 3 and ds.get("bf16", {}).get("enabled") and ds["bf16"].get("check_grad_overflow") is False:
         # ZeRO-1/2 in bf16 skip a step with a non-finite gradient only with this check on; without
         # it a NaN would reach the weights and train.max_skipped_steps could not act
@@ -608,7 +749,7 @@ def validate_with_deepspeed(ds, path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     try:
-        DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
+        DeepSpeedConfig({k: v for k, v in ds.items() if k not in ("train_batch_size", AUTO_KEY)})
     except Exception as err:  # noqa: BLE001 - pydantic and assertion errors alike
         raise ConfigError(f"deepspeed.config {path} (with overrides) is rejected by DeepSpeed: {err}") from err
 

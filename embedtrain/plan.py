@@ -4,6 +4,9 @@ Memory per GPU under ZeRO-3 with bf16 (bytes):
   model states   18 P / N  (bf16 params 2, fp32 grads 4, fp32 master 4, Adam m and v 8), or
                  2 P / N with the optimizer offloaded, 0 with parameters offloaded too;
   working set    4 x largest layer (the gathered layer plus the prefetched one, bf16);
+  ZeRO-1/2       (the run's stage: its JSON, or what deepspeed.config=auto chooses, embedtrain.autoconfig)
+                 model states 2 P + 18 P / N (DeepSpeed's estimate_zero2_model_states_mem_needs: bf16
+                 weights on every GPU), no gathered layers;
   activations    per token and layer ~ 34 h bytes without checkpointing (Korthikanti et al. 2022,
                  with SDPA/flash attention so no s^2 term); with checkpointing 2 h per token and
                  layer are kept and one layer is recomputed at a time; tokens = every query and
@@ -51,9 +54,9 @@ part of it, so this is an upper bound):
 import json
 from pathlib import Path
 
+from embedtrain.autoconfig import GIB, Hardware, activation_bytes, auto_deepspeed_json, model_state_bytes, with_reserve
 from embedtrain.shape import Shape
 
-GIB = 2**30
 NVLINK_GBPS = 3600.0  # H100 SXM NVLink 4: 900 GB/s both directions -> 450 GB/s = 3,600 Gb/s each way
 INTER_NODE_GBPS = 400.0  # one ConnectX-7 NDR InfiniBand port (400 Gb/s) per GPU, as in a DGX H100
 SHAPES = {  # public architecture facts of the recipes' base models (docs/recipes.md)
@@ -151,36 +154,26 @@ def memory_per_gpu(
     activation_queries=None,
     score_bytes_per_layer=0.0,
     lora_params=0,
+    stage=3,
 ):
     """Bytes per GPU by component, for micro-batch `micro` queries per GPU; activations are held
     for `activation_queries` of them at a time (GradCache chunks; default all). With `lora_params`
     adapter parameters the base is frozen: its bf16 weights (2 bytes) have no gradient, master copy
     or Adam moments; the adapter has all of them (18 bytes)."""
-    trained = lora_params or shape.params
-    frozen = shape.params if lora_params else 0
-    states = {
-        "none": (2 * frozen + 18 * trained) / gpus,
-        "optimizer": 2 * (frozen + trained) / gpus,
-        "optimizer+params": 0.0,
-    }[offload]
+    states = model_state_bytes(shape, gpus, stage, lora_params, offload)
     tokens = (activation_queries or micro) * tokens_per_query
     h, layers = shape.hidden_size, shape.num_hidden_layers
-    if checkpointing:
-        activations = layers * 2 * tokens * h + 34 * tokens * h
-    else:
-        activations = layers * 34 * tokens * h
-    activations += tokens * h * 4 * 2  # fp32 final states for pooling and their gradient
+    activations = activation_bytes(shape, tokens, layers if checkpointing else 0)
     pool = gpus * micro * passages_per_query * h * 4 * 2 if global_pool else micro * passages_per_query * h * 8
     parts = {
         "model states": states,
-        "gathered layers": 4 * shape.largest_layer_params,
+        "gathered layers": 4 * shape.largest_layer_params if stage == 3 else 0.0,
         "activations": activations,
         "embedding pool": pool,
     }
     if score_bytes_per_layer:
         parts["attention scores"] = score_bytes_per_layer * (1 if checkpointing else layers)
-    parts["reserve"] = 2 * GIB + 0.1 * sum(parts.values())
-    return parts
+    return with_reserve(parts)
 
 
 def default_bandwidth_gbps(nodes):
@@ -188,13 +181,15 @@ def default_bandwidth_gbps(nodes):
     return NVLINK_GBPS if nodes == 1 else INTER_NODE_GBPS
 
 
-def communication_dtypes(config):
+def communication_dtypes(config, decision=None):
     """(ZeRO stage, bytes per gathered parameter, bytes per reduced gradient element) from the run's
-    DeepSpeed JSON and its recipe overrides. Read here rather than through config.deepspeed_config,
-    which needs the recipe's micro-batch to divide the global batch on this cluster and DeepSpeed."""
-    from embedtrain.config import deepspeed_config_path
+    DeepSpeed JSON (deepspeed.config=auto: the JSON of `decision`) and its recipe overrides. Read
+    here rather than through config.deepspeed_config, which needs the recipe's micro-batch to divide
+    the global batch on this cluster and DeepSpeed."""
+    from embedtrain.config import AUTO, deepspeed_config_path
 
-    ds = json.loads(deepspeed_config_path(config.deepspeed.get("config", "zero3.json")).read_text())
+    name = config.deepspeed.get("config", "zero3.json")
+    ds = auto_deepspeed_json(decision) if name == AUTO else json.loads(deepspeed_config_path(name).read_text())
     overrides = {k: v for k, v in config.deepspeed.items() if k != "config"}
     for key in ("bf16", "fp16", "zero_optimization"):
         if isinstance(overrides.get(key), dict):
@@ -254,7 +249,8 @@ def plan(
     chunk = config.train.grad_cache_chunk_size
     eager = config.model.attn_implementation == "eager"
     bandwidth_gbps = bandwidth_gbps or default_bandwidth_gbps(nodes)
-    stage, param_bytes, grad_bytes = communication_dtypes(config)
+    decision = auto_plan(config, shape, nodes, gpus_per_node, gpu_memory_gib)
+    stage, param_bytes, grad_bytes = communication_dtypes(config, decision)
     options = []
     for offload in ("none", "optimizer", "optimizer+params"):
         for checkpointing in (False, True):
@@ -274,6 +270,7 @@ def plan(
                     queries_per_forward,
                     scores,
                     lora_params,
+                    stage,
                 )
                 # forwards repeated: checkpointing's recompute, GradCache's no-grad pass (full
                 # fine-tuning: x 4/3 each with 1/3 of the step's FLOPs in the forward; LoRA: x 3/2)
@@ -328,7 +325,34 @@ def plan(
         "grad_comm_bytes": grad_bytes,
         "lora": lora,
         "lora_params": lora_params,
+        "auto": decision,
+        "config": config,
     }
+
+
+def auto_plan(config, shape, nodes, gpus_per_node, gpu_memory_gib):
+    """What deepspeed.config=auto / train.activation_checkpointing=auto would choose on this
+    cluster (the decision training makes at start, embedtrain.autoconfig); None when the recipe
+    sets both explicitly."""
+    from embedtrain.config import AUTO, auto_decision, deepspeed_config_path
+
+    name = config.deepspeed.get("config", "zero3.json")
+    if name != AUTO and config.train.activation_checkpointing != AUTO:
+        return None
+    stage = (config.deepspeed.get("zero_optimization") or {}).get("stage")
+    if stage is None and name != AUTO:
+        stage = json.loads(deepspeed_config_path(name).read_text()).get("zero_optimization", {}).get("stage", 0)
+    hardware = Hardware(nodes, gpus_per_node, gpu_memory_gib * GIB, "--gpu-memory")
+    return auto_decision(config, nodes * gpus_per_node, stage, hardware, shape)
+
+
+def format_auto(decision, config):
+    """The auto decision as `embedtrain plan` and the start of training print it."""
+    text = decision.reason if decision.fits else f"WARNING: {decision.reason}"
+    return (
+        f"auto (deepspeed.config={config.deepspeed.get('config', 'zero3.json')}, train.activation_checkpointing="
+        f"{config.train.activation_checkpointing}): {text}"
+    )
 
 
 def format_plan(result):
@@ -362,6 +386,8 @@ def format_plan(result):
             f"{o['memory_gib']:>8.1f} {(o['allgather_bytes'] + o['reduce_scatter_bytes']) / 1e9:>8.1f} "
             f"{o['comm_seconds']:>7.2f} {o['step_seconds']:>7.2f}  {'yes' if o['fits'] else 'no'}"
         )
+    if result["auto"] is not None:
+        lines.append(format_auto(result["auto"], result["config"]))
     if best is None:
         lines.append("recommendation: nothing fits; use more GPUs, shorter sequences or fewer hard negatives")
     else:

@@ -4,9 +4,30 @@ import json
 
 import pytest
 
-from embedtrain.config import DS_CONFIGS_DIR, RECIPES_DIR, ConfigError, batch_layout, deepspeed_config, load_config
+from embedtrain.autoconfig import GIB, Hardware
+from embedtrain.config import (
+    AUTO_KEY,
+    DS_CONFIGS_DIR,
+    RECIPES_DIR,
+    ConfigError,
+    batch_layout,
+    checkpoint_every,
+    deepspeed_config,
+    load_config,
+)
+from embedtrain.plan import RECIPE_SHAPES, SHAPES
+from embedtrain.shape import Shape
 
 PATHS = ["model.path=/models/x", "data.path=/data/x"]
+
+
+EIGHT_H100 = Hardware(1, 8, 80 * GIB, "test")
+
+
+def recipe_shape(recipe):
+    """The base model's shape of a shipped GPU recipe (its model.path is a placeholder here)."""
+    name = RECIPE_SHAPES.get(recipe.removesuffix("_reranker"))
+    return Shape(**SHAPES[name]) if name else None
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
@@ -14,7 +35,48 @@ def test_every_shipped_recipe_loads(recipe):
     config = load_config(recipe, PATHS)
     micro, accumulation = batch_layout(config, 1)
     assert micro * accumulation == config.train.global_batch_size
-    assert deepspeed_config(config, 1)["train_batch_size"] == config.train.global_batch_size
+    assert deepspeed_config(config, 1, shape=recipe_shape(recipe))["train_batch_size"] == config.train.global_batch_size
+    if recipe_shape(recipe) is not None:  # the GPU recipes choose their stage and recompute: on 8 x 80 GiB all fit
+        ds = deepspeed_config(config, 8, EIGHT_H100, recipe_shape(recipe))
+        assert config.deepspeed["config"] == "auto" and ds[AUTO_KEY]["fits"], ds.get(AUTO_KEY)
+        assert checkpoint_every(config, ds) in range(0, 64)
+
+
+def test_auto_resolves_and_explicit_settings_win(tiny_llama):
+    """deepspeed.config=auto on the tiny model: ZeRO-2 (its states fit anything), bf16 with fp32
+    gradient accumulation, the recipe's overrides merged on top (tiny: fp32); a recipe's stage fixes
+    the stage and auto picks the recompute for it; an explicit JSON with checkpointing=auto keeps
+    the JSON's stage."""
+    ds = deepspeed_config(load_config("tiny", ["deepspeed.config=auto", "train.activation_checkpointing=auto"]), 1)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"] == {"enabled": False, "check_grad_overflow": True}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds[AUTO_KEY]["checkpoint_every"] == 0
+    assert ds[AUTO_KEY]["reason"].startswith("ZeRO-2") and "CPU: host memory" in ds[AUTO_KEY]["reason"]
+    config = load_config("tiny", ["deepspeed.config=auto", "deepspeed.zero_optimization.stage=3"])
+    ds = deepspeed_config(config, 1)
+    assert (ds["zero_optimization"]["stage"], ds[AUTO_KEY]["leaf_modules"]) == (3, True)
+    assert checkpoint_every(config, ds) == 1  # tiny's explicit true
+    config = load_config("tiny", ["train.activation_checkpointing=auto"])  # zero3.json
+    ds = deepspeed_config(config, 1)
+    assert ds["zero_optimization"]["stage"] == 3 and ds[AUTO_KEY]["deepspeed_config"] == "zero3.json"
+    assert checkpoint_every(config, ds) == 0 and ds[AUTO_KEY]["leaf_modules"] is False
+    with pytest.raises(ConfigError, match="size the model from /models/x/config.json"):
+        deepspeed_config(load_config("llama3_2_1b", PATHS), 1)
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("true", 1), ("false", 0), ("2", 2), ("1", 1), ("auto", "auto"), ("yes", True)]
+)
+def test_activation_checkpointing_values(value, expected):
+    config = load_config("tiny", [f"train.activation_checkpointing={value}"])
+    assert config.train.activation_checkpointing == expected
+    if expected != "auto":
+        assert checkpoint_every(config, {}) == int(expected)
+
+
+@pytest.mark.parametrize("value, message", [("0", "must be >= 1"), ("some", "is not true, false, auto")])
+def test_bad_activation_checkpointing(value, message):
+    with pytest.raises(ConfigError, match=f"train.activation_checkpointing.*{message}"):
+        load_config("tiny", [f"train.activation_checkpointing={value}"])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DS_CONFIGS_DIR.glob("*.json")))

@@ -115,8 +115,8 @@ def test_length_bucketing_keeps_the_batch_and_cuts_padding(prepared, tiny_llama)
         for _, micro_batches, examples in stream:
             ids.append(sorted(e.question_id + e.subset for m in examples for e in m))
             for batch in micro_batches:
-                padded += batch["input_ids"].numel()
-                real += int(batch["attention_mask"].sum())
+                padded += batch["inputs"].input_ids.numel()
+                real += int(batch["inputs"].attention_mask.sum())
         return real / padded, ids
 
     plain_efficiency, plain_ids = padding_and_ids(False)
@@ -214,15 +214,17 @@ def test_collate_prompts_and_padding(prepared, tiny_llama):
     examples = [prepared.example(i, 2) for i in range(3)]
     batch = Collator(tokenizer, config.data, prepared.info)(examples)
     # one encoder batch: 3 queries, then each query's 3 passages, padded to a multiple of 8
-    assert batch["input_ids"].shape[0] == 3 + 9 and batch["input_ids"].shape[1] % 8 == 0
+    ids, mask = batch["inputs"].input_ids, batch["inputs"].attention_mask
+    assert ids.shape[0] == 3 + 9 and ids.shape[1] % 8 == 0 and not batch["inputs"].packed
     assert batch["num_queries"] == 3
-    assert batch["real_tokens"] == int(batch["attention_mask"].sum()) and batch["tokens"] == batch["input_ids"].numel()
+    assert batch["real_tokens"] == int(mask.sum()) and batch["tokens"] == ids.numel()
     instruction = prepared.info["FEVER"]["query_instruction"]
-    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == f"{instruction} {examples[0].query}"
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == f"{instruction} {examples[0].query}"
     config.data.query_prefix, config.data.passage_prefix = "query:", "passage:"
     batch = Collator(tokenizer, config.data, prepared.info)(examples[:1])
-    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == f"query: {examples[0].query}"
-    assert tokenizer.decode(batch["input_ids"][1], skip_special_tokens=True) == f"passage: {examples[0].passages[0]}"
+    ids = batch["inputs"].input_ids
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == f"query: {examples[0].query}"
+    assert tokenizer.decode(ids[1], skip_special_tokens=True) == f"passage: {examples[0].passages[0]}"
     assert batch["positive_hash"].shape == (1, 1) and batch["positive_hash"][0, 0] == batch["passage_hash"][0]
 
 
@@ -231,13 +233,15 @@ def test_packed_batches_hold_the_same_sequences_with_little_padding(prepared, ti
     examples = [prepared.example(i, 3) for i in range(8)]
     padded = Collator(tokenizer, load_config("tiny", ["data.packing=false"]).data, prepared.info)(examples)
     packed = Collator(tokenizer, load_config("tiny").data, prepared.info)(examples)
-    flat = torch.cat([packed["input_ids"].flatten(), torch.tensor([-1])])
-    for s in range(padded["input_ids"].shape[0]):  # sequence s, gathered back by index, is the padded row s
-        real = padded["input_ids"][s][padded["attention_mask"][s].bool()]
-        assert flat[packed["sequence_index"][s][packed["sequence_mask"][s].bool()]].tolist() == real.tolist()
+    flat = packed["inputs"].input_ids.flatten()
+    starts, lengths = packed["inputs"].sequence_starts, packed["inputs"].sequence_lengths
+    for s in range(padded["inputs"].input_ids.shape[0]):  # sequence s, found by its start, is the padded row s
+        real = padded["inputs"].input_ids[s][padded["inputs"].attention_mask[s].bool()]
+        assert flat[starts[s] : starts[s] + lengths[s]].tolist() == real.tolist()
+        assert (packed["inputs"].token_sequence[starts[s] : starts[s] + lengths[s]] == s).all()
     assert packed["real_tokens"] == padded["real_tokens"]
     # rows of at most 64 tokens; the demo data's narrow lengths (~50 tokens) leave a quarter empty
-    assert packed["input_ids"].shape[1] <= 64 and packed["real_tokens"] / packed["tokens"] > 0.7
+    assert packed["inputs"].input_ids.shape[1] <= 64 and packed["real_tokens"] / packed["tokens"] > 0.7
     assert packed["real_tokens"] / packed["tokens"] >= padded["real_tokens"] / padded["tokens"]
 
 
@@ -250,8 +254,8 @@ def test_pack_rows_on_long_tailed_lengths():
     passages = torch.distributions.LogNormal(5.05, 0.65).sample((80,)).clamp(8, 512).int().tolist()
     lengths = queries + passages
     packed = pack_rows([[1] * n for n in lengths], capacity=512, pad_to_multiple_of=8)
-    assert packed["segments"].gt(0).sum() == sum(lengths)
-    assert sum(lengths) / packed["input_ids"].numel() > 0.95
+    assert packed.attention_mask.gt(0).sum() == sum(lengths)
+    assert sum(lengths) / packed.input_ids.numel() > 0.95
     assert sum(lengths) / (len(lengths) * max(lengths)) < 0.5
 
 
@@ -260,8 +264,8 @@ def test_grad_cache_chunks_are_encoder_batches_of_their_queries(prepared, tiny_l
     examples = [prepared.example(i, 3) for i in range(8)]
     batch = Collator(tokenizer, load_config("tiny").data, prepared.info, chunk_size=2)(examples)
     assert [chunk["num_queries"] for chunk in batch["chunks"]] == [2, 2, 2, 2]
-    assert [chunk["sequence_index"].shape[0] for chunk in batch["chunks"]] == [2 + 8] * 4
-    assert batch["passage_hash"].shape[0] == 32 and "input_ids" not in batch
+    assert [chunk["inputs"].num_sequences for chunk in batch["chunks"]] == [2 + 8] * 4
+    assert batch["passage_hash"].shape[0] == 32 and "inputs" not in batch
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

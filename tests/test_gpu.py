@@ -1,6 +1,7 @@
 """The CUDA path, with the tiny model: a bf16 ZeRO-3 step matches fp32, the bf16 non-finite guard
-skips and counts a NaN step, attention backends agree (padded and packed), and GPU bf16 encoding
-equals CPU fp32 encoding.
+skips and counts a NaN step, attention backends agree (padded and packed in several rows), every
+packed kernel (varlen_attn, flash-attn, FlexAttention) passes the two-row self-test and sdpa's
+gradients, the packed step never syncs, and GPU bf16 encoding equals CPU fp32 encoding.
 
     python -m pytest -q -m gpu tests            # on a GPU machine; skipped where CUDA is missing
     EMBEDTRAIN_GPU_TESTS_ON_CPU=1 python -m pytest -q tests/test_gpu.py   # the same checks on the CPU
@@ -19,7 +20,7 @@ from test_long import padded, random_ids  # the same layouts as the CPU long-tex
 
 from conftest import run_worker
 from embedtrain.model import BiEncoder, load_backbone
-from embedtrain.model.packing import pack
+from embedtrain.model.packing import pack_rows
 
 pytestmark = pytest.mark.gpu
 
@@ -78,8 +79,8 @@ def embed_layouts(tiny_llama, attn_implementation, dtype):
     for side in ("right", "left"):
         ids, mask = padded(SEQUENCES, side)
         out[side] = encoder(ids.to(DEVICE), mask.to(DEVICE)).float().cpu()
-    ids, segments = pack(SEQUENCES, pad_to_multiple_of=64)  # trailing padding included
-    out["packed"] = encoder(ids.to(DEVICE), segments.to(DEVICE)).float().cpu()
+    # two rows or more of several sequences (trailing padding included), on the kernel chosen for them
+    out["packed"] = encoder(pack_rows(SEQUENCES, 320, pad_to_multiple_of=64).to(DEVICE)).float().cpu()
     return out
 
 
@@ -122,27 +123,70 @@ def test_attention_backends_agree_padded_and_packed(tiny_llama, backend, no_tf32
             assert worst >= BF16_EMBED_COSINE and error < BF16_EMBED_ATOL, (name, layout, worst, error)
 
 
-def test_flex_attention_gradients_equal_sdpa_on_packed_rows(tiny_llama, no_tf32):
-    """FlexAttention's backward (CUDA only) on a packed batch: the gradients of sdpa's block mask."""
-    if DEVICE != "cuda":
-        pytest.skip("FlexAttention has no backward on the CPU")
-    from embedtrain.model.packing import pack_rows
+PACKED_KERNELS = {  # kernel -> (attn_implementation, dtype it runs in)
+    "varlen": ("sdpa", torch.bfloat16),  # torch.nn.attention.varlen.varlen_attn
+    "flex": ("sdpa", torch.float32),  # FlexAttention with the document BlockMask (sdpa in fp32)
+    "flash": ("flash_attention_2", torch.bfloat16),  # flash-attn's varlen function via transformers
+}
 
-    generator = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(3, 1000, (n,), generator=generator).tolist() for n in (5, 17, 9, 30, 12)]
-    batch = {k: v.to(DEVICE) for k, v in pack_rows(sequences, 40, pad_to_multiple_of=8).items()}
-    grads = {}
-    for implementation in ("sdpa", "flex_attention"):
-        encoder = BiEncoder(load_backbone(tiny_llama, attn_implementation=implementation)).to(DEVICE)
-        embeddings = encoder(
-            batch["input_ids"],
-            batch["segments"],
-            sequence_index=batch["sequence_index"],
-            sequence_mask=batch["sequence_mask"],
+
+def kernel_encoder(tiny_llama, kernel):
+    from embedtrain.model.attention import choose_kernel, varlen_available
+
+    if DEVICE != "cuda":
+        pytest.skip("a CUDA kernel")
+    if kernel == "flash" and not FLASH:
+        pytest.skip("flash_attn is not importable")
+    if kernel == "varlen" and not varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    implementation, dtype = PACKED_KERNELS[kernel]
+    encoder = BiEncoder(load_backbone(tiny_llama, dtype=dtype, attn_implementation=implementation)).to(DEVICE)
+    assert choose_kernel(encoder.backbone.config, DEVICE, dtype) == kernel  # the one training gets
+    return encoder, dtype
+
+
+@pytest.mark.parametrize("kernel", list(PACKED_KERNELS))
+def test_packed_kernel_two_rows_self_test_and_gradients_equal_sdpa_mask(tiny_llama, kernel, no_tf32):
+    """Each CUDA kernel for packed rows: the start-up self-test (two rows of three sequences) passes
+    on it, every sequence's embedding is its embedding alone, and the gradients of a packed batch
+    are those of sdpa's block mask (fp32: relative 1e-4; bf16: BF16_GRAD_REL)."""
+    from embedtrain.model.encoder import causal_layouts
+
+    encoder, dtype = kernel_encoder(tiny_llama, kernel)
+    assert causal_layouts(encoder.backbone) == []
+    packed = pack_rows(SEQUENCES, 320, pad_to_multiple_of=64)
+    assert packed.input_ids.shape[0] >= 2
+    with torch.no_grad():
+        alone = torch.cat(
+            [encoder(torch.tensor([s], device=DEVICE), torch.ones(1, len(s), device=DEVICE)) for s in SEQUENCES]
         )
+        got = encoder(packed.to(DEVICE))
+    assert float(cosines(got.float(), alone.float()).min()) >= (
+        0.99999 if dtype == torch.float32 else BF16_EMBED_COSINE
+    )
+    grads = {}
+    for name in (kernel, "mask"):
+        encoder.zero_grad()
+        encoder.packed_kernel = name
+        embeddings = encoder(packed.to(DEVICE))
         (embeddings * torch.arange(embeddings.numel(), device=DEVICE).view_as(embeddings)).sum().backward()
-        grads[implementation] = torch.cat([p.grad.flatten() for p in encoder.parameters()])
-    assert float((grads["flex_attention"] - grads["sdpa"]).norm() / grads["sdpa"].norm()) < 1e-4
+        grads[name] = torch.cat([p.grad.float().flatten() for p in encoder.parameters()])
+    bound = 1e-4 if dtype == torch.float32 else BF16_GRAD_REL
+    assert float((grads[kernel] - grads["mask"]).norm() / grads["mask"].norm()) < bound
+
+
+def test_packed_forward_and_backward_never_sync_on_cuda(tiny_llama):
+    """torch.cuda.set_sync_debug_mode("error"): a packed batch's forward and backward on the chosen
+    kernel (varlen_attn in bf16) copy nothing from the device to the host."""
+    encoder, _ = kernel_encoder(tiny_llama, "varlen")
+    inputs = pack_rows(SEQUENCES, 320, pad_to_multiple_of=64).pin_memory().to(DEVICE, non_blocking=True)
+    encoder(inputs).sum().backward()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        encoder(inputs).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 QUERIES = ["Shilin Linlofo is a chemist.", "Which material did Dorbra Ostmorven use?", "x"]

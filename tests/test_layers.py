@@ -27,7 +27,7 @@ LAYERS = [
     ),
     ("data", ("embedtrain.data",)),
     ("retrieval", ("embedtrain.retrieval",)),
-    ("config", ("embedtrain.config",)),
+    ("config", ("embedtrain.config", "embedtrain.autoconfig")),
     ("train", ("embedtrain.train",)),
     (
         "commands",

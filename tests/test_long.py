@@ -7,7 +7,7 @@ import torch
 
 from embedtrain.model import BiEncoder, load_backbone
 from embedtrain.model.bidirectional import positions_from_mask
-from embedtrain.model.packing import pack, unpack
+from embedtrain.model.packing import pack
 
 TOLERANCE = 1e-5
 LONG = 4096
@@ -42,8 +42,7 @@ def test_a_4096_token_text_embeds_the_same_alone_padded_and_packed(encoder, pool
         for side in ("left", "right"):
             ids, mask = padded([short, long_text, longer], side)  # the long text is padded by 300
             results[side] = encoder(ids, mask)[1]
-        ids, segments = pack([short, long_text, random_ids(500, 3)], pad_to_multiple_of=64)
-        packed = encoder(ids, segments)
+        packed = encoder(pack([short, long_text, random_ids(500, 3)], pad_to_multiple_of=64))
         assert packed.shape[0] == 3
         results["packed"] = packed[1]
     for name, embedding in results.items():
@@ -56,20 +55,19 @@ def test_packed_rows_do_not_see_each_other(encoder):
     """Changing one packed sequence leaves the embeddings of the others unchanged."""
     first, second = random_ids(50, 4), random_ids(70, 5)
     with torch.no_grad():
-        base = encoder(*pack([first, second]))
-        changed = encoder(*pack([first, second[:-1] + [7]]))
+        base = encoder(pack([first, second]))
+        changed = encoder(pack([first, second[:-1] + [7]]))
     torch.testing.assert_close(changed[0], base[0], rtol=0, atol=1e-6)
     assert float((changed[1] - base[1]).abs().max()) > 1e-4
 
 
-def test_packed_positions_restart_and_unpack_restores_rows():
-    ids, segments = pack([[5, 6, 7], [8, 9], [10]], pad_to_multiple_of=8)
-    assert segments.tolist() == [[1, 1, 1, 2, 2, 3, 0, 0]]
-    assert positions_from_mask(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
-    hidden = ids.unsqueeze(-1).float()
-    rows, mask = unpack(hidden, segments)
-    assert rows[..., 0].tolist() == [[5, 6, 7], [8, 9, 0], [10, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+def test_packed_positions_restart_and_segments_cover_every_token():
+    packed = pack([[5, 6, 7], [8, 9], [10]], pad_to_multiple_of=8)
+    assert packed.attention_mask.tolist() == [[1, 1, 1, 2, 2, 3, 0, 0]]
+    positions = [[0, 1, 2, 0, 1, 0, 0, 0]]
+    assert packed.position_ids.tolist() == positions_from_mask(packed.attention_mask).tolist() == positions
+    assert packed.cu_seq_lens.tolist() == [0, 3, 5, 6, 8] and packed.max_length == 3  # the padding: a segment
+    assert packed.token_sequence.tolist() == [0, 0, 0, 1, 1, 2, 3, 3]
     # left and right padding agree on the positions of real tokens
     left = positions_from_mask(torch.tensor([[0, 0, 1, 1, 1]]))
     right = positions_from_mask(torch.tensor([[1, 1, 1, 0, 0]]))

@@ -197,7 +197,8 @@ def test_killed_lora_run_resumes_as_if_uninterrupted(tmp_path):
 def test_plan_counts_optimizer_state_for_the_adapter_only():
     """The 8B recipe with LoRA on one node: adapter parameter count from the published shape, model
     states far below full fine-tuning, gradients reduced for the adapter only, fewer FLOPs."""
-    overrides = ["model.path=unset", "data.path=unset"]
+    # ZeRO-3 (the recipe's `auto` picks ZeRO-2 here, whose base weights are not partitioned)
+    overrides = ["model.path=unset", "data.path=unset", "deepspeed.config=zero3.json"]
     full = plan(load_config("llama_embed_nemotron_8b", overrides), "llama_embed_nemotron_8b", 1, 8)
     lora = plan(load_config("llama_embed_nemotron_8b", [*overrides, "model.lora={}"]), "llama_embed_nemotron_8b", 1, 8)
     shape = Shape(**SHAPES["llama-3.1-8b"])

@@ -14,8 +14,14 @@ def test_zero3_with_checkpointing_matches_plain_pytorch(tmp_path):
 
 
 def test_local_pool_with_accumulation_matches_plain_pytorch(tmp_path):
-    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "local", "--accumulation", "2")
+    """Also deepspeed.config=auto held at ZeRO-3 (the recipe's stage; the tiny recipe's fp32 and
+    partitioning overrides on top): the decoder layers are ZeRO-3 leaf modules (one fetch per layer,
+    also for the recompute in the backward) and every 2nd layer is checkpointed; same gradients."""
+    result, _ = run_worker(
+        "grad_parity.py", tmp_path / "r.json", "--negatives", "local", "--accumulation", "2", "--auto-zero3"
+    )
     assert result["max_rel_error"] < TOLERANCE, result
+    assert (result["zero_stage"], result["leaf_modules"], result["checkpointed_layers"]) == (3, 2, 1), result
 
 
 def test_reentrant_checkpointing_with_two_forwards_is_caught(tmp_path):

@@ -184,6 +184,28 @@ def test_plan_command():
     assert "comm s" in run.stdout and "Gb/s per GPU" in run.stdout
 
 
+@pytest.mark.parametrize(
+    "recipe, nodes, per_node, stage",
+    [("llama3_2_1b", 1, 1, 2), ("llama_embed_nemotron_8b", 4, 8, 2), ("llama_embed_nemotron_8b", 1, 2, 3)],
+)
+def test_plan_prints_the_auto_decision(recipe, nodes, per_node, stage):
+    """`embedtrain plan` prints the decision training makes at start (deepspeed.config=auto), the
+    one embedtrain.autoconfig.decide gives for the recipe's shape, cluster, card and token budget."""
+    from embedtrain.autoconfig import GIB, Hardware, decide
+    from embedtrain.config import micro_step_tokens
+
+    run = embedtrain("plan", "--config", recipe, "--nodes", nodes, "--gpus-per-node", per_node)
+    assert run.returncode == 0, run.stderr
+    config = load_config(recipe, ["model.path=unset", "data.path=unset"])
+    shape = shape_for(config, recipe)
+    decision = decide(shape, Hardware(nodes, per_node, 80 * GIB, "--gpu-memory"), micro_step_tokens(config)[0])
+    line = f"auto (deepspeed.config=auto, train.activation_checkpointing=auto): {decision.reason}"
+    if not decision.fits:
+        line = line.replace("): ", "): WARNING: ", 1)
+    assert line in run.stdout.splitlines() and decision.stage == stage
+    assert f"(ZeRO-{stage} all-gather" in run.stdout  # the step time counts the chosen stage's traffic
+
+
 def test_plan_accounts_for_sequence_length_and_attention():
     """Memory grows with passage length, linearly under sdpa and quadratically under eager; the
     1B recipe at 8,192-token passages fits one 80 GB GPU with micro-batch 1 and checkpointing."""
@@ -212,7 +234,7 @@ def test_plan_accounts_for_sequence_length_and_attention():
     assert eager[1] / eager[0] == pytest.approx(16, rel=0.05)
     long = option(8192, "sdpa")
     assert long["fits"] and long["memory_gib"] < 0.9 * 80, long
-    cached = option(512, "sdpa", micro=32, extra=["train.grad_cache_chunk_size=4"])
+    cached = option(512, "sdpa", micro=32, extra=["train.grad_cache_chunk_size=4", "train.micro_batch_tokens=0"])
     plain = option(512, "sdpa", micro=32)
     assert (
         cached["queries_per_forward"] == 4
@@ -245,8 +267,11 @@ def test_communication_bytes_by_hand():
 
 def test_micro_batch_changes_step_time_through_communication():
     """Same global batch on 8 GPUs: micro 1 needs twice the accumulation of micro 2, so twice the
-    parameter gathers and gradient reductions; the FLOPs are the same."""
-    config = load_config("llama_embed_nemotron_8b", ["model.path=unset", "data.path=unset"])
+    parameter gathers and gradient reductions; the FLOPs are the same. (ZeRO-3 set explicitly: on
+    8 x 80 GB the recipe's auto stage is ZeRO-2.)"""
+    config = load_config(
+        "llama_embed_nemotron_8b", ["model.path=unset", "data.path=unset", "deepspeed.config=zero3.json"]
+    )
     result = plan(config, "llama_embed_nemotron_8b", 1, 8)
 
     def option(micro):

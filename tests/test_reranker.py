@@ -37,11 +37,11 @@ def test_pairs_follow_the_template_query_by_query(tiny_llama):
         Example("S", f"query {i}", [f"positive {i}", f"negative {i}", "a much longer negative " * 5]) for i in range(2)
     ]
     batch = collator(examples)
-    assert batch["group_size"] == 3 and batch["input_ids"].shape[0] == 6
+    ids, mask = batch["inputs"].input_ids, batch["inputs"].attention_mask
+    assert batch["group_size"] == 3 and ids.shape[0] == 6
     expected = tokenizer("question:query 1 \n \n passage:positive 1", max_length=12, truncation=True)["input_ids"]
-    row = batch["input_ids"][3][batch["attention_mask"][3].bool()].tolist()
-    assert row == expected
-    assert int(batch["attention_mask"][2].sum()) == 12  # truncated to data.pair_max_length
+    assert ids[3][mask[3].bool()].tolist() == expected
+    assert int(mask[2].sum()) == 12  # truncated to data.pair_max_length
     chunked = PairCollator(tokenizer, config.data, {"S": {}}, chunk_size=1)(examples)
     assert [part["num_pairs"] for part in chunked["chunks"]] == [3, 3]
 

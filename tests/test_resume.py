@@ -197,14 +197,21 @@ def test_full_disk_during_a_save_fails_clearly_and_keeps_the_last_checkpoint(tmp
 
 def test_resume_on_another_world_size_continues_the_same_run(tmp_path):
     """Two ranks die after step 3; one rank resumes from step_2 (ZeRO-3 partitions resharded) and
-    ends where an uninterrupted one-rank run ends, having seen the same examples at every step."""
-    run(tmp_path / "straight", tmp_path / "straight.jsonl", "--steps", "6")
+    ends where an uninterrupted one-rank run ends, having seen the same examples at every step.
+    Both runs use token-budget micro-steps (train.micro_batch_tokens), whose cut depends on the
+    world size: each step holds the same queries (in another order) and the weights agree."""
+    budget = ("--set", "train.micro_batch_tokens=400")
+    run(tmp_path / "straight", tmp_path / "straight.jsonl", "--steps", "6", *budget)
     records = tmp_path / "elastic.jsonl"
-    run(tmp_path / "elastic", records, "--steps", "6", "--kill-after-step", "2", nproc=2, expect_kill=True)
-    result = run(tmp_path / "elastic", records, "--steps", "6")
+    run(tmp_path / "elastic", records, "--steps", "6", "--kill-after-step", "2", *budget, nproc=2, expect_kill=True)
+    result = run(tmp_path / "elastic", records, "--steps", "6", *budget)
     assert "1 rank(s)" in result.stdout and "step_2 at step 2" in result.stdout
+    assert "micro-steps of at most 400 tokens" in result.stdout
     stream, starts = effective_stream(records)
-    assert starts == [0, 2] and stream == effective_stream(tmp_path / "straight.jsonl")[0]
+    straight = effective_stream(tmp_path / "straight.jsonl")[0]
+    assert starts == [0, 2] and {s: sorted(ids) for s, ids in stream.items()} == {
+        s: sorted(ids) for s, ids in straight.items()
+    }
     assert_same_weights(weights(tmp_path / "elastic", tmp_path / "a"), weights(tmp_path / "straight", tmp_path / "b"))
 
 

@@ -4,6 +4,14 @@
     python tools/bench.py --preset h100-1b --output bench-1b.json         # one H100, about 3 minutes
     python tools/bench.py --preset h100-8b --output bench-8b.json         # one 80 GB GPU, 8 layers of the 8B
     python tools/bench.py --preset h100-8b --dry-run                      # the run's plan only, no GPU needed
+    python tools/bench.py --preset cpu-launch --output launch.json        # host time per micro-step, ~1 minute
+    python tools/bench.py --preset recipe-1b --output recipe-1b.json      # the 1B recipe as shipped, one GPU
+    python tools/bench.py --preset recipe-8b --output recipe-8b.json      # the 8B recipe, the layers that fit
+
+cpu-launch: the 1B recipe's 16 layers at hidden 32 (host overhead dominates), runs embedtrain (the
+recipe's `auto` stage), embedtrain_zero3 (ZeRO-3 forced) and torch_plain, one thread each;
+micro_step_time_s and the ratios to torch_plain against issue 26's targets (--check: exit 1 when
+missed). recipe-1b / recipe-8b: tools/bench_recipe.py (embedtrain.train.loop.train itself).
 
 Runs (the same examples, seed, model weights, DeepSpeed config and AdamW settings):
   embedtrain       the real training step: embedtrain.train.engine.build_engine, micro-batches from the
@@ -48,7 +56,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "embedtrain" / "assets"
-RUNS = ("embedtrain", "deepspeed_plain", "torch_plain")
+RUNS = ("embedtrain", "deepspeed_plain", "torch_plain")  # a preset's default runs, unless it names its own
+ALL_RUNS = (*RUNS, "embedtrain_zero3")  # embedtrain_zero3: the embedtrain step with the preset's zero3_overrides
+PEAK_DEFAULT = "the card's dense bf16 (CUDA) / none (CPU)"
+MICRO_STEP_ENDS = []  # perf_counter() at the end of every micro-step of the run in this process
 SUBSETS = ("FEVER", "SciFact", "SyntheticClassificationData")
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package's public shapes
 from embedtrain.plan import SHAPES  # noqa: E402 (plan imports nothing heavy)
@@ -92,6 +103,58 @@ PRESETS = {
         bf16=True,
     ),
 }
+# The 1B recipe's layout (16 Llama decoder layers, GQA 4:1, tied embeddings, MLP 4 x hidden) at a width
+# where a micro-step's arithmetic is a few milliseconds: what is left is host time per micro-step
+# (Python, hooks, kernel launches), the cost that ZeRO-3's per-module hooks add.
+LAUNCH_SHAPE = dict(
+    vocab_size=1024,  # the tiny tokenizer's ids
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=16,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    tie_word_embeddings=True,
+)
+PRESETS["cpu-launch"] = dict(
+    recipe="llama3_2_1b",
+    shape=LAUNCH_SHAPE,
+    query_max_length=32,
+    passage_max_length=32,
+    micro_batch=4,  # the recipe's micro-batch in queries
+    accumulation=4,
+    warmup=2,
+    steps=4,
+    bf16=False,
+    runs=("embedtrain", "embedtrain_zero3", "torch_plain"),
+    # ZeRO-3 forced: the explicit config (explicit configs win over `auto`)
+    zero3_overrides=["deepspeed.config=zero3.json"],
+    targets={"embedtrain": 1.3, "embedtrain_zero3": 2.0},
+)
+# The shipped recipes as `embedtrain train` runs them (tools/bench_recipe.py): random weights of the
+# recipe's model shape, the length mix above, the recipe's global batch of 128 queries per step.
+# plain_micro_batch: the plain runs' micro-batch in queries (the h100-* presets' sizes, which fit 80 GB).
+PRESETS["recipe-1b"] = dict(
+    kind="recipe",
+    recipe="llama3_2_1b",
+    shape="llama-3.2-1b",
+    plain_micro_batch=16,
+    warmup=1,
+    steps=3,
+    runs=("embedtrain", "deepspeed_plain", "torch_plain"),
+    targets={"mfu": {"embedtrain": 0.40}, "real_tokens_vs_torch_plain": {"embedtrain": 1.3}},
+)
+# As many of the 8B's 32 layers as fit one GPU (bench_recipe.default_layers, or --layers).
+PRESETS["recipe-8b"] = dict(
+    kind="recipe",
+    recipe="llama_embed_nemotron_8b",
+    shape="llama-3.1-8b",
+    fit_layers=True,
+    plain_micro_batch=8,
+    warmup=1,
+    steps=2,
+    runs=("embedtrain", "deepspeed_plain", "torch_plain"),
+    targets={"mfu": {"embedtrain": 0.40}},
+)
 QUICK = dict(micro_batch=2, accumulation=1, warmup=1, steps=2, passage_max_length=128)  # the smoke test
 
 
@@ -180,6 +243,8 @@ def token_counts(batch):
     if "chunks" in batch:  # GradCache: one encoder input per chunk
         counts = [token_counts(chunk) for chunk in batch["chunks"]]
         return tuple(sum(c[i] for c in counts) for i in range(3))
+    if hasattr(batch.get("inputs"), "input_ids"):  # embedtrain's EncoderInputs (model/packing.py)
+        batch = {**batch, "input_ids": batch["inputs"].input_ids, "attention_mask": batch["inputs"].attention_mask}
     real = total = squares = 0
     pairs = 0
     for key, ids in batch.items():
@@ -306,8 +371,13 @@ class PeakMemory:
         raise RuntimeError("VmHWM not in /proc/self/status")
 
 
-def load_run_config(spec):
+def load_run_config(spec, extra=()):
     from embedtrain.config import load_config
+
+    if spec.get("kind") == "recipe":  # the plain runs of a recipe preset
+        from bench_recipe import recipe_config
+
+        return recipe_config(spec, plain=True)
 
     overrides = [
         f"model.path={spec['model_path']}",
@@ -329,7 +399,26 @@ def load_run_config(spec):
         overrides.append(
             f"deepspeed.zero_optimization.stage3_param_persistence_threshold={spec['persistence_threshold']}"
         )
-    return load_config(spec["recipe"], overrides + spec["overrides"], output_dir=str(Path(spec["work_dir"]) / "run"))
+    overrides += token_budget_off() if spec.get("micro_batch") else []
+    return load_config(
+        spec["recipe"], overrides + spec["overrides"] + list(extra), output_dir=str(Path(spec["work_dir"]) / "run")
+    )
+
+
+def token_budget_off():
+    """The override that turns train.micro_batch_tokens off where the config has that key: a preset that
+    sizes its micro-batches in queries (spec micro_batch) gives every run the same micro-batches.
+    The off value is the key's default in embedtrain.config (the recipe's own value would cut the
+    micro-batches by tokens instead)."""
+    import dataclasses
+
+    from embedtrain.config import TrainConfig
+
+    field = next((f for f in dataclasses.fields(TrainConfig) if f.name == "micro_batch_tokens"), None)
+    if field is None:
+        return []
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return [f"train.micro_batch_tokens={'null' if default is None else default}"]
 
 
 def step_examples(spec):
@@ -388,10 +477,24 @@ def run_embedtrain(spec, config, steps, counter):
     counter.install()
     ds_config = deepspeed_config(config, 1)
     engine = build_engine(config, ds_config)
+    time_micro_steps(engine)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
     collator = Collator(tokenizer, config.data, subset_info(), *collator_extras(config))
     batches = [[collator(micro) for micro in step] for step in steps]
     return engine.device, batches, loop_step(engine, config, spec["accumulation"])
+
+
+def time_micro_steps(engine):
+    """Record the end of every micro-step: DeepSpeed's engine.step() closes each one (the optimizer
+    updates at the accumulation boundary), whatever train.loop does around it."""
+    step = engine.step
+
+    def timed_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        MICRO_STEP_ENDS.append(time.perf_counter())
+        return result
+
+    engine.step = timed_step
 
 
 def collator_extras(config):
@@ -462,7 +565,7 @@ def run_deepspeed_plain(spec, config, steps, counter):
         attn_implementation=config.model.attn_implementation,
         pooling=config.model.pooling,
     )
-    if config.train.activation_checkpointing:
+    if plain_checkpointing(config):
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = BiEncoder(backbone, config.model.pooling, config.model.normalize)
     optimizer = torch.optim.AdamW(
@@ -474,6 +577,7 @@ def run_deepspeed_plain(spec, config, steps, counter):
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     engine.train()
+    time_micro_steps(engine)
     batches = padded_batches(spec, config, steps)
     device, temperature = engine.device, config.loss.temperature
 
@@ -491,6 +595,17 @@ def run_deepspeed_plain(spec, config, steps, counter):
     return device, batches, train_step
 
 
+def plain_checkpointing(config):
+    """Whether the plain runs checkpoint every decoder layer: as embedtrain decides for the config
+    (embedtrain.config.checkpoint_every, which also resolves `auto`, where it exists; any k-th-layer
+    choice counts as on), else train.activation_checkpointing."""
+    import embedtrain.config as config_module
+
+    if hasattr(config_module, "checkpoint_every"):
+        return bool(config_module.checkpoint_every(config, config_module.deepspeed_config(config, 1)))
+    return bool(config.train.activation_checkpointing)
+
+
 def run_torch_plain(spec, config, steps, counter):
     import contextlib
 
@@ -506,7 +621,7 @@ def run_torch_plain(spec, config, steps, counter):
         attn_implementation=config.model.attn_implementation,
         pooling=config.model.pooling,
     )
-    if config.train.activation_checkpointing:
+    if plain_checkpointing(config):
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = BiEncoder(backbone, config.model.pooling, config.model.normalize).to(device).train()
     optimizer = torch.optim.AdamW(
@@ -518,7 +633,7 @@ def run_torch_plain(spec, config, steps, counter):
         fused=device.type == "cuda",
     )
     batches = padded_batches(spec, config, steps)
-    accumulation, temperature = spec["accumulation"], config.loss.temperature
+    temperature = config.loss.temperature
     clip = 1.0  # ds_configs' gradient_clipping, for the same optimizer step
 
     def autocast():
@@ -528,35 +643,45 @@ def run_torch_plain(spec, config, steps, counter):
 
     def train_step(micro_batches):
         total = 0.0
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             with autocast():
                 queries = model(batch["query_ids"].to(device), batch["query_mask"].to(device))
                 passages = model(batch["passage_ids"].to(device), batch["passage_mask"].to(device))
             loss = group_info_nce(queries, passages, temperature)[0]
-            (loss / accumulation).backward()
+            (loss / len(micro_batches)).backward()
             total += loss.detach()
+            if index < len(micro_batches) - 1:  # the last micro-step ends after the optimizer step
+                MICRO_STEP_ENDS.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        MICRO_STEP_ENDS.append(time.perf_counter())
         return float(total)
 
     return device, batches, train_step
 
 
-def measure(spec, name):
-    """Build run `name`, train warm-up + timed steps on the spec's batches, return its metrics."""
+def measure(spec, name, profile=None):
+    """Build run `name`, train warm-up + timed steps on the spec's batches, return its metrics.
+    `profile`, when given, is a context manager entered around the timed steps (tools/profile_step.py)."""
+    import contextlib
+
     import torch
 
-    from embedtrain.plan import Shape
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])  # one thread: the comparison measures host overhead
+    if spec.get("kind") == "recipe" and name == "embedtrain":
+        from bench_recipe import measure_recipe
 
+        return measure_recipe(spec, name, profile)
     torch.manual_seed(spec["seed"])
-    config = load_run_config(spec)
+    config = load_run_config(spec, spec.get("zero3_overrides", []) if name == "embedtrain_zero3" else ())
     steps = step_examples(spec)
     counter = GatherCounter()
-    builder = {"embedtrain": run_embedtrain, "deepspeed_plain": run_deepspeed_plain, "torch_plain": run_torch_plain}[
-        name
-    ]
-    device, batches, train_step = builder(spec, config, steps, counter)
+    builders = {"embedtrain": run_embedtrain, "deepspeed_plain": run_deepspeed_plain, "torch_plain": run_torch_plain}
+    device, batches, train_step = builders["embedtrain" if name == "embedtrain_zero3" else name](
+        spec, config, steps, counter
+    )
     peak = PeakMemory(device)
 
     def sync():
@@ -570,46 +695,89 @@ def measure(spec, name):
     sync()
     peak.reset()
     counter.counting = True
-    start = time.perf_counter()
-    for micro_batches in timed:
-        train_step(micro_batches)
-    sync()
-    seconds = time.perf_counter() - start
+    micro_steps = []
+    seconds = 0.0
+    with profile if profile is not None else contextlib.nullcontext():
+        for micro_batches in timed:
+            MICRO_STEP_ENDS.clear()
+            began = time.perf_counter()
+            train_step(micro_batches)
+            sync()
+            seconds += time.perf_counter() - began
+            micro_steps += micro_step_times(began, MICRO_STEP_ENDS, len(micro_batches))
     counter.counting = False
-
-    raw = json.loads((Path(config.model.path) / "config.json").read_text())
-    shape = Shape(
-        **{
-            k: raw[k]
-            for k in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-            )
-        }
-    )
     real, total, squares = (sum(c[i] for c in counts) for i in range(3))
-    flops = 6 * shape.non_embedding_params * real + 12 * shape.num_hidden_layers * shape.hidden_size * squares
-    peak_tflops = spec["peak_tflops"] if spec["peak_tflops"] is not None else (989.0 if device.type == "cuda" else None)
     gathered, source = counter.bytes()
+    return run_metrics(
+        spec,
+        name,
+        device,
+        model_shape(config.model.path),
+        seconds=seconds,
+        steps=len(timed),
+        real=real,
+        total=total,
+        squares=squares,
+        micro_steps=micro_steps,
+        peak_bytes=peak.peak_bytes(),
+        gathered=None if name == "torch_plain" else (gathered, source),
+    )
+
+
+def micro_step_times(began, ends, count):
+    """Durations of one optimizer step's micro-steps from their end times. A step whose micro-steps
+    were not all marked (a loop that does not call engine.step once per micro-batch) counts as
+    `count` equal micro-steps."""
+    if len(ends) != count:
+        return [(time.perf_counter() - began) / count] * count
+    marks = [began, *ends]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def model_shape(model_path):
+    from embedtrain.plan import Shape
+
+    raw = json.loads((Path(model_path) / "config.json").read_text())
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
+    return Shape(**{k: raw[k] for k in keys})
+
+
+def run_metrics(spec, name, device, shape, *, seconds, steps, real, total, squares, micro_steps, peak_bytes, gathered):
+    """One run's JSON entry. MFU counts the model FLOPs of real tokens (6 N + 12 L h s per token, no
+    recompute) over the peak: --peak-tflops, else the card's dense bf16 peak (bench_recipe.PEAK_TFLOPS)."""
+    import statistics
+
+    flops = 6 * shape.non_embedding_params * real + 12 * shape.num_hidden_layers * shape.hidden_size * squares
+    peak_tflops = spec["peak_tflops"]
+    if peak_tflops is None and device.type == "cuda":
+        from bench_recipe import card_peak_tflops
+
+        peak_tflops = card_peak_tflops()
     return {
         "name": name,
         "tokens_per_s": total / seconds,
         "real_tokens_per_s": real / seconds,
         "padding_efficiency": real / total,
         "mfu": flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
-        "peak_memory_gib": peak.peak_bytes() / 2**30,
-        "allgather_bytes_per_step": None if name == "torch_plain" else int(round(gathered / len(timed))),
-        "step_time_s": seconds / len(timed),
+        "peak_memory_gib": peak_bytes / 2**30,
+        "allgather_bytes_per_step": None if gathered is None else int(round(gathered[0] / steps)),
+        "step_time_s": seconds / steps,
+        "micro_step_time_s": statistics.median(micro_steps),
         "_notes": {
-            "allgather_source": None if name == "torch_plain" else source,
+            "allgather_source": None if gathered is None else gathered[1],
             "device": str(device),
-            "timed_steps": len(timed),
+            "timed_steps": steps,
+            "micro_steps": len(micro_steps),
             "real_tokens": real,
             "total_tokens": total,
+            "peak_tflops": peak_tflops,
         },
     }
 
@@ -619,6 +787,10 @@ def measure(spec, name):
 
 
 def build_spec(args):
+    if PRESETS[args.preset].get("kind") == "recipe":
+        from bench_recipe import build_recipe_spec
+
+        return build_recipe_spec(args, PRESETS[args.preset])
     preset = dict(PRESETS[args.preset])
     if args.quick:
         preset.update(QUICK)
@@ -644,8 +816,13 @@ def build_spec(args):
         "hard_negatives": 4,
         "seed": args.seed,
         "bf16": preset["bf16"],
-        # the tiny model's parameters are all below DeepSpeed's default threshold: 0 really partitions them
-        "persistence_threshold": 0 if args.preset == "cpu-tiny" else None,
+        # the tiny model's parameters are all below DeepSpeed's default threshold: 0 really partitions them;
+        # the launch proxy's threshold is its hidden size: its norms persist and every matrix is partitioned,
+        # as in the 1B model under zero3.json (norms 2,048 elements, threshold 100,000, matrices >= 1M)
+        "persistence_threshold": {"cpu-tiny": 0, "cpu-launch": LAUNCH_SHAPE["hidden_size"]}.get(args.preset),
+        "runs": list(preset.get("runs", RUNS)),
+        "zero3_overrides": list(preset.get("zero3_overrides", [])),
+        "targets": preset.get("targets", {}),
         "peak_tflops": args.peak_tflops,
         "work_dir": str(work_dir),
         "overrides": list(args.overrides),
@@ -744,8 +921,13 @@ def percentiles(values, points=(10, 50, 90)):
 def describe(spec, passage_lengths):
     """The run's plan: what the three runs will train on, and the DeepSpeed config they share."""
     from embedtrain.config import deepspeed_config
+    from embedtrain.errors import ConfigError
     from embedtrain.plan import Shape
 
+    if spec.get("kind") == "recipe":
+        from bench_recipe import describe_recipe
+
+        return describe_recipe(spec, passage_lengths)
     config = load_run_config(spec)
     shape_dims = spec["shape"] or {
         k: v
@@ -760,8 +942,19 @@ def describe(spec, passage_lengths):
             "num_key_value_heads",
         )
     }
-    shape = Shape(**shape_dims)
-    ds = deepspeed_config(config, 1)
+    shape = Shape(**{k: v for k, v in shape_dims.items() if k != "tie_word_embeddings"})
+    try:
+        ds = deepspeed_config(config, 1)
+        resolved = lambda extra=(): deepspeed_config(load_run_config(spec, extra), 1)  # noqa: E731
+    except ConfigError as err:  # `auto` sizes the model from its folder, which a dry run does not build
+        print(f"  (DeepSpeed config resolved at start: {err})", flush=True)
+        ds = deepspeed_config(
+            load_run_config(spec, ["deepspeed.config=zero3.json", "train.activation_checkpointing=true"]), 1
+        )
+        ds["zero_optimization"]["stage"] = f"{config.deepspeed.get('config')} (resolved at start)"
+        resolved = lambda extra=(): deepspeed_config(  # noqa: E731 - an explicit JSON resolves without the model
+            load_run_config(spec, [*extra, "train.activation_checkpointing=true"]), 1
+        )
     lengths = percentiles(passage_lengths)
     over = sum(n > spec["passage_max_length"] for n in passage_lengths) / len(passage_lengths)
     return "\n".join(
@@ -782,9 +975,15 @@ def describe(spec, passage_lengths):
             f"activation checkpointing {config.train.activation_checkpointing}, persistence threshold "
             f"{ds['zero_optimization'].get('stage3_param_persistence_threshold')}, "
             f"micro {ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']}",
-            f"  runs: {', '.join(RUNS)}, each in a fresh process; "
-            f"peak {spec['peak_tflops'] or '989 (CUDA) / none (CPU)'} "
+            f"  runs: {', '.join(spec['runs'])}, each in a fresh process; "
+            f"peak {spec['peak_tflops'] or PEAK_DEFAULT} "
             "TFLOP/s for MFU",
+        ]
+        + [
+            f"  embedtrain_zero3: {' '.join(spec['zero3_overrides'])} -> ZeRO-"
+            f"{resolved(spec['zero3_overrides'])['zero_optimization']['stage']}"
+            for _ in [1]
+            if "embedtrain_zero3" in spec["runs"]
         ]
     )
 
@@ -793,7 +992,7 @@ def format_table(report):
     lines = [
         f"device: {report['device']}; preset {report['preset']}; {report['date']}",
         f"{'run':<16} {'tokens/s':>10} {'real tok/s':>10} {'padding eff':>11} {'MFU':>7} {'peak GiB':>9} "
-        f"{'all-gather/step':>15} {'step s':>8}",
+        f"{'all-gather/step':>15} {'step s':>8} {'micro-step ms':>13}",
     ]
     for run in report["runs"]:
         mfu = "-" if run["mfu"] is None else f"{run['mfu']:.1%}"
@@ -802,8 +1001,17 @@ def format_table(report):
         lines.append(
             f"{run['name']:<16} {run['tokens_per_s']:>10,.0f} {run['real_tokens_per_s']:>10,.0f} "
             f"{run['padding_efficiency']:>11.1%} {mfu:>7} {run['peak_memory_gib']:>9.2f} {gathered:>15} "
-            f"{run['step_time_s']:>8.3f}"
+            f"{run['step_time_s']:>8.3f} {run['micro_step_time_s'] * 1e3:>13.1f}"
         )
+    for name, ratios in report.get("ratios_to_torch_plain", {}).items():
+        lines.append(
+            f"{name} / torch_plain: micro-step time {ratios['micro_step_time']:.2f}x, "
+            f"step time {ratios['step_time']:.2f}x"
+        )
+    for entry in report.get("targets", []):
+        value = "not measured" if entry["value"] is None else f"{entry['value']:.3g}"
+        verdict = {True: "met", False: "MISSED", None: "-"}[entry["met"]]
+        lines.append(f"target {entry['target']}: {value} {verdict}")
     return "\n".join(lines)
 
 
@@ -823,7 +1031,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     parser.add_argument("--output", help="write the results as JSON here")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    parser.add_argument(
+        "--runs",
+        default=None,
+        help=f"comma-separated subset of {', '.join(ALL_RUNS)} (default: the preset's, e.g. {', '.join(RUNS)})",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a target of the preset (issue 26) is missed; without it the report only says so",
+    )
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default: the preset's)")
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps first (default: the preset's)")
     parser.add_argument("--micro-batch", type=int, help="queries per micro-batch (default: the preset's)")
@@ -848,6 +1065,15 @@ def main():
         help="config override for all three runs, as for embedtrain train (e.g. "
         "deepspeed.zero_optimization.stage3_max_reuse_distance=0)",
     )
+    parser.add_argument(
+        "--layers", type=int, help="recipe-8b: decoder layers of the 8B (default: as many as fit the GPU)"
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="recipe-8b: the card's memory for the default --layers (default: nvidia-smi's; 80 GB without)",
+    )
+    parser.add_argument("--tiny-shape", action="store_true", help=argparse.SUPPRESS)  # recipe presets on a CPU
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", help="examples and built models (default /tmp/embedtrain-bench/PRESET)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per run")
@@ -868,54 +1094,120 @@ def main():
     )
     parser.add_argument("--dry-run", action="store_true", help="print the run's plan and exit (no model, no GPU)")
     args = parser.parse_args()
-    runs = args.runs.split(",")
-    unknown = sorted(set(runs) - set(RUNS))
-    if unknown:
-        parser.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-
     spec = build_spec(args)
+    if args.runs:
+        spec["runs"] = args.runs.split(",")
+    unknown = sorted(set(spec["runs"]) - set(ALL_RUNS))
+    if unknown:
+        parser.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(ALL_RUNS)}")
+    threads = args.threads
+    if threads is None and not has_cuda():
+        threads = 1
+    spec["threads"] = threads
     examples, passage_lengths = make_examples(spec)
-    print(describe(spec, passage_lengths), flush=True)
     if args.dry_run:
-        return
+        print(describe(spec, passage_lengths), flush=True)
+        return 0
     work_dir = Path(spec["work_dir"])
     work_dir.mkdir(parents=True, exist_ok=True)
     Path(spec["examples"]).write_text(json.dumps(examples))
     spec_file = work_dir / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    if spec["shape"]:
+    if spec["shape"]:  # first: `auto` configs size the model from its folder
         started = time.perf_counter()
         child(["_model"], spec_file, args.timeout)
         print(f"model ready in {time.perf_counter() - started:.0f} s: {spec['model_path']}", flush=True)
-    threads = args.threads
-    if threads is None and not has_cuda():
-        threads = 1
-    measured = {name: [] for name in runs}
+    print(describe(spec, passage_lengths), flush=True)
+    if spec.get("kind") == "recipe":
+        from bench_recipe import prepare_recipe_data
+
+        prepare_recipe_data(spec, examples)
+        spec_file.write_text(json.dumps(spec))
+    measured = {name: [] for name in spec["runs"]}
     for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every way alike
-        for name in runs:
+        for name in spec["runs"]:
             started = time.perf_counter()
             result = child(["_run", name], spec_file, args.timeout, threads)
             notes = result.pop("_notes")
             measured[name].append(result)
             print(
                 f"{name}: {time.perf_counter() - started:.0f} s wall, {notes['timed_steps']} timed steps, "
-                f"{result['step_time_s']:.3f} s/step, {notes['real_tokens']:,} real of {notes['total_tokens']:,} tokens"
-                + (f", all-gather bytes from {notes['allgather_source']}" if notes["allgather_source"] else ""),
+                f"{result['step_time_s']:.3f} s/step, {notes['micro_steps']} micro-steps "
+                f"(median {result['micro_step_time_s'] * 1e3:.1f} ms), "
+                f"{notes['real_tokens']:,} real of {notes['total_tokens']:,} tokens"
+                + (f", all-gather bytes from {notes['allgather_source']}" if notes["allgather_source"] else "")
+                + (f", same examples as drawn: {notes['same_examples']}" if "same_examples" in notes else "")
+                + (f", {notes['micro_steps_per_step']:.1f} micro-steps/step" if "same_examples" in notes else ""),
                 flush=True,
             )
     # each way's run with the median step time (the upper median for an even count)
-    results = [sorted(measured[name], key=lambda r: r["step_time_s"])[len(measured[name]) // 2] for name in runs]
+    results = [
+        sorted(measured[name], key=lambda r: r["step_time_s"])[len(measured[name]) // 2] for name in spec["runs"]
+    ]
     report = {
         "device": device_name(threads),
         "preset": args.preset,
         "date": datetime.date.today().isoformat(),
         "runs": results,
     }
+    report.update(comparisons(spec, results))
+    if spec.get("kind") == "recipe":
+        from bench_recipe import environment
+
+        report["environment"] = environment()
     print(format_table(report))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    missed = [t for t in report.get("targets", []) if t["met"] is False]
+    if args.check and missed:
+        print("targets missed: " + "; ".join(t["target"] for t in missed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def comparisons(spec, results):
+    """Ratios to torch_plain (host time per micro-step; step time) and the preset's targets, each
+    with its measured value and whether it is met (None when a run it needs was not measured).
+
+    spec["targets"]: {run: limit} bounds run's micro_step_time_s / torch_plain's; {"mfu": {run: floor}}
+    bounds a run's MFU; {"real_tokens_vs_torch_plain": {run: floor}} bounds a run's real tokens/s over
+    torch_plain's total tokens/s."""
+    by_name = {r["name"]: r for r in results}
+    base = by_name.get("torch_plain")
+    out = {}
+    if base:
+        out["ratios_to_torch_plain"] = {
+            r["name"]: {
+                "micro_step_time": r["micro_step_time_s"] / base["micro_step_time_s"],
+                "step_time": r["step_time_s"] / base["step_time_s"],
+            }
+            for r in results
+            if r["name"] != "torch_plain"
+        }
+    targets = []
+    for key, bound in spec.get("targets", {}).items():
+        if key == "mfu":
+            for run, floor in bound.items():
+                value = by_name[run]["mfu"] if run in by_name else None
+                targets.append(target(f"{run} MFU >= {floor:.0%}", value, lambda v, f=floor: v >= f))
+        elif key == "real_tokens_vs_torch_plain":
+            for run, floor in bound.items():
+                value = by_name[run]["real_tokens_per_s"] / base["tokens_per_s"] if run in by_name and base else None
+                targets.append(
+                    target(f"{run} real tokens/s >= {floor}x torch_plain tokens/s", value, lambda v, f=floor: v >= f)
+                )
+        else:
+            value = out.get("ratios_to_torch_plain", {}).get(key, {}).get("micro_step_time")
+            targets.append(target(f"{key} micro-step time <= {bound}x torch_plain", value, lambda v, b=bound: v <= b))
+    if targets:
+        out["targets"] = targets
+    return out
+
+
+def target(text, value, test):
+    return {"target": text, "value": value, "met": None if value is None else bool(test(value))}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,8 @@ input is missing is skipped and says why):
                  that checks the tests themselves, not the GPU)
   build model    a Llama-3.2-1B-shaped model from a config, random weights, no download, saved in
                  bf16 with the tiny tokenizer (on --cpu: embedtrain/assets/tiny-llama itself)
-  train          the llama3_2_1b recipe (on --cpu: tiny), ZeRO-3, one device, steps 1-20 (--cpu: 1-6)
+  train          the llama3_2_1b recipe as shipped (its DeepSpeed config and token budget; on --cpu: tiny),
+                 one device, steps 1-20 (--cpu: 1-6); the log's start-up line says what was chosen
   resume         the same command with max_steps 30 (--cpu: 10): must say it resumed from step 20 (6)
   export         embedtrain export of the run
   encode         embedtrain encode --device of the export; finite unit vectors (on GPU also compared
@@ -296,16 +297,15 @@ class Check:
         if self.cpu:
             common = ["--config", "tiny", "--set", "train.save_every=3"]
         else:
-            # the recipe's settings; micro 16 x accumulation 8 = global 128 on one GPU. One
-            # checkpoint kept, written at steps 20 and 30 only: a 1B ZeRO-3 checkpoint with Adam
-            # states is about 17 GB.
+            # the recipe as shipped: its DeepSpeed config (`auto`: the stage and recompute embedtrain
+            # picks for this card), its token budget or micro-batch, its global batch 128. One
+            # checkpoint kept, written at steps 20 and 30 only: a 1B checkpoint with Adam states is
+            # about 17 GB.
             common = [
                 "--config",
                 "llama3_2_1b",
                 "--set",
                 "train.save_every=20",
-                "--set",
-                "train.micro_batch_size=16",
                 "--set",
                 "train.keep_checkpoints=1",
             ]
@@ -337,8 +337,13 @@ class Check:
                     found = re.search(r"resumed from (\S+) at step (\d+)", text)
                     assert found and int(found.group(2)) == start, f"the log does not say it resumed from step {start}"
                 runs[stop] = lines
-                return f"loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}" + (
-                    f"; resumed from {Path(found.group(1)).name}" if start else ""
+                # what the recipe resolved to on this device (stage, recompute, token budget), as logged
+                chosen = next((line for _, line in lines if "ZeRO stage" in line), "")
+                chosen = chosen[chosen.find("global batch") :] if "global batch" in chosen else chosen
+                return (
+                    f"loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}"
+                    + (f"; resumed from {Path(found.group(1)).name}" if start else "")
+                    + (f"; {chosen.strip()}" if chosen and not start else "")
                 )
 
             return check

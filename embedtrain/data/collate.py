@@ -6,21 +6,21 @@ import numbers
 import torch
 
 from embedtrain.data.nemotron import content_hash
-from embedtrain.model.packing import pack_rows
+from embedtrain.model.packing import pack_rows, padded_inputs
 from embedtrain.prompts import training_policy
 
 
 class Collator:
     """Tokenises a list of Examples into one encoder batch for queries and passages together.
 
-    Returns a dict: input_ids / attention_mask, the queries first, then each query's passages
-    contiguous (positive first); num_queries; positive_hash (Q, K): the content hashes of each
+    Returns a dict: inputs (an EncoderInputs, model/packing.py), the queries first, then each
+    query's passages contiguous (positive first); num_queries; positive_hash (Q, K): the content hashes of each
     query's known positives, its target's first (K = the most in the micro-batch, a shorter row
     padded by repeating its first hash); passage_hash (Q*G,); token counts
     (tokens, real_tokens, squared_lengths: the sum of each sequence's length squared, for the
-    attention FLOPs). With data.packing the sequences are packed into rows (model/packing.py) and
-    attention_mask holds sequence labels, with sequence_index / sequence_mask to gather them
-    back; without it they are padded to the longest. With GradCache (chunk_size) the encoder
+    attention FLOPs). With data.packing the sequences are packed into rows (model/packing.py: the
+    layout, sequence boundaries and the index that pools each sequence travel with the ids);
+    without it they are padded to the longest. With GradCache (chunk_size) the encoder
     tensors come per chunk of queries with their passages, in "chunks".
     """
 
@@ -45,13 +45,24 @@ class Collator:
             self.tokenizer(passages, max_length=self.config.passage_max_length, truncation=True)["input_ids"],
         )
 
-    def __call__(self, examples):
+    def example_tokens(self, examples):
+        """The tokens of each example as collated (prompts and truncation applied): its query's and
+        its passages'. train.micro_batch_tokens cuts by these (embedtrain.data.stream)."""
+        query_ids, passage_ids = self.tokenize(examples)
+        lengths = [len(ids) for ids in passage_ids]
+        per_query = len(passage_ids) // max(1, len(query_ids))
+        return [len(ids) + sum(lengths[i * per_query : (i + 1) * per_query]) for i, ids in enumerate(query_ids)]
+
+    def __call__(self, examples, chunks=None):
+        """`chunks`: queries per encoder call (GradCache chunks sized by train.micro_batch_tokens);
+        default: train.grad_cache_chunk_size (the collator's chunk_size) or one call."""
         query_ids, passage_ids = self.tokenize(examples)
         batch = self.assemble(
             query_ids,
             passage_ids,
             [known_positive_hashes(e) for e in examples],
             [content_hash(p) for e in examples for p in e.passages],
+            chunks,
         )
         if self.teacher is not None:
             batch["teacher_query"] = torch.from_numpy(self.teacher.lookup([e.query for e in examples], "query"))
@@ -59,17 +70,14 @@ class Collator:
             batch["teacher_passage"] = torch.from_numpy(self.teacher.lookup(passages, "passage"))
         return batch
 
-    def assemble(self, query_ids, passage_ids, positive_hash, passage_hash):
+    def assemble(self, query_ids, passage_ids, positive_hash, passage_hash, chunks=None):
         """The batch dict of token lists (queries, then passages grouped by query) and hashes.
-        `positive_hash`: per query, a list of its known positives' hashes (target first) or one hash."""
+        `positive_hash`: per query, a list of its known positives' hashes (target first) or one hash.
+        `chunks`: queries per encoder call, as in __call__."""
         per_query = len(passage_ids) // len(query_ids)
-        chunk = self.chunk_size or len(query_ids)
         parts = [
-            self.encoder_inputs(
-                query_ids[start : start + chunk] + passage_ids[start * per_query : (start + chunk) * per_query],
-                len(query_ids[start : start + chunk]),
-            )
-            for start in range(0, len(query_ids), chunk)
+            self.encoder_inputs(query_ids[start:stop] + passage_ids[start * per_query : stop * per_query], stop - start)
+            for start, stop in chunk_bounds(len(query_ids), self.chunk_size, chunks)
         ]
         batch = {
             "positive_hash": positive_hash_matrix(positive_hash),
@@ -80,35 +88,43 @@ class Collator:
     def with_parts(self, batch, parts):
         """`batch` with its encoder calls: under GradCache (chunk_size) as "chunks", else the one part's
         tensors at the top level."""
-        if self.chunk_size:
+        if self.chunk_size or len(parts) > 1:
             batch["chunks"] = parts
         else:
             batch.update(parts[0])
         return batch
 
     def encoder_inputs(self, sequences, num_queries):
-        """One encoder call's tensors for `sequences` (the first `num_queries` are queries)."""
+        """One encoder call for `sequences` (the first `num_queries` are queries): {"inputs": an
+        EncoderInputs (model/packing.py), packed with data.packing, else padded to the longest; made
+        here on the CPU so that the model reads the layout without a device sync; moved to the device
+        in one call}, plus num_queries and the token counts."""
         pad_id, multiple = self.tokenizer.pad_token_id, self.config.pad_to_multiple_of
         if self.config.packing:
-            packed = pack_rows(sequences, self.pack_length, pad_id, multiple)
-            inputs = {
-                "input_ids": packed["input_ids"],
-                "attention_mask": packed["segments"],
-                "sequence_index": packed["sequence_index"],
-                "sequence_mask": packed["sequence_mask"],
-            }
+            inputs = pack_rows(sequences, self.pack_length, pad_id, multiple)
         else:
-            inputs = dict(
-                self.tokenizer.pad({"input_ids": sequences}, pad_to_multiple_of=multiple, return_tensors="pt")
-            )
+            padded = self.tokenizer.pad({"input_ids": sequences}, pad_to_multiple_of=multiple, return_tensors="pt")
+            inputs = padded_inputs(padded["input_ids"], padded["attention_mask"])
         lengths = [len(sequence) for sequence in sequences]
         return {
-            **inputs,
+            "inputs": inputs,
             "num_queries": num_queries,
-            "tokens": inputs["input_ids"].numel(),
+            "tokens": inputs.input_ids.numel(),
             "real_tokens": sum(lengths),
             "squared_lengths": sum(n * n for n in lengths),
         }
+
+
+def chunk_bounds(num_queries, chunk_size=0, chunks=None):
+    """(start, stop) query ranges of the encoder calls: `chunks` (queries per call) if given, else
+    calls of chunk_size queries (0: one call)."""
+    if chunks is None:
+        step = chunk_size or num_queries
+        chunks = [min(step, num_queries - start) for start in range(0, num_queries, step)]
+    if sum(chunks) != num_queries or min(chunks) <= 0:
+        raise ValueError(f"chunks {chunks} do not cut {num_queries} queries into non-empty parts")
+    stops = [int(stop) for stop in torch.tensor(chunks).cumsum(0)]
+    return list(zip([0, *stops[:-1]], stops))
 
 
 def known_positive_hashes(example):
@@ -140,14 +156,22 @@ class PairCollator(Collator):
     def pairs(self, query, passages):
         return [self.config.pair_template.format(query=query, passage=passage) for passage in passages]
 
-    def __call__(self, examples):
-        group = len(examples[0].passages)
+    def pair_ids(self, examples):
         texts = [text for e in examples for text in self.pairs(e.query, e.passages)]
-        ids = self.tokenizer(texts, max_length=self.config.pair_max_length, truncation=True)["input_ids"]
-        chunk = self.chunk_size or len(examples)
+        return self.tokenizer(texts, max_length=self.config.pair_max_length, truncation=True)["input_ids"]
+
+    def example_tokens(self, examples):
+        """The tokens of each example's pairs as collated (train.micro_batch_tokens cuts by these)."""
+        lengths = [len(ids) for ids in self.pair_ids(examples)]
+        group = len(lengths) // max(1, len(examples))
+        return [sum(lengths[i * group : (i + 1) * group]) for i in range(len(examples))]
+
+    def __call__(self, examples, chunks=None):
+        group = len(examples[0].passages)
+        ids = self.pair_ids(examples)
         parts = []
-        for start in range(0, len(examples), chunk):
-            sequences = ids[start * group : (start + chunk) * group]
+        for start, stop in chunk_bounds(len(examples), self.chunk_size, chunks):
+            sequences = ids[start * group : stop * group]
             parts.append({**self.encoder_inputs(sequences, 0), "num_pairs": len(sequences)})
         return self.with_parts({"group_size": group}, parts)
 

@@ -6,6 +6,13 @@ global batch t is cut into A global micro-batches of W x B queries and rank r ta
 each, so the passages pooled across ranks at a micro-step (the `global` negative pool) are the
 same whether W ranks hold B queries or one rank holds W x B.
 
+Token budgets (train.micro_batch_tokens = N > 0) cut the same assignment further, in whole queries
+(each with its passages) of at most N tokens: with the `group` pool (and rerankers) rank r's share
+(its A slices, in order) becomes variable micro-steps; with `local`/`global` each micro-batch stays
+B queries (the pool) and N sizes its GradCache chunks. Every rank runs the same number of cuts:
+each rank tokenizes the whole global batch (a pure function of the step) and computes every rank's
+cut (`token_budget_cuts`), without communicating.
+
 Mixing of subsets (`data.mixing`):
   proportional   one shuffled pass over the union of all queries per epoch (every query once);
   temperature    each draw picks subset s with probability ~ n_s^(1/T) (T = data.mixing_temperature,
@@ -132,6 +139,63 @@ def rank_micro_batches(indices, rank, world_size, micro_batch_size):
     ]
 
 
+def greedy_cut(tokens, budget):
+    """Queries per micro-step: consecutive queries while their tokens stay within `budget` (a query
+    over the budget alone gets a micro-step of its own)."""
+    sizes, held = [], 0
+    for count in tokens:
+        if sizes and held + count <= budget:
+            sizes[-1] += 1
+            held += count
+        else:
+            sizes.append(1)
+            held = count
+    return sizes
+
+
+def split_to(sizes, tokens, count):
+    """`sizes` split further until there are `count` micro-steps: each split halves (by tokens) the
+    micro-step with the most tokens among those of two queries or more (the first on a tie), so every
+    part stays within the budget and none is empty."""
+    sizes = list(sizes)
+    while len(sizes) < count:
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        held = [sum(tokens[starts[i] : starts[i + 1]]) for i in range(len(sizes))]
+        splittable = [i for i, size in enumerate(sizes) if size > 1]
+        if not splittable:
+            raise ValueError(f"a share of {len(tokens)} queries cannot be cut into {count} non-empty micro-steps")
+        i = max(splittable, key=lambda j: (held[j], -j))
+        part = tokens[starts[i] : starts[i + 1]]
+        left = min(range(1, len(part)), key=lambda k: (max(sum(part[:k]), sum(part[k:])), k))
+        sizes[i : i + 1] = [left, len(part) - left]
+    return sizes
+
+
+def token_budget_cuts(rank_tokens, budget):
+    """Every rank's cut of its share into micro-steps of whole queries holding at most `budget`
+    tokens (a single longer query alone), all with the same number of micro-steps.
+
+    `rank_tokens[r]`: the tokens of each query of rank r's share, in order (a query's tokens are its
+    own and its passages', as collated). Returns, per rank, the queries per micro-step (they sum to
+    the share, in order). The count is the most any rank needs; a rank that needs fewer splits its
+    fullest micro-steps (split_to). The training loop's shares all hold the same number of queries
+    S, and no cut has more than S micro-steps, so a rank always has enough queries; shares of
+    unequal sizes for which that fails raise ValueError. Pure and deterministic: every rank computes
+    every rank's cut from the same global batch.
+    """
+    if budget <= 0:
+        raise ValueError(f"train.micro_batch_tokens must be positive here, got {budget}")
+    cuts = [greedy_cut(tokens, budget) for tokens in rank_tokens]
+    count = max(len(sizes) for sizes in cuts)
+    return [split_to(sizes, list(tokens), count) for sizes, tokens in zip(cuts, rank_tokens)]
+
+
+def split_by(items, sizes):
+    """`items` cut into consecutive lists of `sizes`."""
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return [items[starts[i] : starts[i + 1]] for i in range(len(sizes))]
+
+
 class StepBatches(torch.utils.data.IterableDataset):
     """Yields (step, collated micro-batches, examples) for this rank, for steps [start, stop).
 
@@ -139,6 +203,10 @@ class StepBatches(torch.utils.data.IterableDataset):
     which is also the order in which the DataLoader returns them: no duplicates, no reordering.
     `positive_sampling` (data.positive_sampling): first, or cycle (a query's positive number is its
     epoch, see Sampler.global_batch_epochs), so examples stay a pure function of the step.
+    `micro_batch_tokens` (train.micro_batch_tokens; 0 = off): the token budget. `budget_chunks`:
+    it sizes each micro-batch's GradCache chunks (local/global pools: the collator is called with
+    the chunk sizes) instead of cutting the rank's share into micro-steps (group pool, rerankers).
+    The collator needs `example_tokens` (tokens per example, as it collates them) for either.
     """
 
     def __init__(
@@ -154,8 +222,11 @@ class StepBatches(torch.utils.data.IterableDataset):
         stop,
         length_bucketing=False,
         positive_sampling="first",
+        micro_batch_tokens=0,
+        budget_chunks=False,
     ):
         self.dataset, self.sampler, self.collator = dataset, sampler, collator
+        self.micro_batch_tokens, self.budget_chunks = micro_batch_tokens, budget_chunks
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.hard_negatives, self.start, self.stop = hard_negatives, start, stop
         self.length_bucketing = length_bucketing
@@ -165,30 +236,59 @@ class StepBatches(torch.utils.data.IterableDataset):
             )
         self.positive_sampling = positive_sampling
 
-    def micro_batch_draws(self, step):
-        """This rank's micro-batches of global batch `step`, as (dataset index, positive number) pairs."""
+    def global_draws(self, step):
+        """Global batch `step` as (dataset index, positive number) pairs, in micro-batch order."""
         indices, epochs = self.sampler.global_batch_epochs(step)
         positives = epochs if self.positive_sampling == "cycle" else [0] * len(indices)
         draws = list(zip(indices, positives))
         if self.length_bucketing:
             # similar lengths share a micro-batch: less padding, same examples in the global batch
             draws = sorted(draws, key=lambda draw: self.dataset.length(draw[0]))
-        return rank_micro_batches(draws, self.rank, self.world_size, self.micro_batch_size)
+        return draws
+
+    def micro_batch_draws(self, step):
+        """This rank's micro-batches of global batch `step`, as (dataset index, positive number) pairs."""
+        return rank_micro_batches(self.global_draws(step), self.rank, self.world_size, self.micro_batch_size)
+
+    def _examples(self, micro):
+        return [self.dataset.example(index, self.hard_negatives, positive) for index, positive in micro]
+
+    def plan(self, step):
+        """This rank's micro-steps of global batch `step`: (examples, GradCache chunk sizes or None)."""
+        if not self.micro_batch_tokens:
+            return [(self._examples(micro), None) for micro in self.micro_batch_draws(step)]
+        draws = self.global_draws(step)
+        ranks = [  # every rank's micro-batches: each rank computes every rank's cut
+            [self._examples(micro) for micro in rank_micro_batches(draws, rank, self.world_size, self.micro_batch_size)]
+            for rank in range(self.world_size)
+        ]
+        flat = [example for micros in ranks for micro in micros for example in micro]
+        tokens = iter(self.collator.example_tokens(flat))
+        counts = [[[next(tokens) for _ in micro] for micro in micros] for micros in ranks]
+        mine = ranks[self.rank]
+        if self.budget_chunks:  # the micro-batch stays (the pool); its chunks follow the budget
+            return [
+                (micro, token_budget_cuts([c[a] for c in counts], self.micro_batch_tokens)[self.rank])
+                for a, micro in enumerate(mine)
+            ]
+        shares = [[count for micro in micros for count in micro] for micros in counts]
+        sizes = token_budget_cuts(shares, self.micro_batch_tokens)[self.rank]
+        return [(part, None) for part in split_by([e for micro in mine for e in micro], sizes)]
 
     def examples(self, step):
-        """This rank's examples of global batch `step`, one list per micro-batch."""
-        return [
-            [self.dataset.example(index, self.hard_negatives, positive) for index, positive in micro]
-            for micro in self.micro_batch_draws(step)
-        ]
+        """This rank's examples of global batch `step`, one list per micro-step."""
+        return [examples for examples, _ in self.plan(step)]
+
+    def collate(self, examples, chunks):
+        return self.collator(examples) if chunks is None else self.collator(examples, chunks=chunks)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start + worker, self.stop, workers):
-            examples = self.examples(step)
+            plan = self.plan(step)
             self.dataset.release()  # keep RSS independent of how much of the dataset was read
-            yield step, [self.collator(micro) for micro in examples], examples
+            yield step, [self.collate(examples, chunks) for examples, chunks in plan], [e for e, _ in plan]
 
 
 def stream_state(step, sampler, dataset, positive_sampling="first"):

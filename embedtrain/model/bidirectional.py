@@ -57,7 +57,8 @@ def bidirectional_attention_mask(attention_mask_BL, dtype, attn_implementation, 
     number 1, 2, ... of the sequence each token belongs to: tokens then attend only within their
     own sequence. flash_attention_2 takes the 2-D padding mask (None when nothing is padded), and
     None for packed rows (transformers then runs variable-length attention from the position ids,
-    which restart at each sequence). sdpa and eager take an additive float mask, (B, 1, 1, L) for
+    which restart at each sequence; the model's forward runs several packed rows as one, since
+    transformers infers this for a single row only). sdpa and eager take an additive float mask, (B, 1, 1, L) for
     padding and (B, 1, L, L) for packed rows. A batch without padding gets no mask on transformers
     5, whose attention functions honour the modules' is_causal=False (and a maskless call lets the
     GPU run its flash kernel); transformers 4.x treats a missing mask as causal, so there it gets
@@ -188,17 +189,28 @@ class BidirectionalDecoderMixin:
             packed = bool((attention_mask > 1).any())
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, packed)
-        mask = bidirectional_attention_mask(
-            attention_mask, inputs_embeds.dtype, getattr(self.config, "_attn_implementation", "sdpa"), packed
-        )
+        implementation = getattr(self.config, "_attn_implementation", "sdpa")
+        mask = bidirectional_attention_mask(attention_mask, inputs_embeds.dtype, implementation, packed)
+        if packed and implementation == "flash_attention_2" and batch > 1:
+            # transformers infers variable-length attention from the position ids only for ONE row:
+            # run the rows end to end as one (positions restart at each sequence and padding token)
+            out = self.decode(inputs_embeds.reshape(1, batch * length, -1), mask, position_ids.reshape(1, -1))
+            return BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state.reshape(batch, length, -1))
+        return self.decode(inputs_embeds, mask, position_ids)
+
+    def decode(self, inputs_embeds, layer_mask, position_ids, **attention_kwargs):
+        """The decoder stack on prepared inputs: `layer_mask` is handed to every layer as its attention
+        mask and `attention_kwargs` to every layer, which passes them on to the attention function
+        (transformers' flash path reads cu_seq_lens_q/k and max_length_q/k there)."""
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:
             out = layer(
                 hidden,
-                attention_mask=mask,
+                attention_mask=layer_mask,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
+                **attention_kwargs,
             )
             hidden = out[0] if isinstance(out, tuple) else out  # 4.x layers return tuples
         hidden = self.norm(hidden)

@@ -25,8 +25,8 @@ class ProjectedEncoder(BiEncoder):
         super().__init__(backbone, pooling, normalize)
         self.projection = projection
 
-    def forward(self, input_ids, attention_mask, sequence_index=None, sequence_mask=None):
-        embeddings_SD = super().forward(input_ids, attention_mask, sequence_index, sequence_mask)
+    def forward(self, input_ids, attention_mask=None):
+        embeddings_SD = super().forward(input_ids, attention_mask)
         if not self.training:
             return embeddings_SD
         return torch.cat([embeddings_SD, project(self.projection, embeddings_SD)], dim=-1)
@@ -45,8 +45,8 @@ class TeacherSpaceEncoder(BiEncoder):
     def width(self):
         return self.output_projection.out_features
 
-    def forward(self, input_ids, attention_mask, sequence_index=None, sequence_mask=None):
-        student_SD = F.normalize(self.pooled(input_ids, attention_mask, sequence_index, sequence_mask), dim=-1)
+    def forward(self, input_ids, attention_mask=None):
+        student_SD = F.normalize(self.pooled(input_ids, attention_mask), dim=-1)
         projected_ST = project(self.output_projection, student_SD)
         return F.normalize(projected_ST, dim=-1) if self.normalize else projected_ST
 

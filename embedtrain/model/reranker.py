@@ -24,16 +24,16 @@ HEAD_KEY = "score.weight"
 
 
 class Reranker(BiEncoder):
-    """forward(input_ids, attention_mask[, sequence_index, sequence_mask]) -> logits_B (fp32), one
-    per sequence; padded and packed batches as BiEncoder's."""
+    """forward(inputs) -> logits_S (fp32), one per sequence; `inputs` as BiEncoder's (an
+    EncoderInputs, padded or packed, or ids with their padding mask)."""
 
     def __init__(self, backbone, pooling="avg", temperature=1.0, head=None):
         super().__init__(backbone, pooling, normalize=False)
         self.temperature = temperature
         self.head = head if head is not None else nn.Linear(backbone.config.hidden_size, 1, bias=False)
 
-    def forward(self, input_ids, attention_mask, sequence_index=None, sequence_mask=None):
-        pooled_BD = super().forward(input_ids, attention_mask, sequence_index, sequence_mask)
+    def forward(self, input_ids, attention_mask=None):
+        pooled_BD = super().forward(input_ids, attention_mask)
         return (self.head(pooled_BD.to(self.head.weight.dtype)).squeeze(-1) / self.temperature).float()
 
     @classmethod

@@ -50,6 +50,40 @@ def write_base_model(run_dir, backbone_config, tokenizer, prompt_policy, reranke
     return folder
 
 
+def write_deepspeed_config(run_dir, ds_config):
+    """<run>/deepspeed.json: the DeepSpeed config the run resolved (recipe overrides merged, batch
+    sizes filled in); with deepspeed.config=auto or train.activation_checkpointing=auto its
+    "embedtrain_auto" key holds the decision and its reason."""
+    path = Path(run_dir) / "deepspeed.json"
+    path.write_text(json.dumps(ds_config, indent=2) + "\n")
+    return path
+
+
+def check_stage_resume(engine, folder, saved):
+    """Resume only under the ZeRO stage the checkpoint was written with: each stage lays out its
+    optimizer state differently (ZeRO-1/2 flat partitions of the whole model, ZeRO-3 per-parameter
+    partitions), and DeepSpeed loads one into another with an unrelated error or not at all. With
+    deepspeed.config=auto the stage can change between runs when the cluster or card does; the
+    error gives both decisions. `saved`: the checkpoint's rank-0 model states (DeepSpeed keeps the
+    run's config in them)."""
+    was_config = saved.get("ds_config") or {}
+    was = (was_config.get("zero_optimization") or {}).get("stage", 0)
+    now = engine.zero_optimization_stage()
+    if int(was) == int(now):
+        return
+    why_was = (was_config.get("embedtrain_auto") or {}).get("reason")
+    why_now = (engine.config.get("embedtrain_auto") or {}).get("reason") if isinstance(engine.config, dict) else None
+    raise CheckpointError(
+        f"{folder} was written under ZeRO stage {was}"
+        + (f" (auto: {why_was})" if why_was else "")
+        + f" and this run uses ZeRO stage {now}"
+        + (f" (auto: {why_now})" if why_now else "")
+        + f": a checkpoint resumes under the stage that wrote it. Resume with --set "
+        f"deepspeed.zero_optimization.stage={was} (deepspeed.config=auto then sizes the recompute for that stage), "
+        "or export the checkpoint and start a new run from the export (the optimizer state is then lost)"
+    )
+
+
 def checkpoint_root(run_dir):
     return Path(run_dir) / "checkpoints"
 

@@ -6,7 +6,20 @@ call and its loss."""
 import torch
 
 
-def grad_cache_backward(engine, parts, encode, embeddings_loss, accumulation):
+def set_boundary(engine, boundary):
+    """Tell DeepSpeed whether the coming backward ends the optimizer step (None: leave it to
+    DeepSpeed's micro-step counter, which assumes a fixed gradient_accumulation_steps).
+
+    With train.micro_batch_tokens the number of micro-steps changes from step to step, so the
+    training loop sets the boundary of every DeepSpeed micro-step explicitly
+    (DeepSpeedEngine.set_gradient_accumulation_boundary, deepspeed/runtime/engine.py): ZeRO-1/2/3
+    then reduce or accumulate gradients as for a non-final micro-step, and engine.step() updates
+    the optimizer (clipping the whole step's gradient) only after the backward marked True."""
+    if boundary is not None:
+        engine.set_gradient_accumulation_boundary(boundary)
+
+
+def grad_cache_backward(engine, parts, encode, embeddings_loss, accumulation, boundary=None):
     """GradCache (Gao et al., 2021): the gradient of the whole micro-batch's loss, with activation
     memory for only one chunk of queries (and their passages) at a time. The collator cut the
     micro-batch into chunks (train.grad_cache_chunk_size, `parts`); `encode(part)` is one encoder call
@@ -25,12 +38,14 @@ def grad_cache_backward(engine, parts, encode, embeddings_loss, accumulation):
     engine.step() follows every chunk but the last, so ZeRO-2/3 reduce gradients each chunk and
     step the optimizer only at the accumulation boundary. No `no_sync` is needed. Gradients are
     scaled by 1/accumulation here (scale_wrt_gas=False), as the plain step's engine.backward does.
-    The caller calls engine.step() after the last chunk. Returns (loss, stats) like
+    `boundary` (see set_boundary): the chunks before the last are never the boundary, the last is
+    `boundary`. The caller calls engine.step() after the last chunk. Returns (loss, stats) like
     step.contrastive_loss; stats["grad_cache_replay_error"] is the largest difference between an
     embedding re-encoded with grad and its cached value (0 unless the forward is not
     deterministic given the RNG state).
     """
     device = engine.device
+    set_boundary(engine, None if boundary is None else False)
     rng_states, cached = [], []
     with torch.no_grad():
         for part in parts:
@@ -46,6 +61,7 @@ def grad_cache_backward(engine, parts, encode, embeddings_loss, accumulation):
     query_start = passage_start = 0
     for index, (part, rng, (cached_q, cached_p)) in enumerate(zip(parts, rng_states, cached)):
         rng.restore()
+        set_boundary(engine, None if boundary is None else boundary and index == len(parts) - 1)
         query_emb, passage_emb = encode(part)
         queries = slice(query_start, query_start + cached_q.shape[0])
         passages = slice(passage_start, passage_start + cached_p.shape[0])

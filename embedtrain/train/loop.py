@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from embedtrain import distributed
-from embedtrain.config import batch_layout, deepspeed_config
+from embedtrain.autoconfig import describe_checkpointing
+from embedtrain.config import AUTO_KEY, batch_layout, checkpoint_every, deepspeed_config
 from embedtrain.data.collate import Collator, PairCollator, encoder_parts
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
@@ -22,6 +23,7 @@ from embedtrain.model.encoder import load_tokenizer, read_model_config
 from embedtrain.shape import Shape
 from embedtrain.train.checkpoint import (
     check_lora_resume,
+    check_stage_resume,
     checkpoint_root,
     load_checkpoint_file,
     load_resharded,
@@ -29,10 +31,11 @@ from embedtrain.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
     write_base_model,
+    write_deepspeed_config,
 )
 from embedtrain.train.engine import build_engine
 from embedtrain.train.evaluation import evaluate_in_training, load_rerank_sources, load_sources, rerank_in_training
-from embedtrain.train.step import micro_batch_backward, reranker_backward
+from embedtrain.train.step import micro_batch_backward, micro_batch_queries, reranker_backward
 
 
 def open_dataset(data_config, run_dir):
@@ -121,6 +124,7 @@ def train(config, on_step=None):
         if config.model.kind == "reranker":
             reranker = {"pair_template": config.data.pair_template, "pair_max_length": config.data.pair_max_length}
         write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.policy, reranker)
+        write_deepspeed_config(run_dir, ds_config)
     start = 0 if resume_from is None else load_state(engine, resume_from, config, world)
     writer = make_writer(config, run_dir, start) if rank == 0 else None
     if rank == 0:
@@ -157,6 +161,8 @@ def train(config, on_step=None):
         stop=config.train.max_steps,
         length_bucketing=config.data.length_bucketing,
         positive_sampling=config.data.positive_sampling,
+        micro_batch_tokens=config.train.micro_batch_tokens,
+        budget_chunks=budget_chunks(config),
     )
     # its own generator: otherwise starting the iterator draws from the global RNG, after a resume's
     # restore_rng, and dropout (model.lora.dropout) would differ from the uninterrupted run
@@ -165,6 +171,8 @@ def train(config, on_step=None):
         batch_size=None,
         num_workers=config.data.num_workers,
         generator=torch.Generator().manual_seed(config.train.seed + rank),
+        # page-locked host batches: their copy to the GPU is asynchronous (non_blocking) and faster
+        pin_memory=torch.cuda.is_available(),
     )
     for step, micro_batches, examples in loader:
         step_stats = optimizer_step(engine, micro_batches, config, accumulation, group, window, flops)
@@ -202,26 +210,72 @@ def describe_run(config, world, micro, accumulation, dataset, ds_config, resume_
         f"accumulation {accumulation} x world {world}; {len(dataset)} queries from {len(dataset.names)} "
         f"subset(s)"
         + (f"; GradCache chunks of {chunk}" if chunk else "")
-        + f"; ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
+        + token_budget_note(config)
+        + zero_note(config, ds_config)
         + (f"; resumed from {resume_from} at step {start}" if resume_from else "")
+        + auto_note(config, ds_config)
     )
 
 
+def zero_note(config, ds_config):
+    """describe_run's words for the ZeRO stage and recompute."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    return f"; ZeRO stage {stage}; {describe_checkpointing(checkpoint_every(config, ds_config))}"
+
+
+def auto_note(config, ds_config):
+    """With `auto`, a second start-up line: what was chosen and why (the decision `embedtrain plan`
+    prints; recorded in <run>/deepspeed.json)."""
+    auto = ds_config.get(AUTO_KEY)
+    if auto is None:
+        return ""
+    return (
+        f"\n[embedtrain] auto (deepspeed.config={auto['deepspeed_config']}, train.activation_checkpointing="
+        f"{config.train.activation_checkpointing}): {auto['reason'] if auto['fits'] else 'WARNING: ' + auto['reason']}"
+    )
+
+
+def token_budget_note(config):
+    """describe_run's words for train.micro_batch_tokens."""
+    tokens = config.train.micro_batch_tokens
+    if not tokens:
+        return ""
+    if budget_chunks(config):
+        micro = config.train.micro_batch_size
+        return f"; GradCache chunks of at most {tokens:,} tokens (the contrastive batch stays {micro} queries)"
+    return f"; micro-steps of at most {tokens:,} tokens (whole queries; each rank's share re-cut by tokens)"
+
+
+def budget_chunks(config):
+    """Whether train.micro_batch_tokens sizes GradCache chunks (local/global pools: the contrastive
+    batch must stay train.micro_batch_size queries) rather than micro-steps (group pool, rerankers:
+    each query's loss needs only its own passages, so any cut in whole queries is exact)."""
+    return config.model.kind != "reranker" and config.loss.negatives != "group"
+
+
 def optimizer_step(engine, micro_batches, config, accumulation, group, window, flops):
-    """Backward over the step's micro-batches, DeepSpeed steps (the optimizer updates at the
-    accumulation boundary); returns the step's mean stats as device tensors (no host sync: they
-    are read at logging steps only) and adds the step's token and FLOP counts to `window`."""
+    """Backward over the step's micro-batches, DeepSpeed steps (the optimizer updates once, after the
+    last micro-batch: its boundary is set explicitly, grad_cache.set_boundary); returns the step's
+    mean stats as device tensors (no host sync: they are read at logging steps only) and adds the
+    step's token and FLOP counts to `window`.
+
+    Each micro-batch's loss is weighted by its share of the rank's queries in the step, so the
+    gradient is the mean over the rank's share whether it came as `accumulation` equal micro-batches
+    or as token-budget micro-steps of varying size (train.micro_batch_tokens); DeepSpeed's average
+    over ranks (equal shares) makes it the global batch's mean."""
     step_stats = {}
-    for batch in micro_batches:
+    queries = [micro_batch_queries(batch) for batch in micro_batches]
+    for index, batch in enumerate(micro_batches):
+        divisor = sum(queries) / queries[index]  # = accumulation for equal micro-batches
+        boundary = index == len(micro_batches) - 1
         if config.model.kind == "reranker":
-            loss, stats = reranker_backward(engine, batch, accumulation)
+            loss, stats = reranker_backward(engine, batch, divisor, boundary)
         else:
-            loss, stats = micro_batch_backward(
-                engine, batch, config.loss, accumulation, config.train.grad_cache_chunk_size, group
-            )
+            grad_cache = config.train.grad_cache_chunk_size or "chunks" in batch  # chunks: the token budget's
+            loss, stats = micro_batch_backward(engine, batch, config.loss, divisor, grad_cache, group, boundary)
         engine.step()
         for key, value in {"loss": loss, **stats}.items():
-            step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / accumulation
+            step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / divisor
         for part in encoder_parts(batch):  # counted on the host from the CPU batch: no sync
             window["tokens"] += part["tokens"]
             window["real_tokens"] += part["real_tokens"]
@@ -356,6 +410,7 @@ def load_state(engine, folder, config, world):
             f"{folder}: data.positive_sampling was {stream.get('positive_sampling', 'first')!r}, now "
             f"{config.data.positive_sampling!r}: the targets would change; keep it to resume"
         )
+    check_stage_resume(engine, folder, saved)
     stage = engine.zero_optimization_stage()
     if saved["dp_world_size"] != world and stage != 3:
         raise CheckpointError(

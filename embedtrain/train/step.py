@@ -24,16 +24,19 @@ from embedtrain.losses import (
 )
 from embedtrain.model.distill import split_projected
 from embedtrain.model.pooling import truncate
-from embedtrain.train.grad_cache import grad_cache_backward
+from embedtrain.train.grad_cache import grad_cache_backward, set_boundary
 
-ENCODER_KEYS = ("input_ids", "attention_mask", "sequence_index", "sequence_mask")
+
+def encoder_inputs(part, device):
+    """One encoder call's EncoderInputs (data/collate.py) on `device`: one move of all its tensors,
+    asynchronous from the DataLoader's pinned memory."""
+    return part["inputs"].to(device, non_blocking=True)
 
 
 def encode_part(encoder, part, device):
     """(queries_QD, passages_PD) of one encoder call: queries and passages in ONE forward (under
     ZeRO-3 one gather of each layer's weights, and one recompute under checkpointing)."""
-    inputs = {key: part[key].to(device, non_blocking=True) for key in ENCODER_KEYS if key in part}
-    embeddings_SD = encoder(**inputs)
+    embeddings_SD = encoder(encoder_inputs(part, device))
     return embeddings_SD[: part["num_queries"]], embeddings_SD[part["num_queries"] :]
 
 
@@ -68,9 +71,23 @@ def embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group=N
     )
 
 
-def micro_batch_backward(engine, batch, loss_config, accumulation, chunk_size=0, group=None):
-    """engine.backward for one micro-batch, plain or (chunk_size > 0) through GradCache; returns
-    (loss, stats). The caller calls engine.step() after it, as after engine.backward."""
+def micro_batch_queries(batch):
+    """The queries of a collated micro-batch (Collator or PairCollator)."""
+    if "group_size" in batch:
+        return sum(part["num_pairs"] for part in encoder_parts(batch)) // batch["group_size"]
+    return batch["positive_hash"].shape[0]
+
+
+def micro_batch_backward(engine, batch, loss_config, accumulation, chunk_size=0, group=None, boundary=None):
+    """engine.backward for one micro-batch, plain or (chunk_size true: the chunk size, or any true
+    value for chunks cut by train.micro_batch_tokens) through GradCache; returns (loss, stats).
+
+    `accumulation`: the rank's queries in the optimizer step over this micro-batch's, the divisor of
+    its loss (with equal micro-batches the accumulation steps; with a token budget S / q for a
+    micro-step of q of the rank's S queries, so the step's gradient is the whole share's mean, as
+    one large batch's). The loss is divided here (scale_wrt_gas=False), never by DeepSpeed's
+    gradient_accumulation_steps. `boundary`: see grad_cache.set_boundary. The caller calls
+    engine.step() after it, as after engine.backward."""
     if chunk_size:
         return grad_cache_backward(
             engine,
@@ -80,16 +97,17 @@ def micro_batch_backward(engine, batch, loss_config, accumulation, chunk_size=0,
                 queries_QD, passages_PD, batch, loss_config, engine.device, group, uniform=True
             ),
             accumulation,
+            boundary,
         )
+    set_boundary(engine, boundary)
     loss, stats = contrastive_loss(engine, batch, loss_config, engine.device, group, uniform=True)
-    engine.backward(loss)
+    engine.backward(loss / accumulation, scale_wrt_gas=False)
     return loss, stats
 
 
 def reranker_logits(model, part, device):
     """(Q, G) pair logits of one encoder call of a reranker batch (PairCollator), G = group size."""
-    inputs = {key: part[key].to(device, non_blocking=True) for key in ENCODER_KEYS if key in part}
-    return model(**inputs)
+    return model(encoder_inputs(part, device))
 
 
 def reranker_loss(model, batch, device):
@@ -98,20 +116,24 @@ def reranker_loss(model, batch, device):
     return group_cross_entropy(logits.view(-1, batch["group_size"]))
 
 
-def reranker_backward(engine, batch, accumulation):
+def reranker_backward(engine, batch, accumulation, boundary=None):
     """engine.backward for one reranker micro-batch; returns (loss, stats). Each query's loss needs
     only its own pairs, so a micro-batch cut into chunks (train.grad_cache_chunk_size) is exact
     without any cache: each chunk is one DeepSpeed micro-step whose loss is weighted by its share
     of the micro-batch's queries (the DeepSpeed config counts accumulation x chunks micro-steps, as
-    for GradCache). The caller calls engine.step() after it."""
+    for GradCache). For the same reason token-budget micro-steps (train.micro_batch_tokens) are
+    exact: `accumulation` is the divisor of micro_batch_backward (the rank's queries over this
+    micro-batch's) and `boundary` as there. The caller calls engine.step() after it."""
     parts = encoder_parts(batch)
     if len(parts) == 1:
+        set_boundary(engine, boundary)
         loss, stats = reranker_loss(engine, batch, engine.device)
-        engine.backward(loss)
+        engine.backward(loss / accumulation, scale_wrt_gas=False)
         return loss.detach(), stats
     group, total = batch["group_size"], sum(part["num_pairs"] for part in parts)
     loss_sum, stats_sum = 0.0, {}
     for index, part in enumerate(parts):
+        set_boundary(engine, None if boundary is None else boundary and index == len(parts) - 1)
         loss, stats = group_cross_entropy(reranker_logits(engine, part, engine.device).view(-1, group))
         pair_fraction = part["num_pairs"] / total  # the chunk's fraction of the micro-batch's pairs
         engine.backward(loss * pair_fraction / accumulation, scale_wrt_gas=False)

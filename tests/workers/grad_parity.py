@@ -179,7 +179,12 @@ def main():
         action="store_true",
         help="the plain reference on padded batches (DeepSpeed's are packed, as configured)",
     )
-    parser.add_argument("--compile", action="store_true", help="train.compile=true (DeepSpeed's engine.compile)")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (each decoder layer compiled)")
+    parser.add_argument(
+        "--auto-zero3",
+        action="store_true",
+        help="deepspeed.config=auto at ZeRO-3 (decoder layers as leaf modules), checkpointing every 2nd layer",
+    )
     parser.add_argument(
         "--separate-forwards",
         action="store_true",
@@ -196,7 +201,8 @@ def main():
         f"loss.query_negatives={str(args.query_negatives).lower()}",
         "deepspeed.bf16.enabled=false",
         f"deepspeed.zero_optimization.stage={args.stage}",
-        f"train.activation_checkpointing={str(not args.no_checkpointing).lower()}",
+        f"train.activation_checkpointing={'2' if args.auto_zero3 else str(not args.no_checkpointing).lower()}",
+        *(["deepspeed.config=auto"] if args.auto_zero3 else []),
         f"train.grad_cache_chunk_size={args.grad_cache}",
         f"train.compile={str(args.compile).lower()}",
         *(["loss.matryoshka_dims=[16,64]", "loss.matryoshka_weights=[0.5,1.0]"] if args.matryoshka else []),
@@ -276,7 +282,11 @@ def main():
         distributed.gather_with_grad = detached_gather
 
     engine = build_engine(
-        config, deepspeed_config(config, world), use_reentrant=args.reentrant, teacher_dim=teacher_dim
+        config,
+        deepspeed_config(config, world),
+        use_reentrant=args.reentrant,
+        teacher_dim=teacher_dim,
+        leaf_modules=not args.separate_forwards,  # two forwards per backward: leaf modules need one
     )
     for layer in engine.module.backbone.layers:  # dropout makes the parity reference moot: replay only
         layer.self_attn.attention_dropout = args.dropout
@@ -325,7 +335,15 @@ def main():
                     "max_rel_error": errors[worst],
                     "worst_param": worst,
                     "world": world,
-                    "compiled": bool(getattr(engine, "is_compiled", False)),
+                    "compiled": all(
+                        getattr(layer, "_compiled_call_impl", None) is not None
+                        for layer in engine.module.backbone.layers
+                    ),
+                    "leaf_modules": sum(bool(getattr(m, "_z3_leaf", False)) for m in engine.module.modules()),
+                    "checkpointed_layers": sum(
+                        bool(getattr(layer, "gradient_checkpointing", False)) for layer in engine.module.backbone.layers
+                    ),
+                    "zero_stage": engine.zero_optimization_stage(),
                     "replay_error": replay,
                     "micro_steps": engine.micro_steps,
                     "ds_accumulation": engine.gradient_accumulation_steps(),
