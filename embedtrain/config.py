@@ -64,8 +64,9 @@ class DataConfig:
     passage_prefix: str | None = None  # None: the subset's passage_instruction
     pad_to_multiple_of: int = 8
     packing: bool = True  # padding-free batches: a micro-batch's sequences packed into rows
-    # tokens per packed row; 0 = the larger max length. Longer rows pad less, but under sdpa/eager a
-    # row's attention costs its length squared (a dense block mask); flex/flash varlen cost nothing extra
+    # tokens per packed row; 0 = the kernel's default: on the CPU and under eager the larger max length
+    # (a block mask: a row's attention costs its length squared), on CUDA one row per encoder call
+    # (variable-length kernels: rows cost nothing extra, and one row leaves no slack at row ends)
     pack_length: int = 0
     mixing: str = "proportional"  # proportional | temperature | single_subset
     mixing_temperature: float = 1.0  # temperature/single_subset: P(subset) ~ n^(1/T)
@@ -402,7 +403,7 @@ def validate(config):
     validate_token_budget(config)
     validate_checkpointing(config)
     if config.data.pack_length < 0:
-        raise ConfigError(f"data.pack_length must be >= 0 (0: the larger max length), got {config.data.pack_length}")
+        raise ConfigError(f"data.pack_length must be >= 0 (0: the kernel's default), got {config.data.pack_length}")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {config.data.num_workers}")
     if config.loss.gather_group_size < 0:

@@ -245,6 +245,32 @@ def test_packed_batches_hold_the_same_sequences_with_little_padding(prepared, ti
     assert packed["real_tokens"] / packed["tokens"] >= padded["real_tokens"] / padded["tokens"]
 
 
+def test_pack_length_default_follows_the_kernel(prepared, tiny_llama):
+    """data.pack_length 0: rows of the max length where a block mask runs (the CPU, eager), one row
+    per encoder call where a variable-length kernel runs (CUDA): the same sequences, less padding;
+    an explicit pack_length wins over both."""
+    from embedtrain.model.attention import packs_in_one_row
+
+    assert packs_in_one_row("sdpa", cuda=True) and packs_in_one_row("flash_attention_2", cuda=True)
+    assert not packs_in_one_row("eager", cuda=True) and not packs_in_one_row("sdpa", cuda=False)
+    tokenizer = load_tokenizer(tiny_llama)
+    examples = [prepared.example(i, 3) for i in range(8)]
+    rows = Collator(tokenizer, load_config("tiny").data, prepared.info)(examples)
+    one = Collator(tokenizer, load_config("tiny").data, prepared.info, one_row=True)(examples)
+    fixed = Collator(tokenizer, load_config("tiny", ["data.pack_length=128"]).data, prepared.info, one_row=True)(
+        examples
+    )
+    assert rows["inputs"].input_ids.shape[0] > 1 and one["inputs"].input_ids.shape[0] == 1
+    assert fixed["inputs"].input_ids.shape[1] <= 128 < one["inputs"].input_ids.shape[1]
+    assert one["real_tokens"] == rows["real_tokens"] and one["tokens"] < rows["tokens"]
+    assert one["tokens"] - one["real_tokens"] < 8  # pad_to_multiple_of 8: at most 7 padding tokens
+    flat_one, flat_rows = one["inputs"].input_ids.flatten(), rows["inputs"].input_ids.flatten()
+    for s in range(len(examples) * 5):  # every sequence is the same tokens in both layouts
+        a, n = one["inputs"].sequence_starts[s], one["inputs"].sequence_lengths[s]
+        b = rows["inputs"].sequence_starts[s]
+        assert flat_one[a : a + n].tolist() == flat_rows[b : b + n].tolist()
+
+
 def test_pack_rows_on_long_tailed_lengths():
     """Realistic retrieval lengths (short queries, long-tailed passages, cut at 512) pack into rows
     of 512 (the default: the max length) with under 5 % padding, where padding to the longest

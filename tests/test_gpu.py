@@ -175,6 +175,37 @@ def test_packed_kernel_two_rows_self_test_and_gradients_equal_sdpa_mask(tiny_lla
     assert float((grads[kernel] - grads["mask"]).norm() / grads["mask"].norm()) < bound
 
 
+@pytest.mark.parametrize("option", ["compile", "liger"])
+def test_compile_and_liger_keep_packed_rows_equal_in_bf16(tiny_llama, option, no_tf32):
+    """train.compile (each decoder layer compiled) and model.liger_kernels on the kernel training
+    uses (varlen_attn in bf16): two packed rows of three sequences give the embeddings and the
+    gradients of the same model without them (bf16 bounds), and the self-test passes."""
+    from embedtrain.model.encoder import causal_layouts
+    from embedtrain.train.engine import apply_liger_kernels, compile_layers
+
+    if option == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed")
+    reference, _ = kernel_encoder(tiny_llama, "varlen")
+    changed, _ = kernel_encoder(tiny_llama, "varlen")
+    if option == "compile":
+        compile_layers(changed.backbone)
+    else:
+        apply_liger_kernels(changed.backbone)
+    assert causal_layouts(changed.backbone) == []
+    packed = pack_rows(SEQUENCES, 320, pad_to_multiple_of=64).to(DEVICE)
+    results = []
+    for encoder in (reference, changed):
+        encoder.zero_grad()
+        embeddings = encoder(packed)
+        (embeddings * torch.arange(embeddings.numel(), device=DEVICE).view_as(embeddings)).sum().backward()
+        results.append(
+            (embeddings.detach().float(), torch.cat([p.grad.float().flatten() for p in encoder.parameters()]))
+        )
+    (want, want_grad), (got, got_grad) = results
+    assert float(cosines(got, want).min()) >= BF16_EMBED_COSINE
+    assert float((got_grad - want_grad).norm() / want_grad.norm()) < BF16_GRAD_REL
+
+
 def test_packed_forward_and_backward_never_sync_on_cuda(tiny_llama):
     """torch.cuda.set_sync_debug_mode("error"): a packed batch's forward and backward on the chosen
     kernel (varlen_attn in bf16) copy nothing from the device to the host."""

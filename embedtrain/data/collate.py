@@ -2,6 +2,7 @@
 query and passage sides, padding to a multiple of 8."""
 
 import numbers
+import sys
 
 import torch
 
@@ -24,17 +25,21 @@ class Collator:
     tensors come per chunk of queries with their passages, in "chunks".
     """
 
-    def __init__(self, tokenizer, data_config, subsets, chunk_size=0, teacher=None):
+    def __init__(self, tokenizer, data_config, subsets, chunk_size=0, teacher=None, one_row=False):
         """`subsets`: name -> {"query_instruction", "passage_instruction"} (the prepared manifest's).
         `teacher`: a TeacherCache (embedtrain.data.teacher) for distillation: the batch then also holds
-        teacher_query (Q, T) and teacher_passage (Q*G, T), float32, looked up by each raw text."""
+        teacher_query (Q, T) and teacher_passage (Q*G, T), float32, looked up by each raw text.
+        `one_row`: packed rows run a variable-length kernel (model.attention.packs_in_one_row), so with
+        data.pack_length 0 an encoder call packs into ONE row: no slack at row ends, and no W^2 cost."""
         self.tokenizer = tokenizer
         self.config = data_config
         self.chunk_size = chunk_size
         self.teacher = teacher
         self.policy = training_policy(data_config, subsets)
         self.subset_prompts = {name: self.policy.for_subset(info) for name, info in subsets.items()}
-        self.pack_length = data_config.pack_length or max(data_config.query_max_length, data_config.passage_max_length)
+        self.pack_length = default_pack_length(
+            data_config, max(data_config.query_max_length, data_config.passage_max_length), one_row
+        )
 
     def tokenize(self, examples):
         """(query token lists, passage token lists) with prompts, each side truncated to its max."""
@@ -127,6 +132,15 @@ def chunk_bounds(num_queries, chunk_size=0, chunks=None):
     return list(zip([0, *stops[:-1]], stops))
 
 
+def default_pack_length(data_config, longest, one_row=False):
+    """Row capacity of packed batches: data.pack_length when set; else, where rows run a block mask
+    (the CPU, eager: cost grows with the row length squared), the longest sequence; where they run
+    a variable-length kernel (one_row), unbounded: all of an encoder call's sequences in one row."""
+    if data_config.pack_length:
+        return data_config.pack_length
+    return sys.maxsize if one_row else longest
+
+
 def known_positive_hashes(example):
     """The content hashes of an example's known positives: its target (passages[0]) first, then the
     others the prepared data lists (Examples built elsewhere may list none)."""
@@ -149,9 +163,9 @@ class PairCollator(Collator):
     query (positive first). Returns the encoder tensors (packed or padded, as Collator's),
     group_size (passages per query) and, with chunk_size, "chunks" of whole queries' pairs."""
 
-    def __init__(self, tokenizer, data_config, subsets, chunk_size=0):
+    def __init__(self, tokenizer, data_config, subsets, chunk_size=0, one_row=False):
         super().__init__(tokenizer, data_config, subsets, chunk_size)
-        self.pack_length = data_config.pack_length or data_config.pair_max_length
+        self.pack_length = default_pack_length(data_config, data_config.pair_max_length, one_row)
 
     def pairs(self, query, passages):
         return [self.config.pair_template.format(query=query, passage=passage) for passage in passages]

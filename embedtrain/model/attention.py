@@ -59,6 +59,15 @@ def varlen_available():
     return True
 
 
+def packs_in_one_row(attn_implementation, cuda=None):
+    """Whether packed rows will run a variable-length kernel (choose_kernel gives all but "mask"):
+    on CUDA under every implementation except eager. Then an encoder call may pack into one row
+    (data.pack_length's default, data/collate.default_pack_length). A host fact, decided before the
+    model is built."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return cuda and attn_implementation != "eager"
+
+
 def choose_kernel(config, device, dtype):
     """The kernel for packed rows (KERNELS) under `config`'s attn implementation on `device` in `dtype`."""
     implementation = user_implementation(config)

@@ -19,6 +19,7 @@ from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.data.teacher import TeacherCache
 from embedtrain.errors import CheckpointError, ConfigError, DataError, TrainingError
+from embedtrain.model.attention import packs_in_one_row
 from embedtrain.model.encoder import load_tokenizer, read_model_config
 from embedtrain.shape import Shape
 from embedtrain.train.checkpoint import (
@@ -112,10 +113,11 @@ def train(config, on_step=None):
     sampler = make_sampler(config, dataset)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
     teacher = open_teacher(config.loss.distill)
+    one_row = packs_in_one_row(config.model.attn_implementation)  # data.pack_length 0: one row per call
     if config.model.kind == "reranker":
-        collator = PairCollator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size)
+        collator = PairCollator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size, one_row)
     else:
-        collator = Collator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size, teacher)
+        collator = Collator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size, teacher, one_row)
     config_dict = config.to_dict()
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config, teacher_dim=teacher.dim if teacher is not None else None)
