@@ -44,6 +44,18 @@ def run_ranks(args, nproc=1, timeout=300, check=True):
     return result
 
 
+def run_checked(command, timeout=300, **kwargs):
+    """subprocess.run(command) that must succeed; a failure shows the command, its exit code and the
+    tail of its stdout and stderr (a bare CalledProcessError hides why, e.g. pip's error)."""
+    command = [str(part) for part in command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
 def run_worker(name, out, *args, nproc=1, timeout=300, check=True):
     result = run_ranks([WORKERS / name, "--out", out, *args], nproc=nproc, timeout=timeout, check=check)
     if Path(out).exists():

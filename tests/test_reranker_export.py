@@ -101,9 +101,10 @@ def installed_transformers_4_51():
         return TF451
     command = [sys.executable, "-m", "pip", "install", "-q", "--target", str(TF451), "--no-deps", *TF451_PACKAGES]
     try:
-        subprocess.run(command, check=True, timeout=600, capture_output=True)
+        subprocess.run(command, check=True, timeout=600, capture_output=True, text=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        pytest.skip(f"transformers 4.51 is not cached in {TF451} and cannot be installed: {err}")
+        why = (err.stderr or "")[-1000:] if isinstance(err.stderr, str) else ""
+        pytest.skip(f"transformers 4.51 is not cached in {TF451} and cannot be installed: {err}\n{why}")
     marker.write_text(" ".join(TF451_PACKAGES))
     return TF451
 
