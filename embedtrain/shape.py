@@ -149,6 +149,14 @@ class Shape:
             return 6 * self.non_embedding_params + attention
         return 4 * self.non_embedding_params + 6 * self.lora_params(lora) + attention
 
+    def training_flops(self, real_tokens, squared_lengths, lora=None):
+        """Model FLOPs of training on sequences holding `real_tokens` tokens in all, whose lengths'
+        squares sum to `squared_lengths` (forward and backward, no recompute, padding not counted):
+        sum over sequences of n x flops_per_token(n) = flops_per_token(0) x tokens + 12 L A x sum n^2.
+        The one FLOP accounting of the training log's MFU, `plan` and tools/bench.py."""
+        attention = 12 * self.num_hidden_layers * self.attention_width * squared_lengths
+        return self.flops_per_token(0, lora) * real_tokens + attention
+
     def forward_flops_per_token(self, length, lora=None):
         """FLOPs of one forward per token (what activation checkpointing and GradCache repeat)."""
         attention = 4 * self.num_hidden_layers * self.attention_width * length

@@ -10,7 +10,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from test_cli import embedtrain
 from transformers import LlamaConfig, LlamaModel
 
-from embedtrain.config import load_config
+from embedtrain.config import LORA_DEFAULTS, load_config
 from embedtrain.plan import (
     SHAPES,
     Shape,
@@ -293,3 +293,18 @@ def test_micro_batch_changes_step_time_through_communication():
     assert next(
         o for o in slow if o is not None and o["micro_batch"] == 1 and o["checkpointing"] and o["offload"] == "none"
     )["comm_seconds"] == pytest.approx(one["comm_seconds"] * 9)
+
+
+def test_training_flops_is_the_sum_over_sequences_for_every_family():
+    """Shape.training_flops (the loop's MFU, plan and tools/bench.py) equals the sum over sequences of
+    n x flops_per_token(n), with the attention width heads x head_dim (2 x hidden for Qwen3-0.6B,
+    where the hidden size would undercount it), with and without LoRA."""
+    lengths = [7, 130, 512, 33]
+    for name in ("llama-3.2-1b", "qwen3-0.6b"):
+        shape = Shape(**SHAPES[name])
+        for lora in (None, LORA_DEFAULTS):
+            want = sum(n * shape.flops_per_token(n, lora) for n in lengths)
+            got = shape.training_flops(sum(lengths), sum(n * n for n in lengths), lora)
+            assert got == pytest.approx(want, rel=1e-12)
+    qwen = Shape(**SHAPES["qwen3-0.6b"])
+    assert qwen.attention_width == 2 * qwen.hidden_size

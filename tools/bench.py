@@ -499,50 +499,18 @@ def time_micro_steps(engine):
 
 def collator_extras(config):
     """The Collator's arguments after (tokenizer, data config, subsets), as train.loop passes them."""
-    import inspect
-
-    from embedtrain.data.collate import Collator
-
-    return [config.train.grad_cache_chunk_size] if "chunk_size" in inspect.signature(Collator).parameters else []
+    return [config.train.grad_cache_chunk_size]
 
 
 def loop_step(engine, config, accumulation):
-    """One optimizer step exactly as embedtrain's loop runs it: train.loop.optimizer_step, called with
-    the arguments its signature names (it changes as embedtrain moves to packed batches); if it asks
-    for one this bench does not know, the step it wraps: micro_batch_backward then engine.step per
-    micro-batch."""
-    import inspect
-
+    """One optimizer step exactly as embedtrain's loop runs it: train.loop.optimizer_step, its stable
+    call without the loop's logging window (the bench counts tokens and FLOPs itself)."""
     from embedtrain.train import loop
-    from embedtrain.train.step import micro_batch_backward
 
-    given = {"engine": engine, "config": config, "accumulation": accumulation, "group": None}
-    made = {"window": loop.new_window}
-    if hasattr(loop, "FlopsCounter"):
-        flops = loop.FlopsCounter(engine.module.backbone.config)
-        made["flops"] = lambda: flops
-    names = [n for n in inspect.signature(loop.optimizer_step).parameters if n != "micro_batches"]
-    if all(n in given or n in made for n in names):
+    def train_step(micro_batches):
+        loop.optimizer_step(engine, micro_batches, config, accumulation)
 
-        def train_step(micro_batches):
-            loop.optimizer_step(
-                micro_batches=micro_batches, **{n: given[n] if n in given else made[n]() for n in names}
-            )
-
-        return train_step
-    print(
-        f"bench: train.loop.optimizer_step{inspect.signature(loop.optimizer_step)} takes arguments this bench "
-        "does not know; timing micro_batch_backward + engine.step instead",
-        file=sys.stderr,
-        flush=True,
-    )
-
-    def fallback_step(micro_batches):
-        for batch in micro_batches:
-            micro_batch_backward(engine, batch, config.loss, accumulation, config.train.grad_cache_chunk_size, None)
-            engine.step()
-
-    return fallback_step
+    return train_step
 
 
 def run_deepspeed_plain(spec, config, steps, counter):
@@ -750,11 +718,12 @@ def model_shape(model_path):
 
 
 def run_metrics(spec, name, device, shape, *, seconds, steps, real, total, squares, micro_steps, peak_bytes, gathered):
-    """One run's JSON entry. MFU counts the model FLOPs of real tokens (6 N + 12 L h s per token, no
-    recompute) over the peak: --peak-tflops, else the card's dense bf16 peak (bench_recipe.PEAK_TFLOPS)."""
+    """One run's JSON entry. MFU counts the model FLOPs of real tokens (Shape.training_flops: 6 N + 12 L A s
+    per token, no recompute) over the peak: --peak-tflops, else the card's dense bf16 peak
+    (bench_recipe.PEAK_TFLOPS)."""
     import statistics
 
-    flops = 6 * shape.non_embedding_params * real + 12 * shape.num_hidden_layers * shape.hidden_size * squares
+    flops = shape.training_flops(real, squares)  # embedtrain.shape: the loop's and plan's accounting
     peak_tflops = spec["peak_tflops"]
     if peak_tflops is None and device.type == "cuda":
         from bench_recipe import card_peak_tflops

@@ -255,11 +255,13 @@ def budget_chunks(config):
     return config.model.kind != "reranker" and config.loss.negatives != "group"
 
 
-def optimizer_step(engine, micro_batches, config, accumulation, group, window, flops):
+def optimizer_step(engine, micro_batches, config, accumulation, group=None, window=None, flops=None):
     """Backward over the step's micro-batches, DeepSpeed steps (the optimizer updates once, after the
     last micro-batch: its boundary is set explicitly, grad_cache.set_boundary); returns the step's
     mean stats as device tensors (no host sync: they are read at logging steps only) and adds the
-    step's token and FLOP counts to `window`.
+    step's token and FLOP counts to `window` (with `flops`, a FlopsCounter). `group`, `window` and
+    `flops` are optional: tools/bench.py calls `optimizer_step(engine, micro_batches, config,
+    accumulation)`, the loop's exact step without its accounting.
 
     Each micro-batch's loss is weighted by its share of the rank's queries in the step, so the
     gradient is the mean over the rank's share whether it came as `accumulation` equal micro-batches
@@ -278,14 +280,22 @@ def optimizer_step(engine, micro_batches, config, accumulation, group, window, f
         engine.step()
         for key, value in {"loss": loss, **stats}.items():
             step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / divisor
-        for part in encoder_parts(batch):  # counted on the host from the CPU batch: no sync
-            window["tokens"] += part["tokens"]
-            window["real_tokens"] += part["real_tokens"]
-            window["flops"] += flops.of(part)
-    window["steps"] += 1
-    window["loss"] = window["loss"] + step_stats["loss"]
+        if window is not None:
+            add_counts(window, batch, flops)
+    if window is not None:
+        window["steps"] += 1
+        window["loss"] = window["loss"] + step_stats["loss"]
     step_stats["skipped_steps"] = torch.tensor(float(engine.skipped_steps))
     return step_stats
+
+
+def add_counts(window, batch, flops):
+    """A micro-batch's token and FLOP counts into `window`, counted on the host from the CPU batch
+    (no device sync)."""
+    for part in encoder_parts(batch):
+        window["tokens"] += part["tokens"]
+        window["real_tokens"] += part["real_tokens"]
+        window["flops"] += flops.of(part)
 
 
 class FlopsCounter:
@@ -296,12 +306,10 @@ class FlopsCounter:
     4 x parameters + 6 x adapter parameters (embedtrain.shape)."""
 
     def __init__(self, backbone_config, lora=None):
-        shape = Shape.from_config(backbone_config.to_dict())
-        self.per_token = shape.flops_per_token(0, lora)
-        self.per_token_and_length = 12 * shape.num_hidden_layers * shape.attention_width
+        self.shape, self.lora = Shape.from_config(backbone_config.to_dict()), lora
 
     def of(self, part):
-        return self.per_token * part["real_tokens"] + self.per_token_and_length * part["squared_lengths"]
+        return self.shape.training_flops(part["real_tokens"], part["squared_lengths"], self.lora)
 
 
 def check_skipped_steps(engine, seen, done, config, save):
