@@ -898,20 +898,10 @@ def describe(spec, passage_lengths):
 
         return describe_recipe(spec, passage_lengths)
     config = load_run_config(spec)
-    shape_dims = spec["shape"] or {
-        k: v
-        for k, v in json.loads((Path(spec["model_path"]) / "config.json").read_text()).items()
-        if k
-        in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-        )
-    }
-    shape = Shape(**{k: v for k, v in shape_dims.items() if k != "tie_word_embeddings"})
+    if spec["shape"]:
+        shape = Shape(**{k: v for k, v in spec["shape"].items() if k != "tie_word_embeddings"})
+    else:
+        shape = model_shape(spec["model_path"])
     try:
         ds = deepspeed_config(config, 1)
         resolved = lambda extra=(): deepspeed_config(load_run_config(spec, extra), 1)  # noqa: E731
