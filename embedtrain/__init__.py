@@ -9,17 +9,14 @@ reranker = Reranker.from_pretrained("exported/tiny_reranker")
 scores = reranker.score("Who is Shilin Linlofo?", ["Shilin Linlofo is a chemist.", "Paris is in France."])
 """
 
-__version__ = "0.1.0"
+from embedtrain.version import __version__  # noqa: F401 (embedtrain.__version__)
 
 
 def __getattr__(name):
-    """`embedtrain.BiEncoder` on first use: `import embedtrain` stays cheap (no torch, no transformers)."""
-    if name == "BiEncoder":
-        from embedtrain.model import BiEncoder
+    """`embedtrain.BiEncoder` / `embedtrain.Reranker` (embedtrain.inference) on first use: `import
+    embedtrain` stays cheap (no torch, no transformers)."""
+    if name in ("BiEncoder", "Reranker"):
+        from embedtrain import inference
 
-        return BiEncoder
-    if name == "Reranker":
-        from embedtrain.model.reranker import Reranker
-
-        return Reranker
+        return getattr(inference, name)
     raise AttributeError(f"module 'embedtrain' has no attribute {name!r}")

@@ -1,11 +1,12 @@
 """The `embedtrain` command line."""
 
 import traceback
+from contextlib import contextmanager
 
 import click
 
 from embedtrain.data.formats import FORMATS
-from embedtrain.errors import CheckpointError, EmbedtrainError
+from embedtrain.errors import CheckpointError, EmbedtrainError, UsageError
 
 
 def fail(message, exit_code=2):
@@ -15,6 +16,19 @@ def fail(message, exit_code=2):
 
     click.echo(f"embedtrain: error: {message}", err=True)
     shutdown(exit_code, wait_for_peers=False)
+
+
+@contextmanager
+def reported(*errors):
+    """A command's call with its errors mapped to exits: a UsageError (options that do not fit
+    together or the files they name) as click's usage error, `errors` (bad input) through `fail`;
+    both exit code 2."""
+    try:
+        yield
+    except UsageError as err:
+        raise click.UsageError(str(err)) from None
+    except errors as err:
+        fail(str(err))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,11 +75,9 @@ def train(recipe, overrides, output_dir, resume):
 
     try:
         config = load_config(recipe, [*overrides, *([f"train.resume={resume}"] if resume else [])], output_dir)
-        from embedtrain import distributed
-        from embedtrain.train.loop import train as run_training
+        from embedtrain.train.loop import train_command  # after the config: its errors come before DeepSpeed loads
 
-        run_training(config)
-        distributed.shutdown()
+        train_command(config)
     except EmbedtrainError as err:
         fail(str(err))
     except Exception as err:  # noqa: BLE001 - a bug or a crash below us: traceback, then a clean exit 1
@@ -111,16 +123,10 @@ def prepare(src, out, subsets, input_format, sources, skip_bad_rows, workers, sh
     Example:  embedtrain prepare /data/embed-nemotron-dataset-v1 /data/prepared --subset FEVER
     Then:     embedtrain train --config llama3_2_1b --set data.path=/data/prepared ...
     """
-    from embedtrain.data.prepare import prepare as run_prepare
+    from embedtrain.data.prepare import prepare_command
 
-    try:
-        manifest = run_prepare(
-            src, out, subsets or None, skip_bad_rows, workers, shard_mb, sources=sources, input_format=input_format
-        )
-    except EmbedtrainError as err:
-        fail(str(err))
-    total = sum(s["num_queries"] for s in manifest["subsets"].values())
-    click.echo(f"prepared {total:,} queries from {len(manifest['subsets'])} subset(s) into {out}")
+    with reported(EmbedtrainError):
+        prepare_command(src, out, subsets, skip_bad_rows, workers, shard_mb, sources=sources, input_format=input_format)
 
 
 @main.command()
@@ -165,10 +171,10 @@ def export(checkpoint, out, dtype, overwrite, max_shard_gb, adapter_only, base_m
     Adapter:  embedtrain export runs/tiny-lora exported/tiny-lora-adapter --adapter-only
     Student:  embedtrain export runs/student exported/student-teacher-space --keep-projection
     """
-    from embedtrain.export import export_checkpoint
+    from embedtrain.export import export_command
 
-    try:
-        path = export_checkpoint(
+    with reported(CheckpointError, FileExistsError):
+        export_command(
             checkpoint,
             out,
             dtype=dtype,
@@ -178,9 +184,6 @@ def export(checkpoint, out, dtype, overwrite, max_shard_gb, adapter_only, base_m
             base_model=base_model,
             keep_projection=keep_projection,
         )
-    except (CheckpointError, FileExistsError) as err:
-        fail(str(err))
-    click.echo(f"exported to {path}")
 
 
 def _check_device(ctx, param, value):
@@ -264,22 +267,6 @@ def rerank_batch_and_inference_options(command):
         show_default=True,
         help="(query, document) pairs per reranker batch.",
     )(inference_options(command))
-
-
-def run_sharded(run, report):
-    """`run()` on every rank of a torchrun/deepspeed launch (or in one process), an EmbedtrainError
-    reported as bad input; then `report(result)` on rank 0, and the process group ends."""
-    from embedtrain import distributed
-
-    rank, world, _ = distributed.init_inference()
-    try:
-        result = run()
-    except EmbedtrainError as err:
-        fail(str(err))
-    if rank == 0:
-        report(result)
-    if world > 1:
-        distributed.shutdown()
 
 
 @main.command()
@@ -368,21 +355,34 @@ def encode(
                   --subsets FEVER,SciFact --max-tokens 65536 --device cuda
     """
     if teacher_data is not None:
-        _teacher_cache(
-            ctx, model, teacher_data, output_path, subsets, cache_dtype, batch_size, max_tokens, device, dtype
+        _refuse_given(
+            ctx,
+            ("input_path", "prompt", "dim", "max_length", "long_documents", "chunk_overlap"),
+            "cannot be used with --teacher-cache (the teacher embeds the data's texts with its own prompts, "
+            "full width, truncated to its max_seq_length)",
         )
+        from embedtrain.teacher_cache import teacher_cache_command
+
+        with reported(EmbedtrainError, ValueError):
+            teacher_cache_command(
+                model,
+                teacher_data,
+                output_path,
+                subsets,
+                cache_dtype,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                device=device,
+                dtype=dtype,
+            )
         return
     _refuse_given(ctx, ("subsets", "cache_dtype"), "only go with --teacher-cache")
     if input_path is None:
         raise click.UsageError("Missing option '--input' (or --teacher-cache DATA for a teacher cache).")
-    from pathlib import Path
+    from embedtrain.encode import encode_command
 
-    if Path(output_path).is_dir():
-        raise click.UsageError(f"--output {output_path} is a folder; expected a .npy or .parquet file.")
-    from embedtrain.encode import encode_file
-
-    try:
-        embeddings = encode_file(
+    with reported(EmbedtrainError, ValueError):
+        encode_command(
             model,
             input_path,
             output_path,
@@ -396,9 +396,6 @@ def encode(
             device=device,
             dtype=dtype,
         )
-    except (EmbedtrainError, ValueError) as err:
-        fail(str(err))
-    click.echo(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}")
 
 
 def _refuse_given(ctx, names, reason):
@@ -409,40 +406,6 @@ def _refuse_given(ctx, names, reason):
     given = [params[n].opts[0] for n in names if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT]
     if given:
         raise click.UsageError(f"{', '.join(given)} {reason}.")
-
-
-def _teacher_cache(ctx, model, data, output, subsets, cache_dtype, batch_size, max_tokens, device, dtype):
-    """`encode --teacher-cache`: the options of plain encoding are refused, not ignored."""
-    _refuse_given(
-        ctx,
-        ("input_path", "prompt", "dim", "max_length", "long_documents", "chunk_overlap"),
-        "cannot be used with --teacher-cache (the teacher embeds the data's texts with its own prompts, "
-        "full width, truncated to its max_seq_length)",
-    )
-    names = [name.strip() for name in subsets.split(",")] if subsets is not None else None
-    if names is not None and not all(names):
-        raise click.UsageError(f"--subsets {subsets!r}: expected comma-separated subset names, e.g. FEVER,SciFact.")
-    from embedtrain.teacher_cache import write_teacher_cache
-
-    try:
-        summary = write_teacher_cache(
-            model,
-            data,
-            output,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            cache_dtype=cache_dtype,
-            subsets=names,
-            max_tokens=max_tokens,
-        )
-    except (EmbedtrainError, ValueError) as err:
-        fail(str(err))
-    counts = summary["counts"]
-    click.echo(
-        f"wrote the teacher cache of {counts['query']:,} queries and {counts['passage']:,} passages "
-        f"({summary['teacher_dim']} dims, {cache_dtype}) to {output}"
-    )
 
 
 @main.command()
@@ -468,15 +431,10 @@ def rerank(model, input_path, output_path, batch_size, max_tokens, max_length, d
       {"score": 2.71}
       {"scores": [2.71, -1.93]}
     """
-    from embedtrain.rerank import rerank_file
+    from embedtrain.rerank import rerank_command
 
-    try:
-        lines, pairs = rerank_file(
-            model, input_path, output_path, batch_size, max_length, max_tokens, device=device, dtype=dtype
-        )
-    except (EmbedtrainError, OSError) as err:
-        fail(str(err))
-    click.echo(f"wrote the scores of {pairs} pairs ({lines} lines) to {output_path}")
+    with reported(EmbedtrainError, OSError):
+        rerank_command(model, input_path, output_path, batch_size, max_length, max_tokens, device=device, dtype=dtype)
 
 
 @main.command()
@@ -509,24 +467,10 @@ def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, 
     \b
     Example:  embedtrain plan --config llama_embed_nemotron_8b --nodes 8 --gpus-per-node 8
     """
-    from embedtrain.config import load_config, recipe_path
-    from embedtrain.plan import format_plan
-    from embedtrain.plan import plan as run_plan
+    from embedtrain.plan import plan_command
 
-    try:
-        config = load_config(recipe, [*_placeholder_paths(overrides), *overrides])
-        result = run_plan(
-            config, recipe_path(recipe).stem, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape, bandwidth_gbps
-        )
-    except (EmbedtrainError, ValueError) as err:
-        fail(str(err))
-    click.echo(format_plan(result))
-
-
-def _placeholder_paths(overrides):
-    """plan needs no data and, with a known shape, no checkpoint: fill unset paths."""
-    given = {o.split("=", 1)[0] for o in overrides}
-    return [f"{key}=unset" for key in ("model.path", "data.path") if key not in given]
+    with reported(EmbedtrainError, ValueError):
+        plan_command(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, shape, bandwidth_gbps)
 
 
 @main.command(name="eval")
@@ -578,40 +522,21 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, reran
     Rerank:   embedtrain eval exported/tiny /data/heldout --rerank exported/tiny_reranker --rerank-top-k 50
     Sharded:  torchrun --nproc_per_node 8 -m embedtrain.cli eval exported/1b /data/heldout
     """
-    import json as json_module
+    from embedtrain.eval import eval_command
 
-    from embedtrain.eval import evaluate as run_eval
-    from embedtrain.eval import format_table
-
-    if output:  # checked before the encoding: a result is never computed to be lost
-        from pathlib import Path
-
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-
-    def report(result):
-        text = json_module.dumps(result, indent=2)
-        if output:
-            with open(output, "w") as f:
-                f.write(text + "\n")
-        if rerank:
-            click.echo(format_table(result), err=True)
-        click.echo(text)
-
-    run_sharded(
-        lambda: run_eval(
+    with reported(EmbedtrainError):
+        eval_command(
             model,
             data,
+            output,
             batch_size,
             query_prompt,
-            progress=True,
-            dim=dim,
-            work_dir=work_dir,
+            dim,
+            work_dir,
             rerank=rerank,
             rerank_top_k=rerank_top_k,
             **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size
-        ),
-        report,
-    )
+        )
 
 
 @main.command()
@@ -653,23 +578,10 @@ def mine(model, data, out, top_k, margin, batch_size, rerank, rerank_margin, **r
     Filtered: embedtrain mine exported/tiny /data/nemotron /data/remined --rerank exported/tiny_reranker
     Sharded:  torchrun --nproc_per_node 8 -m embedtrain.cli mine exported/1b /data/nemotron /data/remined
     """
-    import json as json_module
-    from pathlib import Path
+    from embedtrain.mine import mine_command
 
-    from embedtrain.mine import mine as run_mine
-
-    def report(written):
-        click.echo(f"mined {sum(written.values()):,} queries in {len(written)} subset(s) into {out}")
-        if rerank:
-            manifests = [json_module.loads((Path(out) / name / "mining.json").read_text()) for name in written]
-            click.echo(
-                f"the reranker dropped {sum(m['rerank_dropped'] for m in manifests):,} of "
-                f"{sum(m['rerank_scored'] for m in manifests):,} mined negatives as likely false negatives "
-                "(counts per subset in mining.json)"
-            )
-
-    run_sharded(
-        lambda: run_mine(
+    with reported(EmbedtrainError):
+        mine_command(
             model,
             data,
             out,
@@ -679,9 +591,7 @@ def mine(model, data, out, top_k, margin, batch_size, rerank, rerank_margin, **r
             rerank=rerank,
             rerank_margin=rerank_margin,
             **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size
-        ),
-        report,
-    )
+        )
 
 
 @main.command()
@@ -696,13 +606,10 @@ def merge(out, models, weights, dtype, overwrite):
     \b
     Example:  embedtrain merge exported/soup exported/run1 exported/run2 exported/run3
     """
-    from embedtrain.merge import merge as run_merge
+    from embedtrain.merge import merge_command
 
-    try:
-        run_merge(out, models, weights.split(",") if weights else None, dtype, overwrite)
-    except (EmbedtrainError, FileExistsError, ValueError) as err:
-        fail(str(err))
-    click.echo(f"merged {len(models)} models into {out}")
+    with reported(EmbedtrainError, FileExistsError, ValueError):
+        merge_command(out, models, weights, dtype, overwrite)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,18 @@ def init_inference(timeout_minutes=30):
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def run_sharded(run, report):
+    """`run()` on every rank of a torchrun/deepspeed launch (or in one process), then
+    `report(result)` on rank 0; a launch's process group then ends the process (shutdown). An
+    error of `run()` reaches the caller, who reports it (the command line: without the barrier)."""
+    rank, world, _ = init_inference()
+    result = run()
+    if rank == 0:
+        report(result)
+    if world > 1:
+        shutdown()
+
+
 def broadcast_object(value, src=0):
     """`value` of rank `src` on every rank (a path, a small dict); the identity for one process."""
     if world_size() == 1:

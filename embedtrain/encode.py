@@ -1,7 +1,7 @@
 """Embeddings from an exported folder: `embedtrain encode MODEL --input FILE --output FILE`.
 
 The loading and text-encoding (prompts, token-budget batches, over-long documents, Matryoshka dims)
-live in embedtrain.model.inference; this module reads the input file and writes the embeddings.
+live in embedtrain.inference; this module reads the input file and writes the embeddings.
 """
 
 import json
@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedtrain.errors import EncodeError
-from embedtrain.model.inference import encode_texts, load_encoder, prompt_text
+from embedtrain.errors import EncodeError, UsageError
+from embedtrain.inference import BiEncoder
+from embedtrain.inference.batching import encode_texts, prompt_text
 
 
 def read_texts(path):
@@ -60,17 +61,17 @@ def encode_file(
     dtype=None,
 ):
     """Embed every text of `input_path` (prompt: "query", "document" or None) into `output_path`."""
-    encoder, tokenizer, policy, model_max_length = load_encoder(model_dir, dtype=dtype, device=device)
+    model = BiEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
     texts = read_texts(input_path)
     if prompt is not None and prompt not in ("query", "document"):
         raise EncodeError(f"--prompt {prompt}: expected query or document (the prompts of {model_dir})")
-    max_length = max_length or model_max_length
-    limit = encoder.backbone.config.max_position_embeddings
+    max_length = max_length or model.max_seq_length
+    limit = model.module.backbone.config.max_position_embeddings
     if max_length > limit:
         raise EncodeError(f"--max-length {max_length} exceeds {model_dir}'s max_position_embeddings={limit}")
     embeddings = encode_texts(
-        encoder,
-        tokenizer,
+        model.module,
+        model.tokenizer,
         texts,
         batch_size,
         max_length,
@@ -79,7 +80,16 @@ def encode_file(
         max_tokens=max_tokens,
         long_documents=long_documents,
         chunk_overlap=chunk_overlap,
-        prompt=prompt_text(policy, prompt),
+        prompt=prompt_text(model.prompt_policy, prompt),
     )
     write_embeddings(output_path, embeddings, texts)
     return embeddings
+
+
+def encode_command(model_dir, input_path, output_path, *args, **kwargs):
+    """`embedtrain encode` without --teacher-cache: a folder as `output_path` is refused before the
+    model loads; then encode_file (same arguments) and a line saying what was written."""
+    if Path(output_path).is_dir():
+        raise UsageError(f"--output {output_path} is a folder; expected a .npy or .parquet file.")
+    embeddings = encode_file(model_dir, input_path, output_path, *args, **kwargs)
+    print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}", flush=True)

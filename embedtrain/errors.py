@@ -34,3 +34,9 @@ class MergeError(EmbedtrainError, ValueError):
 
 class TrainingError(EmbedtrainError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); a checkpoint was written first."""
+
+
+class UsageError(EmbedtrainError, ValueError):
+    """Command-line options that do not fit together or the files they name (e.g. an --output that
+    is a folder), found by a command module; the command line reports it as a usage error, with the
+    command's usage line (exit code 2)."""

@@ -7,7 +7,7 @@ into an on-disk float16 matrix, blocked top-100 on the model's device, rank-shar
 on several processes); metrics per subset and their mean.
 
 With --rerank, a second stage: each query's first `rerank_top_k` candidates from that search are
-rescored by a reranker (cross-encoder, embedtrain.model.inference) and reordered by its scores (ties keep
+rescored by a reranker (cross-encoder, embedtrain.inference) and reordered by its scores (ties keep
 their first-stage order); candidates beyond the top k keep their first-stage order below the
 reranked ones. Both stages are reported side by side. The reranking is rank-sharded too, on the
 same query-chunk grid, so N ranks give the result of one.
@@ -22,6 +22,7 @@ import copy
 import gc
 import json
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,9 @@ from tqdm import tqdm
 from embedtrain import distributed
 from embedtrain.data.nemotron import read_metadata, subset_folders
 from embedtrain.errors import DataError, EncodeError
-from embedtrain.model.inference import BLOCK, load_encoder, load_reranker, require_kind, score_pairs
+from embedtrain.inference import BiEncoder, Reranker
+from embedtrain.inference.batching import BLOCK, score_pairs
+from embedtrain.inference.loading import require_kind
 from embedtrain.retrieval import (
     JsonlTexts,
     ListTexts,
@@ -147,31 +150,31 @@ def evaluate(
     else:
         folders, read = subset_folders(data), subset_sources
     depth = max(SEARCH_DEPTH, rerank_top_k) if rerank is not None else SEARCH_DEPTH
-    encoder, tokenizer, policy, max_length = load_encoder(model_dir, dtype=dtype, device=device)
-    device = next(encoder.parameters()).device
+    encoder = BiEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
+    device = encoder.device
     results, first_stage = {}, {}
     with work_folder(work_dir) as work:
         for folder in folders:
-            query_ids, query_texts, corpus, doc_ids, qrels, prompt = read(folder, policy, query_prompt)
+            query_ids, query_texts, corpus, doc_ids, qrels, prompt = read(folder, encoder.prompt_policy, query_prompt)
             files = work / folder.name
             docs = encode_to_file(
-                encoder,
-                tokenizer,
+                encoder.module,
+                encoder.tokenizer,
                 corpus,
                 files / "corpus",
                 batch_size,
-                max_length,
+                encoder.max_seq_length,
                 dim,
                 progress=progress,
                 desc=f"{folder.name} corpus",
             )
             queries = encode_to_file(
-                encoder,
-                tokenizer,
+                encoder.module,
+                encoder.tokenizer,
                 ListTexts(query_texts, prompt),
                 files / "queries",
                 batch_size,
-                max_length,
+                encoder.max_seq_length,
                 dim,
                 progress=progress,
                 desc=f"{folder.name} queries",
@@ -191,9 +194,9 @@ def evaluate(
                 queries.remove()
         reranked = None
         if rerank is not None:
-            del encoder, tokenizer  # the reranker takes its place on the device
+            del encoder  # the reranker takes its place on the device
             free_device_memory()
-            reranker = load_reranker(rerank, dtype=dtype, device=device)
+            reranker = Reranker.from_pretrained(rerank, device=device, dtype=dtype)
             reranked = {}
             for name, (query_texts, corpus, rows, rankings, qrels) in first_stage.items():
                 scores = score_candidates_sharded(
@@ -332,6 +335,30 @@ def format_table(result):
         second = result["reranked"]["mean"] if name == "mean" else result["reranked"]["subsets"][name]
         lines.append(name.ljust(width) + "".join(f"    {first[key]:.4f}  {second[key]:.4f}" for key, _ in columns))
     return "\n".join(lines)
+
+
+def eval_command(model_dir, data, output=None, batch_size=64, query_prompt=None, dim=None, work_dir=None, **options):
+    """`embedtrain eval`: evaluate on every rank of a launch (or in one process); rank 0 prints the
+    metrics JSON and writes it to `output` too, and with `rerank` the side-by-side table to stderr.
+    `options`: evaluate()'s device, dtype, query_chunk, corpus_chunk and rerank options."""
+    if output:  # checked before the encoding: a result is never computed to be lost
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+
+    def report(result):
+        text = json.dumps(result, indent=2)
+        if output:
+            with open(output, "w") as f:
+                f.write(text + "\n")
+        if options.get("rerank"):
+            print(format_table(result), file=sys.stderr, flush=True)
+        print(text, flush=True)
+
+    distributed.run_sharded(
+        lambda: evaluate(
+            model_dir, data, batch_size, query_prompt, progress=True, dim=dim, work_dir=work_dir, **options
+        ),
+        report,
+    )
 
 
 @contextmanager

@@ -33,7 +33,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from embedtrain import __version__
 from embedtrain.errors import CheckpointError
 from embedtrain.model import bidirectional
 from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
@@ -52,6 +51,7 @@ from embedtrain.model.lora import (
 from embedtrain.model.reranker import HEAD_KEY, KIND_FILE, RERANKER_ARCHITECTURE
 from embedtrain.prompts import MODEL_METADATA, model_policy
 from embedtrain.train.checkpoint import load_checkpoint_file, rank_files, resolve_checkpoint, zero3_full_tensors
+from embedtrain.version import __version__
 
 MODELING_FILE = "llama_bidirectional_model.py"
 BACKBONE_PREFIX = "backbone."
@@ -408,7 +408,7 @@ PROBE_PAIRS = [
 
 def check_pair_rendering(folder, pair_template):
     """The chat template, rendered and tokenized as CrossEncoder does, gives the token ids embedtrain
-    scores (model.inference.score_pairs): refuse to write a folder where the two would differ."""
+    scores (inference.batching.score_pairs): refuse to write a folder where the two would differ."""
     tokenizer = load_tokenizer(folder)
     for query, passage in PROBE_PAIRS:
         messages = [{"role": "query", "content": query}, {"role": "document", "content": passage}]
@@ -634,3 +634,8 @@ def write_export(
         tmp, config, prompts, run_config["data"]["passage_max_length"], metadata.get("projection")
     )
     (tmp / "README.md").write_text(model_card(config, run_config, step, prompts))
+
+
+def export_command(source, out, **options):
+    """`embedtrain export`: export_checkpoint (same options) and a line saying where it went."""
+    print(f"exported to {export_checkpoint(source, out, **options)}", flush=True)

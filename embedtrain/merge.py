@@ -83,3 +83,10 @@ def merge(out, models, weights=None, dtype="float32", overwrite=False, max_shard
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def merge_command(out, models, weights=None, dtype="float32", overwrite=False):
+    """`embedtrain merge`: `weights` as given to --weights (comma-separated, or None for uniform),
+    merged and a line saying what was written."""
+    merge(out, models, weights.split(",") if weights else None, dtype, overwrite)
+    print(f"merged {len(models)} models into {out}", flush=True)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from embedtrain import distributed
 from embedtrain.data.nemotron import read_metadata, subset_folders
 from embedtrain.eval import free_device_memory, score_candidates_sharded
-from embedtrain.model.inference import load_encoder, load_reranker, require_kind
+from embedtrain.inference import BiEncoder, Reranker
+from embedtrain.inference.loading import require_kind
 from embedtrain.retrieval import (
     ParquetTexts,
     doc_lists,
@@ -72,12 +73,10 @@ def negatives_column(rows, doc_ids, column_type):
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs).cast(column_type)
 
 
-def mine_subset(
-    folder, encoder, tokenizer, policy, max_length, work, top_k, margin, batch_size, query_chunk, corpus_chunk, device
-):
+def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, corpus_chunk, device):
     """(queries table, (Q, top_k) negative rows, doc ids) of one subset on rank 0; (None, None, None)
-    on the other ranks. Every rank must call it."""
-    query_prompt, document_prompt = policy.for_subset(read_metadata(folder))
+    on the other ranks; `encoder` an embedtrain.inference.BiEncoder. Every rank must call it."""
+    query_prompt, document_prompt = encoder.prompt_policy.for_subset(read_metadata(folder))
     corpus_file, queries_file = folder / "corpus.parquet", folder / "queries.parquet"
     doc_ids = read_columns(corpus_file, ["id"]).column("id").combine_chunks()
     queries = read_columns(queries_file, None, required=["question", "pos_doc", "neg_doc"])  # all, written back
@@ -85,22 +84,22 @@ def mine_subset(
         queries.column("pos_doc"), doc_ids, lambda q: f"{folder.name}: {queries_file} row {q} pos_doc"
     )
     docs = encode_to_file(
-        encoder,
-        tokenizer,
+        encoder.module,
+        encoder.tokenizer,
         ParquetTexts(corpus_file, "text", document_prompt),
         work / "corpus",
         batch_size,
-        max_length,
+        encoder.max_seq_length,
         progress=True,
         desc=f"{folder.name} corpus",
     )
     query_vectors = encode_to_file(
-        encoder,
-        tokenizer,
+        encoder.module,
+        encoder.tokenizer,
         ParquetTexts(queries_file, "question", query_prompt),
         work / "queries",
         batch_size,
-        max_length,
+        encoder.max_seq_length,
         progress=True,
         desc=f"{folder.name} queries",
     )
@@ -148,8 +147,8 @@ def mine(
     require_kind(model_dir, "embedding", "MODEL")
     if rerank is not None:
         require_kind(rerank, "reranker", "--rerank")
-    encoder, tokenizer, policy, max_length = load_encoder(model_dir, dtype=dtype, device=device)
-    device = next(encoder.parameters()).device
+    encoder = BiEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
+    device = encoder.device
     out = Path(out)
     written = {}
     folders = subset_folders(data)
@@ -158,9 +157,6 @@ def mine(
         queries, rows, doc_ids = mine_subset(
             folder,
             encoder,
-            tokenizer,
-            policy,
-            max_length,
             work,
             top_k,
             margin,
@@ -181,9 +177,9 @@ def mine(
             )
         written[folder.name] = distributed.broadcast_object(None if queries is None else queries.num_rows)
     if rerank is not None:
-        del encoder, tokenizer  # the reranker takes its place on the device
+        del encoder  # the reranker takes its place on the device
         free_device_memory()
-        reranker = load_reranker(rerank, dtype=dtype, device=device)
+        reranker = Reranker.from_pretrained(rerank, device=device, dtype=dtype)
         for folder in folders:
             counts = rerank_subset(
                 out / folder.name,
@@ -201,6 +197,25 @@ def mine(
         shutil.rmtree(out / WORK_FOLDER, ignore_errors=True)
     distributed.barrier()
     return written
+
+
+def mine_command(model_dir, data, out, top_k=20, margin=0.95, **options):
+    """`embedtrain mine`: mine on every rank of a launch (or in one process); rank 0 prints what was
+    written and, with `rerank`, how many negatives the reranker dropped (summed from the subsets'
+    mining.json). `options`: mine()'s batch size, chunk, device, dtype and rerank options."""
+
+    def report(written):
+        print(f"mined {sum(written.values()):,} queries in {len(written)} subset(s) into {out}", flush=True)
+        if options.get("rerank"):
+            manifests = [json.loads((Path(out) / name / "mining.json").read_text()) for name in written]
+            print(
+                f"the reranker dropped {sum(m['rerank_dropped'] for m in manifests):,} of "
+                f"{sum(m['rerank_scored'] for m in manifests):,} mined negatives as likely false negatives "
+                "(counts per subset in mining.json)",
+                flush=True,
+            )
+
+    distributed.run_sharded(lambda: mine(model_dir, data, out, top_k, margin, **options), report)
 
 
 def write_subset(folder, target, queries, negatives):

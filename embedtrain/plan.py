@@ -55,6 +55,7 @@ import json
 from pathlib import Path
 
 from embedtrain.autoconfig import GIB, Hardware, activation_bytes, auto_deepspeed_json, model_state_bytes, with_reserve
+from embedtrain.config import load_config, recipe_path
 from embedtrain.shape import Shape
 
 NVLINK_GBPS = 3600.0  # H100 SXM NVLink 4: 900 GB/s both directions -> 450 GB/s = 3,600 Gb/s each way
@@ -401,3 +402,16 @@ def format_plan(result):
             "GB reduce-scattered per GPU)"
         )
     return "\n".join(lines)
+
+
+def plan_command(recipe, overrides, *args):
+    """`embedtrain plan`: the recipe with its overrides (and placeholder paths), planned (plan()'s
+    arguments after the recipe name) and printed."""
+    config = load_config(recipe, [*placeholder_paths(overrides), *overrides])
+    print(format_plan(plan(config, recipe_path(recipe).stem, *args)), flush=True)
+
+
+def placeholder_paths(overrides):
+    """plan needs no data and, with a known shape, no checkpoint: fill unset paths."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [f"{key}=unset" for key in ("model.path", "data.path") if key not in given]

@@ -3,7 +3,7 @@
     embedtrain rerank exported/tiny_reranker --input pairs.jsonl --output scores.jsonl
 
 Loading the reranker and scoring pairs (the template the model was trained with, its pair max
-length, token-budget batches) live in embedtrain.model.inference, behind
+length, token-budget batches) live in embedtrain.inference, behind
 `Reranker.from_pretrained(...).score(...)`, `eval --rerank` and `mine --rerank` too.
 """
 
@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 from embedtrain.errors import EncodeError
-from embedtrain.model.inference import load_reranker, require_kind, score_pairs
+from embedtrain.inference import Reranker
+from embedtrain.inference.batching import score_pairs
+from embedtrain.inference.loading import require_kind
 
 PAIR_RECORD = 'an object with a string "query" and a string "passage" or a list of strings "passages"'
 
@@ -60,9 +62,9 @@ def rerank_file(
     (lines, pairs)."""
     require_kind(model_dir, "reranker", "model")
     records = read_pairs(input_path)  # bad input fails before the model loads
-    model = load_reranker(model_dir, dtype=dtype, device=device)
+    model = Reranker.from_pretrained(model_dir, device=device, dtype=dtype)
     max_length = max_length or model.max_length
-    limit = model.backbone.config.max_position_embeddings
+    limit = model.module.backbone.config.max_position_embeddings
     if max_length > limit:
         raise EncodeError(f"--max-length {max_length} exceeds {model_dir}'s max_position_embeddings={limit}")
     queries = [query for query, passages, _ in records for _ in passages]
@@ -75,3 +77,9 @@ def rerank_file(
             start += len(record_passages)
             out.write(json.dumps({"score": record_scores[0]} if single else {"scores": record_scores}) + "\n")
     return len(records), len(passages)
+
+
+def rerank_command(model_dir, input_path, output_path, *args, **kwargs):
+    """`embedtrain rerank`: rerank_file (same arguments) and a line saying what was written."""
+    lines, pairs = rerank_file(model_dir, input_path, output_path, *args, **kwargs)
+    print(f"wrote the scores of {pairs} pairs ({lines} lines) to {output_path}", flush=True)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from embedtrain import distributed
 from embedtrain.data.nemotron import read_metadata
 from embedtrain.errors import DataError
-from embedtrain.model.inference import BLOCK, encode_texts, output_dim
+from embedtrain.inference.batching import BLOCK, encode_texts, output_dim
 
 MIN_BLOCKS = 16  # a small corpus is still cut into this many blocks, so that every rank gets some
 

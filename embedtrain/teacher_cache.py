@@ -26,8 +26,9 @@ from embedtrain.data.teacher import (
     hashes_file,
     read_cache_metadata,
 )
-from embedtrain.errors import DataError
-from embedtrain.model.inference import encode_texts, load_encoder
+from embedtrain.errors import DataError, UsageError
+from embedtrain.inference import BiEncoder
+from embedtrain.inference.batching import encode_texts
 
 PLURAL = {"query": "queries", "passage": "passages"}
 CACHE_DTYPES = ("float16", "float32")
@@ -243,7 +244,9 @@ def write_teacher_cache(
     try:
         prepared = prepared_folder(data_path, work, subsets)
         dataset = PreparedDataset(prepared, subsets)
-        encoder, tokenizer, policy, max_length = load_encoder(teacher, dtype=dtype, device=device)
+        model = BiEncoder.from_pretrained(teacher, device=device, dtype=dtype)
+        encoder, tokenizer = model.module, model.tokenizer
+        policy, max_length = model.prompt_policy, model.max_seq_length
         dim = encoder.backbone.config.hidden_size
         prompts = subset_prompts(dataset, policy)
 
@@ -279,3 +282,19 @@ def write_teacher_cache(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return summary
+
+
+def teacher_cache_command(teacher, data_path, output, subsets=None, cache_dtype="float16", **options):
+    """`embedtrain encode --teacher-cache`: `subsets` as given to --subsets (comma-separated names,
+    checked before the teacher loads), write_teacher_cache, and a line saying what was written.
+    `options`: write_teacher_cache's batch_size, max_tokens, device and dtype."""
+    names = [name.strip() for name in subsets.split(",")] if subsets is not None else None
+    if names is not None and not all(names):
+        raise UsageError(f"--subsets {subsets!r}: expected comma-separated subset names, e.g. FEVER,SciFact.")
+    summary = write_teacher_cache(teacher, data_path, output, cache_dtype=cache_dtype, subsets=names, **options)
+    counts = summary["counts"]
+    print(
+        f"wrote the teacher cache of {counts['query']:,} queries and {counts['passage']:,} passages "
+        f"({summary['teacher_dim']} dims, {cache_dtype}) to {output}",
+        flush=True,
+    )

@@ -99,7 +99,7 @@ def test_auto_json_is_valid_deepspeed():
 def gradients(tiny_llama, every, sequences):
     """fp32 gradients of a loss on pooled embeddings, checkpointing every `every`-th layer; and how
     many times each decoder layer ran its forward (a checkpointed layer runs it twice)."""
-    from embedtrain.model import BiEncoder, load_backbone
+    from embedtrain.model import Encoder, load_backbone
     from embedtrain.train.engine import decoder_layers, enable_activation_checkpointing
 
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def gradients(tiny_llama, every, sequences):
     calls = []  # a submodule's hook: a recompute calls the layer's forward, and so the MLP again
     for index, layer in enumerate(decoder_layers(backbone)):
         layer.mlp.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
-    encoder = BiEncoder(backbone).train()
+    encoder = Encoder(backbone).train()
     ids, mask = sequences
     embeddings = encoder(input_ids=ids, attention_mask=mask)
     loss = (embeddings @ torch.linspace(-1, 1, embeddings.shape[-1])).square().sum()

@@ -15,6 +15,7 @@ from conftest import REPO, worker_env
 BENCH = REPO / "tools" / "bench.py"
 sys.path.append(str(REPO / "tools"))
 import bench as bench_tool  # noqa: E402
+import bench_measure  # noqa: E402
 import bench_recipe  # noqa: E402
 
 
@@ -119,8 +120,8 @@ def test_ratios_and_targets():
 
 
 def test_micro_step_times():
-    assert bench_tool.micro_step_times(10.0, [10.5, 11.25, 12.0], 3) == [0.5, 0.75, 0.75]
-    spread = bench_tool.micro_step_times(0.0, [1.0], 4)  # not every micro-step marked: the step split evenly
+    assert bench_measure.micro_step_times(10.0, [10.5, 11.25, 12.0], 3) == [0.5, 0.75, 0.75]
+    spread = bench_measure.micro_step_times(0.0, [1.0], 4)  # not every micro-step marked: the step split evenly
     assert len(spread) == 4 and len(set(spread)) == 1
 
 

@@ -9,7 +9,7 @@ import torch
 from test_training import embed_with_transformers
 
 from conftest import embedtrain_cli
-from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model import Encoder, load_backbone
 
 embedtrain = embedtrain_cli  # other test files import it from here
 
@@ -28,7 +28,7 @@ def test_tiny_recipe_trains_then_exports(tmp_path):
 
     texts = ["Instruct: Given a claim, retrieve documents\nQuery: Shilin Linlofo is a chemist.", "d"]
     from_transformers, _ = embed_with_transformers(tmp_path / "out", texts)
-    native = BiEncoder(load_backbone(tmp_path / "out")).eval()
+    native = Encoder(load_backbone(tmp_path / "out")).eval()
     from embedtrain.model.encoder import load_tokenizer
 
     batch = load_tokenizer(tmp_path / "out")(texts, padding=True, return_tensors="pt")

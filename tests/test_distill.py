@@ -207,7 +207,7 @@ def test_train_and_export_a_student_with_and_without_its_projection(tiny_export,
     student = BiEncoder.from_pretrained(tmp_path / "student", device="cpu", dtype="float32")
     kept = BiEncoder.from_pretrained(tmp_path / "teacher-space", device="cpu", dtype="float32")
     teacher_width = json.loads((cache / "teacher.json").read_text())["teacher_dim"]
-    assert student.width == student.backbone.config.hidden_size and kept.width == teacher_width
+    assert student.width == student.module.backbone.config.hidden_size and kept.width == teacher_width
     dense = load_file(str(tmp_path / "teacher-space" / "3_Dense" / "model.safetensors"))
     s = torch.from_numpy(student.encode(texts, prompt="query"))
     expected = torch.nn.functional.normalize(s @ dense["linear.weight"].T + dense["linear.bias"], dim=-1).numpy()

@@ -19,7 +19,7 @@ import torch
 from test_long import padded, random_ids  # the same layouts as the CPU long-text tests
 
 from conftest import run_worker
-from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model import Encoder, load_backbone
 from embedtrain.model.packing import pack_rows
 
 pytestmark = pytest.mark.gpu
@@ -73,7 +73,7 @@ SEQUENCES = [random_ids(n, seed) for seed, n in enumerate((7, 300, 64, 129, 1))]
 @torch.no_grad()
 def embed_layouts(tiny_llama, attn_implementation, dtype):
     """{layout: (5, D) fp32 embeddings} of SEQUENCES, right- and left-padded and packed in one row."""
-    encoder = BiEncoder(load_backbone(tiny_llama, dtype=dtype, attn_implementation=attn_implementation)).to(DEVICE)
+    encoder = Encoder(load_backbone(tiny_llama, dtype=dtype, attn_implementation=attn_implementation)).to(DEVICE)
     encoder.eval()
     out = {}
     for side in ("right", "left"):
@@ -140,7 +140,7 @@ def kernel_encoder(tiny_llama, kernel):
     if kernel == "varlen" and not varlen_available():
         pytest.skip("this torch has no torch.nn.attention.varlen")
     implementation, dtype = PACKED_KERNELS[kernel]
-    encoder = BiEncoder(load_backbone(tiny_llama, dtype=dtype, attn_implementation=implementation)).to(DEVICE)
+    encoder = Encoder(load_backbone(tiny_llama, dtype=dtype, attn_implementation=implementation)).to(DEVICE)
     assert choose_kernel(encoder.backbone.config, DEVICE, dtype) == kernel  # the one training gets
     return encoder, dtype
 
@@ -238,7 +238,7 @@ def test_gpu_bf16_encode_equals_cpu_fp32_encode(exported):
 
     gpu = PublicBiEncoder.from_pretrained(exported, device=DEVICE, dtype=torch.bfloat16)
     cpu = PublicBiEncoder.from_pretrained(exported, device="cpu", dtype=torch.float32)
-    parameter = next(gpu.parameters())
+    parameter = next(gpu.module.parameters())
     assert parameter.device.type == DEVICE and parameter.dtype == torch.bfloat16
     for texts, prompt in ((QUERIES, "query"), (DOCUMENTS, "document")):
         on_gpu = gpu.encode(texts, prompt=prompt, batch_size=2)

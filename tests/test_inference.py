@@ -40,7 +40,7 @@ def test_from_pretrained_encode_equals_cli_and_sentence_transformers(exported, t
     import embedtrain
 
     model = embedtrain.BiEncoder.from_pretrained(exported / "model")
-    assert isinstance(model, embedtrain.model.BiEncoder) and not model.training
+    assert isinstance(model, embedtrain.inference.BiEncoder) and not model.module.training
     queries = model.encode(QUERIES, prompt="query")
     documents = model.encode(DOCUMENTS, prompt="document", batch_size=1)
     assert queries.dtype == np.float32 and queries.shape == (3, 64)
@@ -69,9 +69,9 @@ def test_device_and_dtype_are_honoured(exported, tmp_path):
     full = BiEncoder.from_pretrained(exported / "model", device="cpu", dtype="float32")
     half = BiEncoder.from_pretrained(exported / "model", device="cpu", dtype="bfloat16")
     auto = BiEncoder.from_pretrained(exported / "model")
-    assert next(half.parameters()).dtype == torch.bfloat16 and next(half.parameters()).device.type == "cpu"
+    assert next(half.module.parameters()).dtype == torch.bfloat16 and half.device.type == "cpu"
     expected_auto = (torch.bfloat16, "cuda") if torch.cuda.is_available() else (torch.float32, "cpu")
-    assert (next(auto.parameters()).dtype, next(auto.parameters()).device.type) == expected_auto
+    assert (next(auto.module.parameters()).dtype, auto.device.type) == expected_auto
     reference = full.encode(DOCUMENTS + QUERIES, prompt="query")
     low = half.encode(DOCUMENTS + QUERIES, prompt="query")
     assert low.dtype == np.float32 and cosines(low, reference).min() >= 0.99
@@ -159,10 +159,12 @@ def brute_force_rankings(query_vectors, doc_vectors, doc_ids, k=100):
 def test_memory_mapped_eval_equals_exact_in_memory_metrics(exported):
     from embedtrain.data.nemotron import read_metadata, subset_folders
     from embedtrain.eval import evaluate
-    from embedtrain.model.inference import encode_texts, load_encoder
+    from embedtrain.inference import BiEncoder
+    from embedtrain.inference.batching import encode_texts
     from embedtrain.retrieval import metrics, read_subset
 
-    encoder, tokenizer, policy, max_length = load_encoder(exported / "model")
+    model = BiEncoder.from_pretrained(exported / "model")
+    encoder, tokenizer, policy, max_length = model.module, model.tokenizer, model.prompt_policy, model.max_seq_length
     result = evaluate(exported / "model", exported / "heldout", corpus_chunk=16, query_chunk=8)
     for folder in subset_folders(exported / "heldout"):
         queries, corpus, qrels, meta = read_subset(folder)

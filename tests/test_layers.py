@@ -1,6 +1,7 @@
 """Dependencies inside embedtrain point one way: a module imports only from its own layer or the
 layers below it, at module level and inside functions alike (a function-level import is still a
-dependency; it only runs later). Read from the source with `ast`, nothing is imported."""
+dependency; it only runs later), and no modules import each other in a circle, inside a layer
+either. Read from the source with `ast`, nothing is imported."""
 
 import ast
 from pathlib import Path
@@ -10,13 +11,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "embedtrain"
 
 # Bottom to top. A module belongs to the entry with the longest matching name ("embedtrain.model"
-# covers embedtrain.model.encoder); "embedtrain" is the package's __init__ alone (it re-exports the
-# model classes lazily), so a new top-level module must be given a layer here.
+# covers embedtrain.model.encoder); "embedtrain" is the package's __init__ alone (it returns the
+# inference layer's BiEncoder and Reranker lazily, so it sits on top), so a new top-level module must
+# be given a layer here.
 LAYERS = [
     (
         "foundation",
         (
-            "embedtrain",
+            "embedtrain.version",
             "embedtrain.errors",
             "embedtrain.distributed",
             "embedtrain.losses",
@@ -25,6 +27,7 @@ LAYERS = [
             "embedtrain.model",
         ),
     ),
+    ("inference", ("embedtrain.inference",)),
     ("data", ("embedtrain.data",)),
     ("retrieval", ("embedtrain.retrieval",)),
     ("config", ("embedtrain.config", "embedtrain.autoconfig")),
@@ -43,6 +46,7 @@ LAYERS = [
         ),
     ),
     ("cli", ("embedtrain.cli",)),
+    ("package", ("embedtrain",)),
 ]
 
 
@@ -99,6 +103,72 @@ def upward_imports(modules, root=PACKAGE):
     return found
 
 
+def import_circles(modules, root=PACKAGE):
+    """One line per import circle among `modules` (a strongly connected component of the import
+    graph, module- and function-level imports alike): a closed path through it, each step with the
+    file and line of its import, e.g. 'embedtrain.a -> embedtrain.b (embedtrain/a.py:4) ->
+    embedtrain.a (embedtrain/b.py:1)', then the component's modules the path does not pass."""
+    edges = {}  # module -> {imported module: first line}
+    for name, path in modules.items():
+        edges[name] = {}
+        for line, imported in imported_modules(path, modules):
+            if imported in modules and imported != name:
+                edges[name].setdefault(imported, line)
+    index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+    def connect(node):  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in edges[node]:
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(component)
+
+    for node in sorted(edges):
+        if node not in index:
+            connect(node)
+    circles = []
+    for component in components:
+        path = closed_path(sorted(component)[0], component, edges, modules, root)
+        others = sorted(name for name in component if f"{name} (" not in path)
+        circles.append(path + (f"; also in the circle: {', '.join(others)}" if others else ""))
+    return circles
+
+
+def closed_path(start, component, edges, modules, root):
+    """A shortest path from `start` back to itself inside `component`, as import_circles writes it."""
+    parents, frontier = {}, [start]
+    while start not in parents:
+        following = []
+        for node in frontier:
+            for target in sorted(edges[node]):
+                if target in component and target not in parents:
+                    parents[target] = node
+                    following.append(target)
+        frontier = following
+    steps, node = [], start
+    while True:
+        source = parents[node]
+        steps.append(f"{node} ({modules[source].relative_to(root.parent)}:{edges[source][node]})")
+        node = source
+        if node == start:
+            break
+    return " -> ".join([start, *reversed(steps)])
+
+
 def test_every_module_has_a_layer():
     modules = package_modules()
     assert "embedtrain.cli" in modules and "embedtrain.model.encoder" in modules
@@ -126,8 +196,25 @@ def test_imports_are_found_at_every_depth(tmp_path, source, expected):
     assert [module for _, module in imported_modules(path, package_modules())] == expected
 
 
+def test_no_modules_import_each_other_in_a_circle():
+    circles = import_circles(package_modules())
+    assert not circles, "import circles (each a closed path of imports):\n" + "\n".join(circles)
+
+
+def test_a_circle_through_a_function_level_import_is_named(tmp_path):
+    root = tmp_path / "embedtrain"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "a.py").write_text("import json\n\n\ndef f():\n    from embedtrain.b import g\n")
+    (root / "b.py").write_text("from embedtrain import a\n")
+    (root / "c.py").write_text("from embedtrain import a, b\n")  # imports the circle, is not in it
+    assert import_circles(package_modules(root), root) == [
+        "embedtrain.a -> embedtrain.b (embedtrain/a.py:5) -> embedtrain.a (embedtrain/b.py:1)"
+    ]
+
+
 def test_a_module_outside_the_layers_is_noticed():
-    assert layer_of("embedtrain.something_new") is None and layer_of("embedtrain")[1] == "foundation"
+    assert layer_of("embedtrain.something_new") is None and layer_of("embedtrain")[1] == "package"
 
 
 def test_an_upward_import_is_named_with_its_file_and_line(tmp_path):

@@ -5,7 +5,7 @@ RoPE scaling from the checkpoint's config is honoured and survives export."""
 import pytest
 import torch
 
-from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model import Encoder, load_backbone
 from embedtrain.model.bidirectional import positions_from_mask
 from embedtrain.model.packing import pack
 
@@ -29,7 +29,7 @@ def padded(sequences, side):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_llama):
-    return BiEncoder(load_backbone(tiny_llama, dtype=torch.float32), pooling="avg").eval()
+    return Encoder(load_backbone(tiny_llama, dtype=torch.float32), pooling="avg").eval()
 
 
 @pytest.mark.parametrize("pooling", ["avg", "last"])
@@ -102,8 +102,8 @@ def test_rope_scaling_is_honoured_and_survives_export(tiny_llama, rope_scaled_ll
     from test_cli import embedtrain
     from transformers import AutoModel
 
-    scaled = BiEncoder(load_backbone(rope_scaled_llama, dtype=torch.float32)).eval()
-    plain = BiEncoder(load_backbone(tiny_llama, dtype=torch.float32)).eval()
+    scaled = Encoder(load_backbone(rope_scaled_llama, dtype=torch.float32)).eval()
+    plain = Encoder(load_backbone(tiny_llama, dtype=torch.float32)).eval()
     assert scaled.backbone.rotary_emb.rope_type == "llama3"
     ids = torch.tensor([random_ids(LONG, 6)])
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_training_on_2048_token_passages_matches_plain_pytorch(tmp_path):
 
 
 def test_token_budget_batches_longest_first_within_the_budget():
-    from embedtrain.model.inference import token_budget_batches
+    from embedtrain.inference.batching import token_budget_batches
 
     lengths = [10, 500, 20, 400, 30, 2000]
     batches = token_budget_batches(lengths, batch_size=8, max_tokens=1000)
@@ -167,7 +167,7 @@ def words(count, seed):
 
 
 def test_token_budget_encoding_equals_one_text_at_a_time(encoder, tokenizer):
-    from embedtrain.model.inference import encode_texts
+    from embedtrain.inference.batching import encode_texts
 
     texts = [words(n, n) for n in (5, 3000, 40, 900, 12)]
     assert max(len(tokenizer(t)["input_ids"]) for t in texts) > 2048
@@ -180,7 +180,7 @@ def test_token_budget_encoding_equals_one_text_at_a_time(encoder, tokenizer):
 def test_long_documents_chunk_mean_of_window_embeddings(encoder, tokenizer):
     """--long-documents chunk: windows of max_length tokens, each with BOS and the prompt's tokens,
     consecutive windows sharing `overlap` tokens; the embedding is the re-normalised mean."""
-    from embedtrain.model.inference import encode_texts
+    from embedtrain.inference.batching import encode_texts
 
     text, prompt, max_length, overlap = words(300, 7), "passage: ", 64, 8
     got = encode_texts(

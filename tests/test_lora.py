@@ -16,7 +16,7 @@ from test_resume import effective_stream, run
 from conftest import ASSETS, run_worker
 from embedtrain.config import LORA_DEFAULTS, ConfigError, load_config
 from embedtrain.export import export_checkpoint
-from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model import Encoder, load_backbone
 from embedtrain.model.lora import ADAPTER_BASE, LORA_PARAMETER, BaseWeights, adapter_key, read_adapter
 from embedtrain.plan import SHAPES, Shape, plan
 from embedtrain.train.checkpoint import CheckpointError, load_checkpoint_file, rank_files, zero3_full_tensors
@@ -106,7 +106,7 @@ def test_adapter_saved_under_zero3_is_the_trained_one_and_both_exports_reproduce
     from peft import PeftModel
 
     from embedtrain.errors import EncodeError
-    from embedtrain.model.inference import load_encoder
+    from embedtrain.inference import BiEncoder
 
     run_dir, memory = tmp_path / "run", tmp_path / "memory.pt"
     fast = ["--set", "train.lr=2e-3", "--set", "optim.warmup_steps=1"]  # let the adapter move visibly
@@ -148,16 +148,16 @@ def test_adapter_saved_under_zero3_is_the_trained_one_and_both_exports_reproduce
 
     texts = in_memory["texts"]
     in_process = in_memory["embeddings"]
-    exported = embed(load_encoder(merged, dtype="float32", device="cpu")[0], texts)
-    on_base = embed(BiEncoder(PeftModel.from_pretrained(load_backbone(BASE), adapter_only)), texts)
-    from_checkpoint = embed(BiEncoder(PeftModel.from_pretrained(load_backbone(BASE), step)), texts)
-    untuned = embed(BiEncoder(load_backbone(BASE)), texts)
+    exported = embed(BiEncoder.from_pretrained(merged, device="cpu", dtype="float32").module, texts)
+    on_base = embed(Encoder(PeftModel.from_pretrained(load_backbone(BASE), adapter_only)), texts)
+    from_checkpoint = embed(Encoder(PeftModel.from_pretrained(load_backbone(BASE), step)), texts)
+    untuned = embed(Encoder(load_backbone(BASE)), texts)
     assert cosines(exported, in_process).min() >= 0.99999
     assert cosines(on_base, in_process).min() >= 0.99999
     assert cosines(from_checkpoint, in_process).min() >= 0.99999
     assert cosines(untuned, in_process).max() < 0.9999  # the trained adapter changes every embedding
     with pytest.raises(EncodeError, match="is a LoRA adapter without its base"):
-        load_encoder(adapter_only, device="cpu")
+        BiEncoder.from_pretrained(adapter_only, device="cpu")
 
     # a base other than the one trained on is refused, not silently merged
     other = tmp_path / "other-base"

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from embedtrain.model import BiEncoder, LlamaBidirectionalConfig, LlamaBidirectionalModel, load_backbone
+from embedtrain.model import Encoder, LlamaBidirectionalConfig, LlamaBidirectionalModel, load_backbone
 from embedtrain.model.encoder import attention_is_bidirectional, check_bidirectional
 
 SMALL = dict(
@@ -53,7 +53,7 @@ def test_eager_and_sdpa_agree():
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("pooling", ["avg", "cls", "last", "weighted_avg"])
 def test_padding_changes_nothing(side, pooling):
-    encoder = BiEncoder(small_model(), pooling=pooling).eval()
+    encoder = Encoder(small_model(), pooling=pooling).eval()
     ids = torch.randint(1, 128, (1, 7), generator=torch.Generator().manual_seed(2))
     alone = encoder(ids, torch.ones_like(ids))
     pad_ids, pad_mask = torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)
@@ -65,7 +65,7 @@ def test_padding_changes_nothing(side, pooling):
 
 
 def test_embeddings_are_unit_fp32():
-    encoder = BiEncoder(small_model())
+    encoder = Encoder(small_model())
     ids = torch.randint(0, 128, (3, 5))
     out = encoder(ids, torch.ones_like(ids))
     assert out.dtype == torch.float32

@@ -103,9 +103,9 @@ def padded_batch(sequences):
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tiny_llama):
-    from embedtrain.model import BiEncoder, load_backbone
+    from embedtrain.model import Encoder, load_backbone
 
-    return BiEncoder(load_backbone(tiny_llama)).eval()
+    return Encoder(load_backbone(tiny_llama)).eval()
 
 
 @pytest.mark.parametrize("kernel", ["mask", "varlen_reference", "flex"])
@@ -178,13 +178,13 @@ def test_flash_attention_2_keeps_several_packed_rows_apart(tiny_llama, flash_on_
     packed path (EncoderInputs -> cu_seq_lens / max_length) and the exported model's own forward
     (sequence labels as the mask) must give every sequence its embedding encoded alone; and the
     start-up self-test must pass on this path and catch the leak when the boundaries are dropped."""
-    from embedtrain.model import BiEncoder, load_backbone
+    from embedtrain.model import Encoder, load_backbone
     from embedtrain.model.encoder import causal_layouts
     from embedtrain.model.pooling import pool
 
     backbone = load_backbone(tiny_llama)
     backbone.config._attn_implementation = "flash_attention_2"
-    encoder = BiEncoder(backbone).eval()
+    encoder = Encoder(backbone).eval()
     sequences = random_sequences()
     packed = pack_rows(sequences, 40, pad_to_multiple_of=8)
     with torch.no_grad():

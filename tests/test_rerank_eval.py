@@ -14,8 +14,9 @@ from conftest import REPO, embedtrain_cli, run_ranks
 from embedtrain.data.nemotron import read_metadata
 from embedtrain.errors import EncodeError
 from embedtrain.eval import rerank_ranking, rerank_rankings
+from embedtrain.inference import BiEncoder, Reranker
+from embedtrain.inference.batching import encode_texts
 from embedtrain.mine import drop_false_negatives, mine, negatives_column, padded_rows
-from embedtrain.model.inference import encode_texts, load_encoder, load_reranker
 from embedtrain.retrieval import metrics, search
 from embedtrain.train.evaluation import candidate_list
 
@@ -103,19 +104,19 @@ def test_the_in_training_candidate_list_keeps_positives_and_is_fixed_per_query()
 def direct_two_stages(bi, reranker_path, folder, top_k):
     """The first-stage and reranked rankings of a subset computed without embedtrain.eval: numpy
     search over the bi-encoder's float16-stored vectors, then the reranker's .score per query."""
-    encoder, tokenizer, policy, max_length = load_encoder(bi)
-    query_prompt, document_prompt = policy.for_subset(read_metadata(folder))
+    encoder = BiEncoder.from_pretrained(bi)
+    query_prompt, document_prompt = encoder.prompt_policy.for_subset(read_metadata(folder))
     queries, corpus = read_subset_texts(folder)
     doc_ids = list(corpus)
     as_stored = lambda texts, prompt: encode_texts(  # noqa: E731
-        encoder, tokenizer, [prompt + t for t in texts], 64, max_length
+        encoder.module, encoder.tokenizer, [prompt + t for t in texts], 64, encoder.max_seq_length
     ).astype(np.float16)
     scores = (
         as_stored([q["question"] for q in queries], query_prompt).astype(np.float32)
         @ as_stored(list(corpus.values()), document_prompt).astype(np.float32).T
     )
     first = {q["question_id"]: [doc_ids[i] for i in np.argsort(-row, kind="stable")] for q, row in zip(queries, scores)}
-    reranker = load_reranker(reranker_path)
+    reranker = Reranker.from_pretrained(reranker_path)
     second = {
         q["question_id"]: rerank_ranking(
             first[q["question_id"]], reranker.score(q["question"], [corpus[d] for d in first[q["question_id"]][:top_k]])
@@ -181,7 +182,7 @@ def test_mine_rerank_drops_exactly_the_negatives_scored_above_the_positive(model
     and a margin of the wrong sign would keep other ones."""
     plain_counts = mine(models["bi"], models["heldout"], tmp_path / "plain", top_k=5, corpus_chunk=64)
     assert json.loads((tmp_path / "plain" / "FEVER" / "mining.json").read_text()).keys() == {"model", "top_k", "margin"}
-    reranker = load_reranker(models["reranker"])
+    reranker = Reranker.from_pretrained(models["reranker"])
     mined = {}  # subset -> [(question id, negatives, negative scores, lowest positive score)]
     for subset in SUBSETS:
         queries, corpus = read_subset_texts(tmp_path / "plain" / subset)
@@ -231,7 +232,7 @@ def test_in_training_reranker_eval_runs_at_the_last_step_and_equals_the_exported
         r"eval at step (\d+): nDCG@10 ([0-9.]+)  Recall@10 ([0-9.]+)  MRR@10 ([0-9.]+)  \(reranking", models["log"]
     )
     assert [int(step) for step, *_ in logged] == [4], models["log"][-3000:]
-    reranker = load_reranker(models["reranker"])
+    reranker = Reranker.from_pretrained(models["reranker"])
     per_subset = []
     for subset in SUBSETS:
         queries, corpus = read_subset_texts(models["heldout"] / subset)

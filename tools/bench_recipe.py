@@ -12,10 +12,10 @@ follows the loop's own host read of the step's loss, so each interval ends with 
 Tokens are counted from the collated micro-batches (embedtrain.data.collate.encoder_parts, the
 loop's own accounting), micro-steps from DeepSpeed's engine.step calls.
 
-The plain runs (`torch_plain`, `deepspeed_plain`, as in tools/bench.py) train the same examples,
+The plain runs (`torch_plain`, `deepspeed_plain`, tools/bench_baselines.py) train the same examples,
 global batch by global batch, in micro-batches of the preset's `plain_micro_batch` queries.
 
-The examples: the bench's long-tailed length mix (tools/bench.py make_examples), one prepared
+The examples: the bench's long-tailed length mix (tools/bench_measure.py make_examples), one prepared
 subset per subset name the recipe trains on, each query with its own 1 + hard_negatives passages.
 Which example each step trains on is drawn by embedtrain's own Sampler and StepBatches (the
 recipe's seed, mixing, positive sampling); the embedtrain run checks that it trained on exactly
@@ -185,7 +185,7 @@ def recipe_config(spec, plain):
     """The recipe as shipped, on the bench's model and data. The plain runs' config sizes
     micro-batches in queries (spec micro_batch, token budget off); the embedtrain run's is the
     recipe's own."""
-    from bench import token_budget_off
+    from bench_measure import token_budget_off
 
     from embedtrain.config import load_config
 
@@ -205,7 +205,7 @@ def prepare_recipe_data(spec, examples):
     way the loop will (embedtrain's Sampler and StepBatches) and save them, in order, as the plain
     runs' examples (global batch after global batch)."""
     import pyarrow as pa
-    from bench import subset_info
+    from bench_measure import subset_info
 
     from embedtrain.data.nemotron import content_hash
     from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded
@@ -288,7 +288,7 @@ def measure_recipe(spec, name, profile=None):
     import contextlib
     import inspect
 
-    import bench
+    import bench_measure
     import torch
 
     from embedtrain import distributed
@@ -296,11 +296,11 @@ def measure_recipe(spec, name, profile=None):
 
     config = recipe_config(spec, plain=False)
     distributed.init_distributed()  # the loop's own call then finds the group made
-    counter = bench.GatherCounter()
+    counter = bench_measure.GatherCounter()
     counter.install()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    peak = bench.PeakMemory(device)
+    peak = bench_measure.PeakMemory(device)
     original = loop.optimizer_step
     signature = inspect.signature(original)
     state = {"timing": False, "counts": [], "micro_steps": [], "ticks": [], "examples": [], "timed": set()}
@@ -310,14 +310,16 @@ def measure_recipe(spec, name, profile=None):
         arguments = signature.bind(*args, **kwargs).arguments
         engine, micro_batches = arguments["engine"], arguments["micro_batches"]
         if id(engine) not in state["timed"]:
-            bench.time_micro_steps(engine)
+            bench_measure.time_micro_steps(engine)
             state["timed"].add(id(engine))
-        bench.MICRO_STEP_ENDS.clear()
+        bench_measure.MICRO_STEP_ENDS.clear()
         began = time.perf_counter()
         result = original(*args, **kwargs)
         if state["timing"]:
             state["counts"] += [batch_tokens(batch) for batch in micro_batches]
-            state["micro_steps"] += bench.micro_step_times(began, bench.MICRO_STEP_ENDS, len(micro_batches))
+            state["micro_steps"] += bench_measure.micro_step_times(
+                began, bench_measure.MICRO_STEP_ENDS, len(micro_batches)
+            )
         return result
 
     def on_step(step, stats, examples):
@@ -348,11 +350,11 @@ def measure_recipe(spec, name, profile=None):
     ticks = state["ticks"][spec["warmup"] - 1 :]
     real, total, squares = (sum(c[i] for c in state["counts"]) for i in range(3))
     drawn = json.loads(Path(spec["examples"]).read_text())
-    result = bench.run_metrics(
+    result = bench_measure.run_metrics(
         spec,
         name,
         device,
-        bench.model_shape(config.model.path),
+        bench_measure.model_shape(config.model.path),
         seconds=ticks[-1] - ticks[0],
         steps=len(ticks) - 1,
         real=real,
@@ -373,7 +375,7 @@ def measure_recipe(spec, name, profile=None):
 def batch_tokens(batch):
     """(real, total, sum of squared lengths) of a collated micro-batch: the loop's own accounting
     (encoder_parts: tokens, real_tokens, squared_lengths per encoder call), else the bench's parser."""
-    from bench import token_counts
+    from bench_measure import token_counts
 
     try:
         from embedtrain.data.collate import encoder_parts
@@ -386,7 +388,7 @@ def batch_tokens(batch):
 
 def describe_recipe(spec, passage_lengths):
     """The recipe preset's plan, printed before anything runs (all that --dry-run does)."""
-    from bench import percentiles
+    from bench_measure import percentiles
 
     from embedtrain.config import deepspeed_config
     from embedtrain.shape import Shape

@@ -253,3 +253,11 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def prepare_command(src, out, subsets=(), *args, **kwargs):
+    """`embedtrain prepare`: prepare (no `subsets`: all of them; the other arguments as prepare's)
+    and a line counting what was prepared."""
+    manifest = prepare(src, out, subsets or None, *args, **kwargs)
+    total = sum(s["num_queries"] for s in manifest["subsets"].values())
+    print(f"prepared {total:,} queries from {len(manifest['subsets'])} subset(s) into {out}", flush=True)

@@ -1,10 +1,10 @@
-"""The student of embedding distillation: a BiEncoder with a trainable linear projection from its
+"""The student of embedding distillation: an Encoder with a trainable linear projection from its
 width to the teacher's, used only by the distillation loss (embedtrain.train.step.distill_loss).
 
 In training mode forward returns [embeddings | projected] concatenated on the last dim, (S, D + T):
 one tensor, so the training step's one forward, the global pool's gather and GradCache's embedding
 cache treat it as they treat plain embeddings. In eval mode (in-training evaluation) it returns
-the student's embeddings alone, as a BiEncoder does. The projection is computed in fp32, as the
+the student's embeddings alone, as an Encoder does. The projection is computed in fp32, as the
 embeddings are; under bf16 DeepSpeed stores it in bf16 with fp32 master weights. It is not part of
 the exported model unless `embedtrain export --keep-projection` asks for it; such an export loads
 as a TeacherSpaceEncoder.
@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedtrain.model.encoder import BiEncoder
+from embedtrain.model.encoder import Encoder
 
 PROJECTION_PREFIX = "projection."  # its parameters' names in checkpoints
 PROJECTION_FOLDER = "3_Dense"  # a kept projection in an export: a sentence-transformers Dense module
 
 
-class ProjectedEncoder(BiEncoder):
+class ProjectedEncoder(Encoder):
     def __init__(self, backbone, pooling="avg", normalize=True, projection=None):
         super().__init__(backbone, pooling, normalize)
         self.projection = projection
@@ -32,7 +32,7 @@ class ProjectedEncoder(BiEncoder):
         return torch.cat([embeddings_SD, project(self.projection, embeddings_SD)], dim=-1)
 
 
-class TeacherSpaceEncoder(BiEncoder):
+class TeacherSpaceEncoder(Encoder):
     """An export whose distillation projection was kept: normalize(projection(student embedding)),
     the vectors sentence-transformers' Dense + Normalize modules of that export give. `normalize`
     applies to the output; the student's embedding is always normalised, as in training."""

@@ -1,4 +1,6 @@
-"""BiEncoder: a token batch -> L2-normalised fp32 embeddings; plus loading any Llama checkpoint and its tokenizer."""
+"""Encoder: a token batch -> L2-normalised fp32 embeddings; plus loading any family's checkpoint and its
+tokenizer. The module knows nothing of prompts or exported folders: embedtrain.inference holds it
+with its tokenizer and prompts for users."""
 
 import json
 from pathlib import Path
@@ -17,7 +19,7 @@ from embedtrain.model.packing import EncoderInputs, layout, padded_inputs, pool_
 from embedtrain.model.pooling import POOLING_MODES, pool
 
 
-class BiEncoder(nn.Module):
+class Encoder(nn.Module):
     """Shared-weight encoder for queries and passages.
 
     forward(inputs) -> embeddings_SD, fp32, unit length when `normalize`: `inputs` is an
@@ -59,41 +61,6 @@ class BiEncoder(nn.Module):
             mask_BL = torch.ones_like(inputs.input_ids)
         hidden_BLD = self.backbone(input_ids=inputs.input_ids, attention_mask=mask_BL, packed=False).last_hidden_state
         return pool(hidden_BLD, mask_BL, self.pooling)
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        """An exported model folder (`embedtrain export`) ready for `encode`, in eval mode.
-
-        device: None/"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or a
-        torch.device; dtype: None/"auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16",
-        "float16" or a torch.dtype. The tokenizer, prompts and max_seq_length travel with the model.
-        """
-        from embedtrain.model.inference import load_encoder  # embedtrain.model.inference imports this module
-
-        return load_encoder(path, dtype=dtype, device=device)[0]
-
-    def encode(self, texts, prompt=None, batch_size=32, max_length=None, dim=None, normalize=True, progress=False):
-        """Embeddings of `texts` as a float32 numpy array (N, D) on the host, in input order (one
-        string gives one (D,) vector). prompt: "query" / "document" (the model's prompts,
-        embedtrain.prompts), any other string put in front literally, or None. max_length: tokens
-        per text (default the model's max_seq_length); dim: keep the first K dims (Matryoshka)."""
-        from embedtrain.model.inference import encode_texts, prompt_text
-
-        if getattr(self, "tokenizer", None) is None:
-            raise ValueError("BiEncoder.encode needs a model loaded with BiEncoder.from_pretrained (no tokenizer here)")
-        single = isinstance(texts, str)
-        vectors = encode_texts(
-            self,
-            self.tokenizer,
-            [texts] if single else list(texts),
-            batch_size,
-            max_length or self.max_seq_length,
-            dim,
-            progress=progress,
-            prompt=prompt_text(self.prompt_policy, prompt),
-            normalize=normalize,
-        )
-        return vectors[0] if single else vectors
 
 
 def load_tokenizer(path, padding_side="right"):

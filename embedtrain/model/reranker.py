@@ -1,11 +1,13 @@
-"""Reranker (cross-encoder): a token batch of (query, passage) pairs -> one relevance logit per pair.
+"""PairScorer, the reranker (cross-encoder) module: a token batch of (query, passage) pairs -> one
+relevance logit per pair.
 
 The bidirectional backbone reads each pair as one sequence (`data.pair_template`), the states are
 pooled (`model.pooling`), a linear head hidden -> 1 without bias scores them, and the logits are
 divided by the temperature (`loss.temperature`, 1.0 in NVIDIA's recipe). Trained with cross-entropy
 over each query's group (embedtrain.losses.group_cross_entropy). The exported form is
 LlamaBidirectionalForSequenceClassification (model/bidirectional.py): backbone -> `model`,
-head -> `score`.
+head -> `score`. embedtrain.inference.Reranker holds it with its tokenizer and pair template for
+users.
 """
 
 import json
@@ -16,15 +18,15 @@ from safetensors import safe_open
 from torch import nn
 
 from embedtrain.errors import ModelError
-from embedtrain.model.encoder import BiEncoder
+from embedtrain.model.encoder import Encoder
 
 KIND_FILE = "reranker.json"  # in a run's base_model folder: what the export needs to write a reranker
 RERANKER_ARCHITECTURE = "LlamaBidirectionalForSequenceClassification"
 HEAD_KEY = "score.weight"
 
 
-class Reranker(BiEncoder):
-    """forward(inputs) -> logits_S (fp32), one per sequence; `inputs` as BiEncoder's (an
+class PairScorer(Encoder):
+    """forward(inputs) -> logits_S (fp32), one per sequence; `inputs` as Encoder's (an
     EncoderInputs, padded or packed, or ids with their padding mask)."""
 
     def __init__(self, backbone, pooling="avg", temperature=1.0, head=None):
@@ -35,35 +37,6 @@ class Reranker(BiEncoder):
     def forward(self, input_ids, attention_mask=None):
         pooled_BD = super().forward(input_ids, attention_mask)
         return (self.head(pooled_BD.to(self.head.weight.dtype)).squeeze(-1) / self.temperature).float()
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        """An exported reranker (`embedtrain export` of a model.kind=reranker run) ready for `score`,
-        in eval mode; device and dtype as BiEncoder.from_pretrained's."""
-        from embedtrain.model.inference import load_reranker  # embedtrain.model.inference imports this module
-
-        return load_reranker(path, dtype=dtype, device=device)
-
-    def score(self, query, passages, batch_size=32, max_length=None):
-        """Relevance scores (float32 numpy, one per passage, in order) of `passages` for `query`:
-        each pair rendered with the template the model was trained with."""
-        from embedtrain.model.inference import score_pairs
-
-        single = isinstance(passages, str)
-        passages = [passages] if single else list(passages)
-        scores = score_pairs(self, [query] * len(passages), passages, batch_size, max_length)
-        return scores[0] if single else scores
-
-    def rank(self, query, passages, top_k=None, batch_size=32):
-        """[(passage index, score)] of `passages` for `query`, best first (the first `top_k`)."""
-        scores = self.score(query, list(passages), batch_size)
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return [(i, float(scores[i])) for i in order[:top_k]]
-
-    def encode(self, *args, **kwargs):
-        raise ValueError(
-            "this model is a reranker (cross-encoder): it scores pairs with .score / .rank, it does not encode"
-        )
 
 
 def is_reranker_folder(path):

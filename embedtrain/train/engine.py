@@ -9,11 +9,11 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from embedtrain.config import checkpoint_every, precision_dtype
 from embedtrain.errors import ConfigError
-from embedtrain.model import BiEncoder, check_bidirectional, load_backbone
+from embedtrain.model import Encoder, check_bidirectional, load_backbone
 from embedtrain.model.distill import ProjectedEncoder, new_projection
 from embedtrain.model.families import family_of
 from embedtrain.model.lora import add_lora
-from embedtrain.model.reranker import Reranker, new_head
+from embedtrain.model.reranker import PairScorer, new_head
 
 
 def decoder_layers(backbone):
@@ -77,7 +77,7 @@ def lr_multiplier(step, warmup_steps, max_steps, schedule, min_ratio):
 
 
 def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None, checkpointing=None):
-    """The model to train: a BiEncoder, a Reranker, or with loss.distill a ProjectedEncoder whose
+    """The model to train: an Encoder, a PairScorer, or with loss.distill a ProjectedEncoder whose
     projection maps the student's width to `teacher_dim` (the teacher cache's). `checkpointing`:
     every how many decoder layers to checkpoint (0 = off); default train.activation_checkpointing
     (which must then not be `auto`: build_engine resolves that from the DeepSpeed config)."""
@@ -119,11 +119,11 @@ def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None, checkpoi
         enable_activation_checkpointing(backbone, use_reentrant=use_reentrant, every=checkpointing)
     if config.model.kind == "reranker":
         head = new_head(config.model.path, backbone.config.hidden_size, dtype, config.train.seed)
-        return Reranker(backbone, config.model.pooling, config.loss.temperature, head)
+        return PairScorer(backbone, config.model.pooling, config.loss.temperature, head)
     if config.loss.distill is not None:
         projection = new_projection(backbone.config.hidden_size, teacher_dim, config.train.seed)
         return ProjectedEncoder(backbone, config.model.pooling, config.model.normalize, projection)
-    return BiEncoder(backbone, config.model.pooling, config.model.normalize)
+    return Encoder(backbone, config.model.pooling, config.model.normalize)
 
 
 def set_leaf_modules(encoder):

@@ -4,6 +4,7 @@ checkpoints."""
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +99,70 @@ def seed_everything(seed, rank):
     torch.manual_seed(seed + rank)
 
 
+@dataclass
+class Run:
+    """What the phases of train() share: the batch layout, the run folder, the data pipeline, the
+    engine, and (rank 0) the TensorBoard writer."""
+
+    config: object
+    rank: int
+    world: int
+    ds_config: dict
+    micro: int
+    accumulation: int
+    run_dir: Path
+    resume_from: Path | None
+    dataset: PreparedDataset
+    sampler: Sampler
+    tokenizer: object
+    collator: object
+    config_dict: dict
+    group: object
+    engine: object
+    start: int = 0
+    writer: object = None
+
+    def save(self, step):
+        """A checkpoint of `step` on every rank (a collective)."""
+        save_checkpoint(
+            self.engine,
+            self.run_dir,
+            step,
+            stream_state(step, self.sampler, self.dataset, self.config.data.positive_sampling),
+            self.config_dict,
+            self.config.train.keep_checkpoints,
+        )
+
+
 def train(config, on_step=None):
     """Run training as configured, resuming per train.resume. Returns the engine (tests inspect
-    it). `on_step(step, stats, examples)` is called on every rank after each optimizer step."""
+    it). `on_step(step, stats, examples)` is called on every rank after each optimizer step.
+
+    The phases run on every rank in this order (their collectives must match), except the rank-0
+    ones, which hold none."""
+    run = set_up(config)
+    if run.rank == 0:
+        write_run_files(run)
+    if run.resume_from is not None:
+        run.start = load_state(run.engine, run.resume_from, config, run.world)
+    if run.rank == 0:
+        announce(run)
+    train_steps(run, on_step)
+    if run.writer is not None:
+        run.writer.close()
+    return run.engine
+
+
+def train_command(config):
+    """`embedtrain train`: train, then end the process on every rank (distributed.shutdown: after
+    the last rank is done, without the interpreter's teardown)."""
+    train(config)
+    distributed.shutdown()
+
+
+def set_up(config):
+    """Every rank: config checks, seeding, the run folder (rank 0 finds the checkpoint to resume
+    from), the dataset and its sampler, the collator, the negatives group and the engine."""
     rank, world, _ = distributed.init_distributed()
     ds_config = deepspeed_config(config, world)
     micro, accumulation = batch_layout(config, world)
@@ -121,45 +183,102 @@ def train(config, on_step=None):
     config_dict = config.to_dict()
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config, teacher_dim=teacher.dim if teacher is not None else None)
-    if rank == 0:
-        reranker = None
-        if config.model.kind == "reranker":
-            reranker = {"pair_template": config.data.pair_template, "pair_max_length": config.data.pair_max_length}
-        write_base_model(run_dir, engine.module.backbone.config, tokenizer, collator.policy, reranker)
-        write_deepspeed_config(run_dir, ds_config)
-    start = 0 if resume_from is None else load_state(engine, resume_from, config, world)
-    writer = make_writer(config, run_dir, start) if rank == 0 else None
-    if rank == 0:
-        print(describe_run(config, world, micro, accumulation, dataset, ds_config, resume_from, start), flush=True)
+    return Run(
+        config=config,
+        rank=rank,
+        world=world,
+        ds_config=ds_config,
+        micro=micro,
+        accumulation=accumulation,
+        run_dir=run_dir,
+        resume_from=resume_from,
+        dataset=dataset,
+        sampler=sampler,
+        tokenizer=tokenizer,
+        collator=collator,
+        config_dict=config_dict,
+        group=group,
+        engine=engine,
+    )
 
-    def save(step):
-        save_checkpoint(
-            engine,
-            run_dir,
-            step,
-            stream_state(step, sampler, dataset, config.data.positive_sampling),
-            config_dict,
-            config.train.keep_checkpoints,
-        )
 
-    eval_sources = None
-    if config.eval.path and config.model.kind == "reranker":
-        eval_sources = load_rerank_sources(config.eval, config.data, config.eval.rerank_candidates)
-    elif config.eval.path:
-        eval_sources = load_sources(config.eval, collator.policy)
+def write_run_files(run):
+    """Rank 0: <run>/base_model (what an export needs besides the weights) and deepspeed.json."""
+    reranker = None
+    if run.config.model.kind == "reranker":
+        reranker = {"pair_template": run.config.data.pair_template, "pair_max_length": run.config.data.pair_max_length}
+    write_base_model(run.run_dir, run.engine.module.backbone.config, run.tokenizer, run.collator.policy, reranker)
+    write_deepspeed_config(run.run_dir, run.ds_config)
+
+
+def announce(run):
+    """Rank 0, after the resume: the TensorBoard writer (purged past the resume point) and the
+    start-up line."""
+    config = run.config
+    run.writer = make_writer(config, run.run_dir, run.start)
+    print(
+        describe_run(
+            config, run.world, run.micro, run.accumulation, run.dataset, run.ds_config, run.resume_from, run.start
+        ),
+        flush=True,
+    )
+
+
+def train_steps(run, on_step):
+    """Every rank: the optimizer steps from run.start to train.max_steps, with logging, evaluation,
+    checkpoints and stop requests (SIGTERM) at their intervals."""
+    config, engine = run.config, run.engine
+    eval_sources = open_eval_sources(config, run.collator)
     stop = StopRequest()
     flops = FlopsCounter(engine.module.backbone.config, config.model.lora)
     window = new_window()
     skipped = engine.skipped_steps
+    for step, micro_batches, examples in make_loader(run):
+        step_stats = optimizer_step(engine, micro_batches, config, run.accumulation, run.group, window, flops)
+        if on_step is not None:
+            on_step(step, {key: float(value) for key, value in step_stats.items()}, examples)
+        done = step + 1
+        skipped = check_skipped_steps(engine, skipped, done, config, run.save)
+        logged = done % config.logging.every == 0 or done == config.train.max_steps
+        if logged:
+            log_window(engine, run.writer, done, step_stats, window, config)
+        if eval_sources is not None and (
+            done == config.train.max_steps or (config.eval.every and done % config.eval.every == 0)
+        ):
+            evaluate(engine, run.tokenizer, eval_sources, config, run.writer, done)
+        if done % config.train.stop_check_every == 0 and stop.requested():
+            run.save(done)
+            if run.rank == 0:
+                print(f"[embedtrain] stop requested (SIGTERM): saved step {done}, exiting", flush=True)
+            break
+        if done == config.train.max_steps or (config.train.save_every and done % config.train.save_every == 0):
+            run.save(done)
+        if logged:
+            window = new_window()  # after evaluation and saving: the window times training steps only
+    stop.restore()
+
+
+def open_eval_sources(config, collator):
+    """The held-out texts of eval.path (None without it), rendered as the model sees them."""
+    if config.eval.path and config.model.kind == "reranker":
+        return load_rerank_sources(config.eval, config.data, config.eval.rerank_candidates)
+    if config.eval.path:
+        return load_sources(config.eval, collator.policy)
+    return None
+
+
+def make_loader(run):
+    """The step batches from run.start, each rank's share, through a DataLoader."""
+    config = run.config
     batches = StepBatches(
-        dataset,
-        sampler,
-        collator,
-        rank,
-        world,
-        micro,
+        run.dataset,
+        run.sampler,
+        run.collator,
+        run.rank,
+        run.world,
+        run.micro,
         config.loss.hard_negatives,
-        start=start,
+        start=run.start,
         stop=config.train.max_steps,
         length_bucketing=config.data.length_bucketing,
         positive_sampling=config.data.positive_sampling,
@@ -168,40 +287,14 @@ def train(config, on_step=None):
     )
     # its own generator: otherwise starting the iterator draws from the global RNG, after a resume's
     # restore_rng, and dropout (model.lora.dropout) would differ from the uninterrupted run
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         batches,
         batch_size=None,
         num_workers=config.data.num_workers,
-        generator=torch.Generator().manual_seed(config.train.seed + rank),
+        generator=torch.Generator().manual_seed(config.train.seed + run.rank),
         # page-locked host batches: their copy to the GPU is asynchronous (non_blocking) and faster
         pin_memory=torch.cuda.is_available(),
     )
-    for step, micro_batches, examples in loader:
-        step_stats = optimizer_step(engine, micro_batches, config, accumulation, group, window, flops)
-        if on_step is not None:
-            on_step(step, {key: float(value) for key, value in step_stats.items()}, examples)
-        done = step + 1
-        skipped = check_skipped_steps(engine, skipped, done, config, save)
-        logged = done % config.logging.every == 0 or done == config.train.max_steps
-        if logged:
-            log_window(engine, writer, done, step_stats, window, config)
-        if eval_sources is not None and (
-            done == config.train.max_steps or (config.eval.every and done % config.eval.every == 0)
-        ):
-            evaluate(engine, tokenizer, eval_sources, config, writer, done)
-        if done % config.train.stop_check_every == 0 and stop.requested():
-            save(done)
-            if rank == 0:
-                print(f"[embedtrain] stop requested (SIGTERM): saved step {done}, exiting", flush=True)
-            break
-        if done == config.train.max_steps or (config.train.save_every and done % config.train.save_every == 0):
-            save(done)
-        if logged:
-            window = new_window()  # after evaluation and saving: the window times training steps only
-    stop.restore()
-    if writer is not None:
-        writer.close()
-    return engine
 
 
 def describe_run(config, world, micro, accumulation, dataset, ds_config, resume_from, start):

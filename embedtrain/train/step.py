@@ -49,7 +49,7 @@ def encode_micro_batch(encoder, batch, device):
 
 
 def contrastive_loss(encoder, batch, loss_config, device, group=None, uniform=False):
-    """Encode one micro-batch with a DeepSpeed engine or a plain BiEncoder; return (loss, stats).
+    """Encode one micro-batch with a DeepSpeed engine or a plain Encoder; return (loss, stats).
     `uniform`: every rank's micro-batch has this one's size (the training loop's always do)."""
     queries_QD, passages_PD = encode_micro_batch(encoder, batch, device)
     return embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group, uniform)
@@ -111,7 +111,7 @@ def reranker_logits(model, part, device):
 
 
 def reranker_loss(model, batch, device):
-    """A reranker micro-batch's loss and stats with a DeepSpeed engine or a plain Reranker."""
+    """A reranker micro-batch's loss and stats with a DeepSpeed engine or a plain PairScorer."""
     logits = torch.cat([reranker_logits(model, part, device) for part in encoder_parts(batch)])
     return group_cross_entropy(logits.view(-1, batch["group_size"]))
 

@@ -5,7 +5,7 @@ non-finite guard. tests/test_gpu.py runs it; on a CPU-only machine it runs on th
     python tests/workers/gpu_step.py --out r.json --mode nan      # a NaN-loss step is skipped and counted
 
 parity: the engine (bf16 weights and activations, fp32 master weights, checkpointing) computes the
-gradient of global batch 0; the reference is a plain fp32 BiEncoder on the same device whose weights
+gradient of global batch 0; the reference is a plain fp32 Encoder on the same device whose weights
 are the engine's bf16 weights cast to fp32, so the difference is arithmetic precision only, not the
 rounding of the weights. Written: loss of each, relative L2 error of the whole gradient and of
 each tensor, cosine of the whole gradient.

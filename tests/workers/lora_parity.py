@@ -22,7 +22,7 @@ from embedtrain import distributed
 from embedtrain.config import deepspeed_config, load_config
 from embedtrain.data.collate import Collator
 from embedtrain.data.stream import Sampler, StepBatches
-from embedtrain.model import BiEncoder, load_backbone
+from embedtrain.model import Encoder, load_backbone
 from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.lora import lora_parameters
 from embedtrain.train.checkpoint import gather_adapter
@@ -43,7 +43,7 @@ def reference_encoder(config):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
         model = get_peft_model(backbone, peft_config)
-    return BiEncoder(model, config.model.pooling, config.model.normalize), model
+    return Encoder(model, config.model.pooling, config.model.normalize), model
 
 
 def optimizer_state_numel(engine):

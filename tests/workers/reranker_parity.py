@@ -5,7 +5,7 @@
 
 Every rank runs DeepSpeed (tiny_reranker: ZeRO-3, checkpointing, packed pairs) on its share of
 global batch 0 and reads the full gradient of every parameter (backbone and head) before the
-optimizer step; every rank also runs a plain Reranker (same initial weights, no DeepSpeed, no
+optimizer step; every rank also runs a plain PairScorer (same initial weights, no DeepSpeed, no
 checkpointing, padded pairs) on the whole global batch. Rank 0 writes the worst relative error.
 """
 
