@@ -63,6 +63,22 @@ def run_worker(name, out, *args, nproc=1, timeout=300, check=True):
     return None, result
 
 
+def run_scenarios(name, scenarios, root, nproc=1, timeout=600):
+    """Every scenario ({key: the worker's arguments, less --out}) of worker `name` in ONE launch on
+    `nproc` ranks (tests/workers/scenario_batch.py), each in its own folder under `root` and as a
+    single run would compute it; returns {key: its result}. A launch costs about 8 s on 2 cores, a
+    parity scenario about 1 s, so a test file launches its scenarios of one world size together."""
+    root = Path(root)
+    batch = []
+    for index, args in enumerate(scenarios.values()):
+        folder = root / f"scenario{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        batch.append({"out": str(folder / "r.json"), "args": [str(arg) for arg in args]})
+    (root / "scenarios.json").write_text(json.dumps(batch, indent=1))
+    run_ranks([WORKERS / name, "--scenarios", root / "scenarios.json"], nproc=nproc, timeout=timeout)
+    return {key: json.loads(Path(entry["out"]).read_text()) for key, entry in zip(scenarios, batch)}
+
+
 def embedtrain_cli(*args, timeout=400):
     """`embedtrain ARGS...` in a subprocess, as a user types it."""
     return subprocess.run(
@@ -107,21 +123,29 @@ def demo_data():
     return ASSETS / "demo-data"
 
 
-def pytest_configure(config):
-    # registered here rather than in a pytest.ini: the repository's top level stays as documented
-    config.addinivalue_line(
-        "markers",
-        "gpu: needs a CUDA device; skipped when torch.cuda.is_available() is False "
-        "(python -m pytest -q -m gpu tests runs only these; docs/gpu.md)",
-    )
+def module_fixture_users(items):
+    """{module name: its tests that use a module-scoped fixture}: such a fixture runs once per
+    worker that runs one of them, so they belong on one worker (a trained model is not trained twice)."""
+    groups = {}
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        scopes = {d[-1].scope for d in definitions.name2fixturedefs.values()} if definitions else set()
+        if "module" in scopes:
+            groups.setdefault(item.module.__name__, []).append(item)
+    return groups
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup, tests/pytest.ini)
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.gpu` tests need CUDA: skipped when torch.cuda.is_available() is False.
+    """Tests that share a module-scoped fixture run on one xdist worker (xdist_group = their module).
+    `@pytest.mark.gpu` tests need CUDA: skipped when torch.cuda.is_available() is False.
     EMBEDTRAIN_GPU_TESTS_ON_CPU=1 runs them on the CPU instead, to check the tests themselves on a
     machine without a GPU (it proves nothing about the GPU)."""
     import torch
 
+    for module, users in module_fixture_users(items).items():
+        for item in users:
+            item.add_marker(pytest.mark.xdist_group(module))
     if torch.cuda.is_available() or os.environ.get("EMBEDTRAIN_GPU_TESTS_ON_CPU") == "1":
         return
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import embedtrain
-from conftest import embedtrain_cli, run_worker
+from conftest import embedtrain_cli, run_scenarios
 from embedtrain.config import ConfigError, load_config
 from embedtrain.losses import embedding_distance, score_kl
 from embedtrain.model.distill import new_projection
@@ -144,24 +144,33 @@ def test_config_fills_the_defaults():
     }
 
 
-@pytest.mark.parametrize("extra", [[], ["--matryoshka", "--query-negatives", "--grad-cache", "1"]])
-def test_two_rank_global_pool_matches_plain_pytorch(tmp_path, extra):
+TWO_RANK_EXTRAS = [[], ["--matryoshka", "--query-negatives", "--grad-cache", "1"]]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """This file's 2-rank grad_parity.py scenarios in one launch, keyed by their extra arguments."""
+    scenarios = {"detached": ["--negatives", "global", "--distill", "--detached"]}  # first: its patch must not leak
+    scenarios.update({" ".join(extra): ["--negatives", "global", "--distill", *extra] for extra in TWO_RANK_EXTRAS})
+    return run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp("grad_parity"), nproc=2)
+
+
+@pytest.mark.parametrize("extra", TWO_RANK_EXTRAS)
+def test_two_rank_global_pool_matches_plain_pytorch(two_ranks, extra):
     """All four terms (contrastive 0.5, cosine, MSE, KL at tau 0.1) over the global pool on 2 ranks,
     ZeRO-3 with checkpointing, against one plain PyTorch process holding the whole global batch; the
     projection's gradients included. With Matryoshka dims, query negatives and GradCache too."""
-    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", "--distill", *extra, nproc=2)
+    result = two_ranks[" ".join(extra)]
     assert "projection.weight" in result["parameters"] and "projection.bias" in result["parameters"]
     assert all(term["distill_kl"] > 0 and term["distill_cosine"] > 0 for term in result["loss_terms"]), result
     assert abs(result["ds_loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"])
     assert result["max_rel_error"] < TOLERANCE, result
 
 
-def test_two_rank_parity_catches_a_student_pool_without_gradient(tmp_path):
+def test_two_rank_parity_catches_a_student_pool_without_gradient(two_ranks):
     """The same run with the student's pool gathered without gradient (the local slice put back):
     the gradients must differ, so the parity test above can fail."""
-    result, _ = run_worker(
-        "grad_parity.py", tmp_path / "r.json", "--negatives", "global", "--distill", "--detached", nproc=2
-    )
+    result = two_ranks["detached"]
     assert result["max_rel_error"] > 100 * TOLERANCE, result
 
 

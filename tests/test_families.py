@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import embedtrain_cli, run_worker
+from conftest import embedtrain_cli, run_scenarios, run_worker
 from embedtrain.config import ConfigError, load_config
 from embedtrain.model import check_bidirectional, load_backbone
 from embedtrain.model.encoder import causal_layouts
@@ -61,16 +61,23 @@ def test_an_attention_that_ignores_is_causal_is_refused(tiny):
         check_bidirectional(backbone)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3"])
-def test_two_rank_zero3_global_pool_matches_plain_pytorch(tiny, family, tmp_path):
+PARITY_FAMILIES = ["mistral", "qwen3"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_parity(tiny, tmp_path_factory):
+    """grad_parity.py on 2 ranks for each family of PARITY_FAMILIES, in one launch."""
+    scenarios = {
+        family: ["--negatives", "global", "--model", tiny[family], "--grad-cache", "1"] for family in PARITY_FAMILIES
+    }
+    return run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp("grad_parity"), nproc=2)
+
+
+@pytest.mark.parametrize("family", PARITY_FAMILIES)
+def test_two_rank_zero3_global_pool_matches_plain_pytorch(two_rank_parity, family):
     """ZeRO-3 with activation checkpointing, GradCache chunks and the global pool on 2 ranks against
     one plain PyTorch process holding the whole global batch (fp32, relative 1e-5)."""
-    result, _ = run_worker(
-        "grad_parity.py",
-        tmp_path / "r.json",
-        "--negatives", "global", "--model", tiny[family], "--grad-cache", "1",
-        nproc=2,
-    )  # fmt: skip
+    result = two_rank_parity[family]
     assert result["backbone"].lower().startswith(family)
     assert abs(result["ds_loss"] - result["ref_loss"]) <= 1e-5 * abs(result["ref_loss"])
     assert result["max_rel_error"] < 1e-5, result

@@ -5,33 +5,42 @@ batch order does not depend on the world size."""
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_worker
+from conftest import run_scenarios, run_worker
 from embedtrain.export import export_checkpoint
 
 TOLERANCE = 1e-5
+GLOBAL_POOL = [
+    (2, []),
+    (3, []),
+    (2, ["--accumulation", "2"]),
+    (2, ["--query-negatives"]),
+    (2, ["--matryoshka"]),
+]
 
 
-@pytest.mark.parametrize(
-    "world, extra",
-    [
-        (2, []),
-        (3, []),
-        (2, ["--accumulation", "2"]),
-        (2, ["--query-negatives"]),
-        (2, ["--matryoshka"]),
-    ],
-)
-def test_global_pool_gradients_match_one_rank(tmp_path, world, extra):
-    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", *extra, nproc=world)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every 2-rank grad_parity.py scenario of this file in one launch, keyed by its arguments."""
+    scenarios = {"detached": ["--negatives", "global", "--detached"]}  # first: its patch must not leak into the rest
+    scenarios.update({" ".join(e): ["--negatives", "global", *e] for world, e in GLOBAL_POOL if world == 2})
+    return run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp("grad_parity"), nproc=2)
+
+
+@pytest.mark.parametrize("world, extra", GLOBAL_POOL)
+def test_global_pool_gradients_match_one_rank(two_ranks, tmp_path, world, extra):
+    if world == 2:
+        result = two_ranks[" ".join(extra)]
+    else:
+        result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", *extra, nproc=world)
     assert result["world"] == world
     assert abs(result["ds_loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"]), result
     assert result["max_rel_error"] < TOLERANCE, result
 
 
-def test_a_detached_gather_fails_the_parity_check(tmp_path):
+def test_a_detached_gather_fails_the_parity_check(two_ranks):
     """Gather without gradient, put the local slice back, local-queries loss: the scheme of several
     toolkits. Same loss, wrong gradient, so the parity test is able to fail."""
-    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", "--detached", nproc=2)
+    result = two_ranks["detached"]
     assert abs(result["ds_loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"])
     assert result["max_rel_error"] > 0.1, result
 

@@ -3,7 +3,7 @@ skips and counts a NaN step, attention backends agree (padded and packed in seve
 packed kernel (varlen_attn, flash-attn, FlexAttention) passes the two-row self-test and sdpa's
 gradients, the packed step never syncs, and GPU bf16 encoding equals CPU fp32 encoding.
 
-    python -m pytest -q -m gpu tests            # on a GPU machine; skipped where CUDA is missing
+    python -m pytest -q -m gpu -n 0 tests       # on a GPU machine; skipped where CUDA is missing
     EMBEDTRAIN_GPU_TESTS_ON_CPU=1 python -m pytest -q tests/test_gpu.py   # the same checks on the CPU
 
 Every test is marked `gpu`; tests/conftest.py skips them when torch.cuda.is_available() is False,

@@ -4,24 +4,35 @@ of dropout; one optimizer step per global batch in the training loop."""
 
 import pytest
 
-from conftest import run_worker
+from conftest import run_scenarios, run_worker
 from embedtrain.config import ConfigError, deepspeed_config, deepspeed_micro_steps, load_config
 
 TOLERANCE = 1e-5
+PLAIN_STEP = [
+    (1, ["--stage", "3", "--micro", "4", "--grad-cache", "2"]),
+    (2, ["--stage", "3", "--micro", "4", "--grad-cache", "2", "--accumulation", "2"]),
+    (2, ["--stage", "2", "--micro", "2", "--grad-cache", "1", "--query-negatives"]),
+    (2, ["--stage", "3", "--micro", "4", "--grad-cache", "1", "--matryoshka"]),
+]
+DROPOUT = ["--micro", "4", "--grad-cache", "2", "--dropout", "0.3"]
 
 
-@pytest.mark.parametrize(
-    "world, extra",
-    [
-        (1, ["--stage", "3", "--micro", "4", "--grad-cache", "2"]),
-        (2, ["--stage", "3", "--micro", "4", "--grad-cache", "2", "--accumulation", "2"]),
-        (2, ["--stage", "2", "--micro", "2", "--grad-cache", "1", "--query-negatives"]),
-        (2, ["--stage", "3", "--micro", "4", "--grad-cache", "1", "--matryoshka"]),
-    ],
-)
-def test_grad_cache_matches_the_plain_step(tmp_path, world, extra):
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """This file's grad_parity.py scenarios, one launch per world size: {world: {key: result}}."""
+    runs = {1: {"replayed": DROPOUT, "broken": [*DROPOUT, "--no-replay"]}, 2: {}}
+    for world, extra in PLAIN_STEP:
+        runs[world][" ".join(extra)] = ["--negatives", "global", *extra]
+    return {
+        world: run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp(f"grad_parity{world}"), nproc=world)
+        for world, scenarios in runs.items()
+    }
+
+
+@pytest.mark.parametrize("world, extra", PLAIN_STEP)
+def test_grad_cache_matches_the_plain_step(parity, world, extra):
     """DeepSpeed + GradCache on W ranks against one plain PyTorch step on the whole global batch."""
-    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "global", *extra, nproc=world)
+    result = parity[world][" ".join(extra)]
     assert abs(result["ds_loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"]), result
     assert result["max_rel_error"] < TOLERANCE, result
     assert result["replay_error"] == 0.0, result
@@ -30,16 +41,12 @@ def test_grad_cache_matches_the_plain_step(tmp_path, world, extra):
     assert result["ds_accumulation"] == chunks * accumulation, result
 
 
-def test_grad_cache_replays_dropout_and_the_check_can_fail(tmp_path):
+def test_grad_cache_replays_dropout_and_the_check_can_fail(parity):
     """With attention dropout, the second pass reproduces the cached embeddings exactly only
     because the RNG state is replayed; without replay the difference shows."""
-    replayed, _ = run_worker(
-        "grad_parity.py", tmp_path / "a.json", "--micro", "4", "--grad-cache", "2", "--dropout", "0.3"
-    )
+    replayed = parity[1]["replayed"]
     assert replayed["replay_error"] == 0.0, replayed
-    broken, _ = run_worker(
-        "grad_parity.py", tmp_path / "b.json", "--micro", "4", "--grad-cache", "2", "--dropout", "0.3", "--no-replay"
-    )
+    broken = parity[1]["broken"]
     assert broken["replay_error"] > 1e-3, broken
 
 

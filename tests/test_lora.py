@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_resume import effective_stream, run
 
-from conftest import ASSETS, run_worker
+from conftest import ASSETS, run_scenarios
 from embedtrain.config import LORA_DEFAULTS, ConfigError, load_config
 from embedtrain.export import export_checkpoint
 from embedtrain.model import Encoder, load_backbone
@@ -61,11 +61,22 @@ def test_lora_config_defaults_and_refusals(monkeypatch):
         load_config("tiny", ["model.lora={}"])
 
 
+@pytest.fixture(scope="module")
+def lora_parity(tmp_path_factory):
+    """This file's lora_parity.py scenarios (2 ranks) in one launch."""
+    scenarios = {
+        "dropout": ["--grad-cache", "2", "--dropout", "0.1"],  # first: its RNG use must not reach the others
+        "stage 3": ["--stage", "3"],
+        "stage 2": ["--stage", "2"],
+    }
+    return run_scenarios("lora_parity.py", scenarios, tmp_path_factory.mktemp("lora_parity"), nproc=2)
+
+
 @pytest.mark.parametrize("stage", [3, 2])
-def test_lora_gradients_match_plain_peft_and_only_the_adapter_has_optimizer_state(tmp_path, stage):
+def test_lora_gradients_match_plain_peft_and_only_the_adapter_has_optimizer_state(lora_parity, stage):
     """2 ranks (ZeRO-3: every weight partitioned, the adapter too) against one plain PyTorch step
     on the whole global batch with peft.get_peft_model; fp32."""
-    result, _ = run_worker("lora_parity.py", tmp_path / "r.json", "--stage", str(stage), nproc=2)
+    result = lora_parity[f"stage {stage}"]
     assert result["max_rel_error"] < TOLERANCE, result
     assert result["init_max_diff"] == 0.0 and result["trainable"] and not result["frozen_with_grad"], result
     assert result["adapter_weights"] == 2 * 2 * 7  # A and B, 2 layers, 7 projections
@@ -77,10 +88,10 @@ def test_lora_gradients_match_plain_peft_and_only_the_adapter_has_optimizer_stat
     assert lora < 0.06 * result["model_numel"]
 
 
-def test_lora_dropout_is_live_and_grad_cache_replays_it(tmp_path):
+def test_lora_dropout_is_live_and_grad_cache_replays_it(lora_parity):
     """With LoRA dropout, GradCache's second pass reproduces the cached embeddings exactly (RNG
     replay); the gradient then differs from the dropout-free reference, so the dropout is live."""
-    result, _ = run_worker("lora_parity.py", tmp_path / "r.json", "--grad-cache", "2", "--dropout", "0.1", nproc=2)
+    result = lora_parity["dropout"]
     assert result["replay_error"] == 0.0, result
     assert result["max_rel_error"] > 1e-2, result
 

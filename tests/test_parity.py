@@ -2,24 +2,36 @@
 (fp32, relative 1e-5), with queries and passages in one forward or in two; reentrant checkpointing
 with two forwards does not."""
 
-from conftest import run_worker
+import pytest
+
+from conftest import run_scenarios, run_worker
 
 TOLERANCE = 1e-5
 
 
-def test_zero3_with_checkpointing_matches_plain_pytorch(tmp_path):
-    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--negatives", "group")
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """This file's 1-rank grad_parity.py scenarios in one launch (not the reentrant one, which may
+    stop its process on DeepSpeed's assertion)."""
+    scenarios = {
+        "group": ["--negatives", "group"],
+        "local, auto": ["--negatives", "local", "--accumulation", "2", "--auto-zero3"],
+        "separate forwards": ["--separate-forwards"],
+    }
+    return run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp("grad_parity"))
+
+
+def test_zero3_with_checkpointing_matches_plain_pytorch(one_rank):
+    result = one_rank["group"]
     assert abs(result["ds_loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"])
     assert result["max_rel_error"] < TOLERANCE, result
 
 
-def test_local_pool_with_accumulation_matches_plain_pytorch(tmp_path):
+def test_local_pool_with_accumulation_matches_plain_pytorch(one_rank):
     """Also deepspeed.config=auto held at ZeRO-3 (the recipe's stage; the tiny recipe's fp32 and
     partitioning overrides on top): the decoder layers are ZeRO-3 leaf modules (one fetch per layer,
     also for the recompute in the backward) and every 2nd layer is checkpointed; same gradients."""
-    result, _ = run_worker(
-        "grad_parity.py", tmp_path / "r.json", "--negatives", "local", "--accumulation", "2", "--auto-zero3"
-    )
+    result = one_rank["local, auto"]
     assert result["max_rel_error"] < TOLERANCE, result
     assert (result["zero_stage"], result["leaf_modules"], result["checkpointed_layers"]) == (3, 2, 1), result
 
@@ -37,6 +49,6 @@ def test_reentrant_checkpointing_with_two_forwards_is_caught(tmp_path):
         assert result is None and "AssertionError" in run.stderr
 
 
-def test_two_separate_forwards_with_non_reentrant_checkpointing_are_exact(tmp_path):
-    result, _ = run_worker("grad_parity.py", tmp_path / "r.json", "--separate-forwards")
+def test_two_separate_forwards_with_non_reentrant_checkpointing_are_exact(one_rank):
+    result = one_rank["separate forwards"]
     assert result["max_rel_error"] < TOLERANCE, result

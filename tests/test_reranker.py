@@ -4,7 +4,7 @@ gradient parity of a ZeRO-3 step on 2 ranks with a plain PyTorch step (fp32, rel
 import pytest
 import torch
 
-from conftest import run_worker
+from conftest import run_scenarios
 from embedtrain.config import ConfigError, load_config
 from embedtrain.data.collate import PairCollator
 from embedtrain.data.nemotron import Example
@@ -55,9 +55,18 @@ def test_group_cross_entropy_by_hand():
     assert torch.isclose(stats["margin"], torch.tensor(((2.0 - 1.0) + (0.0 - 3.0)) / 2))
 
 
-@pytest.mark.parametrize("extra", [[], ["--chunk", "1", "--accumulation", "2"]], ids=["plain", "chunked-accumulated"])
-def test_zero3_reranker_on_two_ranks_matches_plain_pytorch(tmp_path, extra):
-    result, _ = run_worker("reranker_parity.py", tmp_path / "r.json", *extra, nproc=2, timeout=600)
+RERANKER_PARITY = {"plain": [], "chunked-accumulated": ["--chunk", "1", "--accumulation", "2"]}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both reranker_parity.py scenarios (2 ranks) in one launch."""
+    return run_scenarios("reranker_parity.py", RERANKER_PARITY, tmp_path_factory.mktemp("reranker_parity"), nproc=2)
+
+
+@pytest.mark.parametrize("name", list(RERANKER_PARITY))
+def test_zero3_reranker_on_two_ranks_matches_plain_pytorch(two_ranks, name):
+    result = two_ranks[name]
     assert result["world"] == 2
     assert abs(result["ds_loss"] - result["ref_loss"]) <= TOLERANCE * abs(result["ref_loss"])
     assert result["head_grad_norm"] > 0 and result["head_rel_error"] < TOLERANCE, result

@@ -286,7 +286,6 @@ class Done(Exception):
 def measure_recipe(spec, name, profile=None):
     """The `embedtrain` run of a recipe preset: embedtrain.train.loop.train as `embedtrain train` runs it."""
     import contextlib
-    import inspect
 
     import bench_measure
     import torch
@@ -302,19 +301,16 @@ def measure_recipe(spec, name, profile=None):
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     peak = bench_measure.PeakMemory(device)
     original = loop.optimizer_step
-    signature = inspect.signature(original)
     state = {"timing": False, "counts": [], "micro_steps": [], "ticks": [], "examples": [], "timed": set()}
     profiler = profile if profile is not None else contextlib.nullcontext()
 
-    def counted(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
-        engine, micro_batches = arguments["engine"], arguments["micro_batches"]
+    def counted(engine, micro_batches, *args, **kwargs):  # optimizer_step's stable leading parameters
         if id(engine) not in state["timed"]:
             bench_measure.time_micro_steps(engine)
             state["timed"].add(id(engine))
         bench_measure.MICRO_STEP_ENDS.clear()
         began = time.perf_counter()
-        result = original(*args, **kwargs)
+        result = original(engine, micro_batches, *args, **kwargs)
         if state["timing"]:
             state["counts"] += [batch_tokens(batch) for batch in micro_batches]
             state["micro_steps"] += bench_measure.micro_step_times(

@@ -7,7 +7,7 @@ Stages, each a subprocess with its own timeout (one failure does not hide the re
 input is missing is skipped and says why):
 
   environment    torch, CUDA device, versions (fails on a GPU run when CUDA is not available)
-  pytest -m gpu  python -m pytest -q -m gpu tests (on --cpu run on the CPU, EMBEDTRAIN_GPU_TESTS_ON_CPU=1:
+  pytest -m gpu  python -m pytest -q -m gpu -n 0 tests (on --cpu run on the CPU, EMBEDTRAIN_GPU_TESTS_ON_CPU=1:
                  that checks the tests themselves, not the GPU)
   build model    a Llama-3.2-1B-shaped model from a config, random weights, no download, saved in
                  bf16 with the tiny tokenizer (on --cpu: embedtrain/assets/tiny-llama itself)
@@ -272,9 +272,9 @@ class Check:
             assert "passed" in summary, f"no test passed: {summary!r}"
             return summary.strip("= ")
 
-        return self.run("pytest -m gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], 300, check, env)[
-            0
-        ]
+        return self.run(
+            "pytest -m gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "tests"], 300, check, env
+        )[0]
 
     def build_model(self):
         if self.cpu:

@@ -71,6 +71,7 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$OUT" "deep
 
 PACKAGES=()
 for name in hjson pydantic pydantic-core annotated-types typing-inspection datasets dill multiprocess xxhash \
+            pytest-xdist execnet \
             liger-kernel ${EXTRA[@]+"${EXTRA[@]}"}; do
   PACKAGES+=("$(installed "$name")")
 done

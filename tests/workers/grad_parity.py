@@ -6,6 +6,8 @@
         --two-positives --step 1                                       # sibling positives, cycled
     torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global \
         --distill                                                      # distillation: all four terms
+    torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --scenarios batch.json
+                                          # several runs in one launch (tests/workers/scenario_batch.py)
 
 Every rank runs DeepSpeed on its share of global batch `--step` (default 0) and reads the full
 gradient of every parameter before the optimizer step; every rank also runs the plain reference on
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scenario_batch
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
@@ -146,7 +149,7 @@ def relative_errors(grads, reference):
     return errors
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--negatives", default="group")
@@ -190,7 +193,7 @@ def main():
         action="store_true",
         help="queries and passages in two encoder forwards (the layout embedtrain does not use)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rank, world, _ = distributed.init_distributed()
     global_batch = world * args.micro * args.accumulation
@@ -354,8 +357,19 @@ def main():
                 },
                 f,
             )
+    engine.destroy()  # a batch's next scenario builds its own
+
+
+def run_restoring(argv):
+    """main(argv), then the functions a scenario patches (--no-replay, --detached, the recording
+    mask) put back, so that the next scenario of a batch runs unpatched."""
+    saved = grad_cache.RngState.restore, distributed.gather_with_grad, step_module.duplicate_positive_mask
+    try:
+        main(argv)
+    finally:
+        grad_cache.RngState.restore, distributed.gather_with_grad, step_module.duplicate_positive_mask = saved
 
 
 if __name__ == "__main__":
-    main()
+    scenario_batch.run(run_restoring)
     distributed.shutdown()

@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --out r.json [--stage 2]
     torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --out r.json --grad-cache 2 --dropout 0.1
+    torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --scenarios batch.json
+                                          # several runs in one launch (tests/workers/scenario_batch.py)
 
 Every rank trains the tiny recipe with model.lora on its share of global batch 0 and reads the full
 gradient of every parameter before the optimizer step; every rank also builds the reference: the
@@ -15,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+import scenario_batch
 import torch
 from deepspeed.utils import safe_get_full_grad
 
@@ -57,7 +60,7 @@ def optimizer_state_numel(engine):
     return masters, sum(t.numel() for t in moments), len(moments)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--stage", type=int, default=3)
@@ -65,7 +68,7 @@ def main():
     parser.add_argument("--grad-cache", type=int, default=0, help="GradCache chunk size (queries)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (GradCache replays it)")
     parser.add_argument("--model", default=None, help="model.path (default: the tiny recipe's tiny Llama)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rank, world, _ = distributed.init_distributed()
     global_batch = world * args.micro
@@ -132,8 +135,9 @@ def main():
             "world": world,
         }
         Path(args.out).write_text(json.dumps(result))
+    engine.destroy()  # a batch's next scenario builds its own
 
 
 if __name__ == "__main__":
-    main()
+    scenario_batch.run(main)
     distributed.shutdown()

@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/workers/reranker_parity.py --out r.json
     torchrun --standalone --nproc_per_node 2 tests/workers/reranker_parity.py --out r.json --chunk 1
+    torchrun --standalone --nproc_per_node 2 tests/workers/reranker_parity.py --scenarios batch.json
+                                          # several runs in one launch (tests/workers/scenario_batch.py)
 
 Every rank runs DeepSpeed (tiny_reranker: ZeRO-3, checkpointing, packed pairs) on its share of
 global batch 0 and reads the full gradient of every parameter (backbone and head) before the
@@ -13,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+import scenario_batch
 import torch
 from deepspeed.utils import safe_get_full_grad
 
@@ -26,13 +29,13 @@ from embedtrain.train.loop import open_dataset
 from embedtrain.train.step import reranker_backward, reranker_loss
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=0, help="train.grad_cache_chunk_size (queries per chunk)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rank, world, _ = distributed.init_distributed()
     global_batch = world * args.micro * args.accumulation
@@ -88,8 +91,9 @@ def main():
             "micro_steps": engine.micro_steps,
         }
         Path(args.out).write_text(json.dumps(result))
+    engine.destroy()  # a batch's next scenario builds its own
 
 
 if __name__ == "__main__":
-    main()
+    scenario_batch.run(main)
     distributed.shutdown()
