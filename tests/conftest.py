@@ -1,10 +1,12 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "embedtrain" / "assets"
@@ -91,26 +93,52 @@ def embedtrain_cli(*args, timeout=400):
     )
 
 
+def built_once(tmp_path_factory, name, build):
+    """The folder `name`, made by `build(folder)` once per test session, across pytest-xdist workers
+    too: the first worker that needs it builds it under a file lock in the session's shared temp
+    folder, the others wait and reuse it. Tests read such a folder and never write into it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N: shared by the workers of this session (popen-gwK below it)
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").write_text("")
+    return folder
+
+
+def check_cli(*args):
+    result = embedtrain_cli(*args)
+    assert result.returncode == 0, f"embedtrain {' '.join(map(str, args))}:\n{result.stderr[-3000:]}"
+    return result
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """The tiny recipe trained 2 steps and exported (instruction prompts): one model for every test
     that only needs some exported model."""
-    root = tmp_path_factory.mktemp("tiny_export")
-    train = (
-        "train",
-        "--config",
-        "tiny",
-        "--output-dir",
-        root / "run",
-        "--set",
-        "train.max_steps=2",
-        "--set",
-        "logging.every=1",
-    )
-    for args in (train, ("export", root / "run", root / "model")):
-        result = embedtrain_cli(*args)
-        assert result.returncode == 0, result.stderr[-3000:]
-    return root / "model"
+
+    def build(root):
+        check_cli("train", "--config", "tiny", "--output-dir", root / "run", "--set", "train.max_steps=2")
+        check_cli("export", root / "run", root / "model")
+
+    return built_once(tmp_path_factory, "tiny_export", build) / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """The tiny recipe as shipped (10 steps) trained and exported: `run/`, `model/` and the training
+    command's stdout in `train.log`, for every test that needs a trained model."""
+
+    def build(root):
+        train = check_cli("train", "--config", "tiny", "--output-dir", root / "run")
+        (root / "train.log").write_text(train.stdout)
+        check_cli("export", root / "run", root / "model")
+
+    return built_once(tmp_path_factory, "tiny_trained", build)
 
 
 @pytest.fixture(scope="session")

@@ -14,24 +14,22 @@ from embedtrain.model import Encoder, load_backbone
 embedtrain = embedtrain_cli  # other test files import it from here
 
 
-def test_tiny_recipe_trains_then_exports(tmp_path):
-    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run")
-    assert run.returncode == 0, run.stderr[-4000:]
-    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", run.stdout)]
+def test_tiny_recipe_trains_then_exports(tiny_trained):
+    """`embedtrain train --config tiny` then `embedtrain export`, as the Quickstart runs them (the
+    shared fixture runs both commands once for every test that needs a trained model)."""
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", (tiny_trained / "train.log").read_text())]
     assert len(losses) == 10
     assert losses[-1] < 0.6 * losses[0], losses  # the loss visibly falls
 
-    exported = embedtrain("export", tmp_path / "run", tmp_path / "out")
-    assert exported.returncode == 0, exported.stderr[-4000:]
-    again = embedtrain("export", tmp_path / "run", tmp_path / "out")
+    again = embedtrain("export", tiny_trained / "run", tiny_trained / "model")
     assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
 
     texts = ["Instruct: Given a claim, retrieve documents\nQuery: Shilin Linlofo is a chemist.", "d"]
-    from_transformers, _ = embed_with_transformers(tmp_path / "out", texts)
-    native = Encoder(load_backbone(tmp_path / "out")).eval()
+    from_transformers, _ = embed_with_transformers(tiny_trained / "model", texts)
+    native = Encoder(load_backbone(tiny_trained / "model")).eval()
     from embedtrain.model.encoder import load_tokenizer
 
-    batch = load_tokenizer(tmp_path / "out")(texts, padding=True, return_tensors="pt")
+    batch = load_tokenizer(tiny_trained / "model")(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(
             native(batch["input_ids"], batch["attention_mask"]), from_transformers, rtol=1e-5, atol=1e-5

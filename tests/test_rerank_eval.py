@@ -25,24 +25,27 @@ EVAL_QUERIES = 10  # eval.max_queries of the reranker's training run
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A bi-encoder (tiny, 1 rank) and a reranker (tiny_reranker, 2 ranks, in-training evaluation at
-    its last step) trained 4 steps each and exported, with held-out data in the dataset's layout."""
+def models(tmp_path_factory, tiny_trained):
+    """A bi-encoder (the tiny recipe as shipped, the shared fixture) and a reranker (tiny_reranker, 2
+    ranks, in-training evaluation at its last step, trained 4 steps) exported, with held-out data in
+    the dataset's layout."""
     root = tmp_path_factory.mktemp("rerank_models")
     make_demo_data(root / "heldout", seed=1, queries=30)
     steps = ("--set", "train.max_steps=4", "--set", "logging.every=2")
-    run = embedtrain_cli("train", "--config", "tiny", "--output-dir", root / "bi_run", *steps)
-    assert run.returncode == 0, run.stderr[-3000:]
     reranker_run = run_ranks(
         [REPO / "launch" / "train.py", "--config", "tiny_reranker", "--output-dir", root / "reranker_run", *steps]
         + ["--set", f"eval.path={root / 'heldout'}", "--set", f"eval.max_queries={EVAL_QUERIES}"],
         nproc=2,
         timeout=400,
     )
-    for run_dir, out in (("bi_run", "bi"), ("reranker_run", "reranker")):
-        export = embedtrain_cli("export", root / run_dir, root / out)
-        assert export.returncode == 0, export.stderr[-3000:]
-    return {"bi": root / "bi", "reranker": root / "reranker", "heldout": root / "heldout", "log": reranker_run.stdout}
+    export = embedtrain_cli("export", root / "reranker_run", root / "reranker")
+    assert export.returncode == 0, export.stderr[-3000:]
+    return {
+        "bi": tiny_trained / "model",
+        "reranker": root / "reranker",
+        "heldout": root / "heldout",
+        "log": reranker_run.stdout,
+    }
 
 
 def read_subset_texts(folder):
