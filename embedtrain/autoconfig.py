@@ -224,9 +224,9 @@ def detect_hardware(world):
 
 
 def auto_deepspeed_json(decision, shape=None):
-    """The DeepSpeed JSON of a decision: bf16 and clipping 1.0 as ds_configs/*.json, fp32 gradient
-    accumulation (DeepSpeed accumulates in the parameters' dtype unless data_types.grad_accum_dtype
-    says otherwise, and bf16 sums over many micro-steps lose bits), and the chosen ZeRO section.
+    """The DeepSpeed JSON of a decision: bf16 and clipping 1.0 as ds_configs/*.json, and the chosen
+    ZeRO section (fp32 gradient accumulation is added to every bf16 ZeRO JSON, this one included, by
+    config.set_grad_accum_dtype).
     Buckets hold two decoder layers of `shape` (one computing, the next in flight), at least 50M
     parameters as in ds_configs/."""
     bucket = max(50000000, 2 * shape.layer_params) if shape is not None else 50000000
@@ -253,7 +253,6 @@ def auto_deepspeed_json(decision, shape=None):
         "bf16": bf16,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 1000000000,
         "wall_clock_breakdown": False,
     }

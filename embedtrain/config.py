@@ -74,7 +74,7 @@ class DataConfig:
     length_bucketing: bool = False  # sort each global batch by length before cutting micro-batches
     # which of a query's positives is its target: first (pos_doc[0], NVIDIA's recipe) | cycle
     # (positive e mod the query's number of positives, e = how often the stream drew it before).
-    # Either way every known positive is masked out of the query's local/global negative pool.
+    # Either way every known positive is masked out of the query's negatives, in every pool.
     positive_sampling: str = "first"
     # model.kind=reranker: each (query, passage) pair is one sequence, this template truncated to
     # pair_max_length tokens (NeMo AutoModel's cross-encoder recipe); subset instructions are not used
@@ -720,6 +720,7 @@ def deepspeed_config(config, world_size, hardware=None, shape=None):
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    set_grad_accum_dtype(ds, stage, path)
     if decision is None and config.train.activation_checkpointing == AUTO:
         # the recompute only: the JSON's stage stands, and hpZ comes with auto's JSON alone (every ZeRO-3
         # run, auto or not, gets its decoder layers as leaf modules: train/engine.py)
@@ -741,6 +742,30 @@ def deepspeed_config(config, world_size, hardware=None, shape=None):
         )
     validate_with_deepspeed(ds, path)
     return ds
+
+
+def set_grad_accum_dtype(ds, stage, path):
+    """Under bf16 and ZeRO, gradients accumulate over micro-steps in fp32 (data_types.grad_accum_dtype,
+    unless the JSON or a recipe override sets it): DeepSpeed 0.19.8 accumulates in the parameters'
+    dtype otherwise (runtime/engine.py:1806, get_data_types), and a bf16 sum over 8 micro-steps has
+    about twice the error of one rounding (tests/test_grad_accum.py). Every ZeRO stage honours it
+    (docs/distributed.md, "Precision"): ZeRO-1 through BF16_Optimizer's fp32 gradient buffers
+    (engine.py:2305), ZeRO-1 with offload through fp32 param.grad_accum and ZeRO-2 through an fp32
+    gradient partition (runtime/zero/stage_1_and_2.py:397, 1259), ZeRO-3 through its fp32 grad_partitions_flat_buffer
+    (runtime/zero/stage3.py:791). Without ZeRO (stage 0) DeepSpeed refuses bf16 parameters with
+    fp32 accumulation (engine.py:2313-2323), so stage 0 keeps bf16 and an explicit fp32 is refused here."""
+    if not (ds.get("bf16") or {}).get("enabled"):
+        return
+    data_types = ds.get("data_types") or {}
+    if stage == 0:
+        if data_types.get("grad_accum_dtype") not in (None, "bf16", "bfloat16", "torch.bfloat16"):
+            raise ConfigError(
+                f"{path}: data_types.grad_accum_dtype={data_types['grad_accum_dtype']} with bf16 and "
+                "zero_optimization.stage=0: DeepSpeed accumulates only in bf16 without ZeRO; use ZeRO "
+                "stage 1-3 (fp32 accumulation by default) or remove the key"
+            )
+        return
+    ds["data_types"] = {**data_types, "grad_accum_dtype": data_types.get("grad_accum_dtype", "fp32")}
 
 
 def validate_with_deepspeed(ds, path):

@@ -34,6 +34,7 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
+from embedtrain.file_modes import apply_umask
 from embedtrain.model import bidirectional
 from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
 from embedtrain.model.encoder import load_tokenizer
@@ -312,6 +313,7 @@ def export_checkpoint(
     tmp.mkdir(parents=True)
     try:
         write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only, base_model, keep_projection)
+        apply_umask(tmp)  # safetensors writes 0600: a shared folder's users could not read the model
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
         raise

@@ -16,15 +16,18 @@ def scores(queries_QD, passages_ND, temperature):
     return queries_QD.float() @ passages_ND.float().T / temperature
 
 
-def group_info_nce(queries_QD, passages_PD, temperature):
+def group_info_nce(queries_QD, passages_PD, temperature, masked_QG=None):
     """InfoNCE over each query's own group only (the llama-embed-nemotron-8b recipe, arXiv 2511.07025):
 
-        loss_i = -log( exp(s(q_i, p_i0)) / sum_j exp(s(q_i, p_ij)) ),  j over the G passages of query i.
+        loss_i = -log( exp(s(q_i, p_i0)) / sum_{j not masked} exp(s(q_i, p_ij)) ),  j over query i's G passages.
 
-    queries_QD: (Q, D); passages_PD: (Q*G, D) grouped per query, positive first. Returns
-    (loss: mean over queries, logits_QG).
+    queries_QD: (Q, D); passages_PD: (Q*G, D) grouped per query, positive first. masked_QG (bool)
+    drops hard negatives that are one of the query's known positives (group_positive_mask).
+    Returns (loss: mean over queries, logits_QG).
     """
     logits_QG = group_scores(queries_QD, passages_PD, temperature)
+    if masked_QG is not None:
+        logits_QG = logits_QG.masked_fill(masked_QG, float("-inf"))
     targets_Q = torch.zeros(logits_QG.shape[0], dtype=torch.long, device=logits_QG.device)
     return F.cross_entropy(logits_QG, targets_Q), logits_QG
 
@@ -69,6 +72,23 @@ def duplicate_positive_mask(positive_hash_QK, pool_hash_N, targets_Q):
     return same_QN
 
 
+def group_positive_mask(positive_hash_QK, passage_hash_P):
+    """(Q, G) bool: True where a hard negative of a query's own group is one of its known positives.
+
+    The `group` pool's duplicate_positive_mask: the same content hashes (positive_hash_QK: (Q, K) or
+    (Q,), each query's known positives, target first; passage_hash_P: (Q*G,) grouped per query,
+    positive first), compared within each query's group only. Mined negatives can hold a copy of
+    the positive or one of its siblings; left in, InfoNCE pushes the query away from a passage it
+    should match. Column 0 (the target) is never masked.
+    """
+    if positive_hash_QK.dim() == 1:
+        positive_hash_QK = positive_hash_QK[:, None]
+    hash_QG = passage_hash_P.view(positive_hash_QK.shape[0], -1)
+    same_QG = (hash_QG[:, None, :] == positive_hash_QK[:, :, None]).any(dim=1)  # Q x K x G: K, G small
+    same_QG[:, 0] = False
+    return same_QG
+
+
 def group_accuracy(queries_QD, passages_PD):
     """Fraction of queries whose positive outscores their own hard negatives (in-group accuracy@1),
     plus the mean positive and hardest-negative cosine."""
@@ -82,18 +102,24 @@ def group_accuracy(queries_QD, passages_PD):
         return stats
 
 
-def group_cross_entropy(logits_QG):
+def group_cross_entropy(logits_QG, masked_QG=None):
     """A reranker's loss: cross-entropy over each query's group of pair logits, the positive (column
-    0) the target (NeMo AutoModel's cross-encoder recipe). Returns (loss: mean over queries, stats:
-    accuracy = fraction of queries whose positive scores highest, and the mean positive margin over
-    the best negative)."""
+    0) the target (NeMo AutoModel's cross-encoder recipe). masked_QG (bool, group_positive_mask)
+    drops negatives that are one of the query's known positives, from the loss and the stats.
+    Returns (loss: mean over queries, stats: accuracy = fraction of queries whose positive scores
+    highest, and the mean positive margin over the best negative, over queries with a negative)."""
     logits_QG = logits_QG.float()
+    if masked_QG is not None:
+        logits_QG = logits_QG.masked_fill(masked_QG, float("-inf"))
     targets_Q = torch.zeros(logits_QG.shape[0], dtype=torch.long, device=logits_QG.device)
     loss = F.cross_entropy(logits_QG, targets_Q)
     with torch.no_grad():
         stats = {"accuracy": (logits_QG.argmax(dim=-1) == 0).float().mean()}
         if logits_QG.shape[1] > 1:
-            stats["margin"] = (logits_QG[:, 0] - logits_QG[:, 1:].max(dim=-1).values).mean()
+            best_negative_Q = logits_QG[:, 1:].max(dim=-1).values
+            has_negative_Q = best_negative_Q.isfinite()  # no sync: 0 when every negative is masked
+            margin_Q = torch.where(has_negative_Q, logits_QG[:, 0] - best_negative_Q, 0.0)
+            stats["margin"] = margin_Q.sum() / has_negative_Q.sum().clamp(min=1)
     return loss, stats
 
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from embedtrain.errors import MergeError
 from embedtrain.export import write_shards
+from embedtrain.file_modes import apply_umask
 
 IGNORED_CONFIG_KEYS = ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
 
@@ -79,6 +80,7 @@ def merge(out, models, weights=None, dtype="float32", overwrite=False, max_shard
         averaged(), tmp, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], int(max_shard_gb * 2**30)
     )
     (tmp / "merge.json").write_text(json.dumps({"models": [str(m) for m in models], "weights": weights}, indent=2))
+    apply_umask(tmp)  # as an export's: the user's umask, not safetensors' 0600
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -175,10 +175,17 @@ def test_exported_folder_trains_further(trained, tmp_path):
 def test_sharded_export_equals_single_file(trained, tmp_path):
     from safetensors.torch import load_file
 
-    sharded = export_checkpoint(trained / "run", tmp_path / "sharded", max_shard_gb=0.0002)
+    old_umask = os.umask(0o022)
+    try:
+        sharded = export_checkpoint(trained / "run", tmp_path / "sharded", max_shard_gb=0.0002)
+    finally:
+        os.umask(old_umask)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1
+    # the user's umask, not safetensors' 0600: others on a shared cluster can read the export
+    modes = {path: path.stat().st_mode & 0o777 for path in [sharded, *sharded.rglob("*")]}
+    assert modes == {path: 0o755 if path.is_dir() else 0o644 for path in modes}
     merged = {k: v for f in files for k, v in load_file(str(sharded / f)).items()}
     single = load_file(str(trained / "model" / "model.safetensors"))
     assert merged.keys() == single.keys()

@@ -20,6 +20,7 @@ LAYERS = [
         (
             "embedtrain.version",
             "embedtrain.errors",
+            "embedtrain.file_modes",
             "embedtrain.distributed",
             "embedtrain.losses",
             "embedtrain.prompts",

@@ -2,17 +2,22 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from embedtrain.config import LossConfig
 from embedtrain.losses import (
     duplicate_positive_mask,
+    group_cross_entropy,
     group_info_nce,
+    group_positive_mask,
     matryoshka,
     pooled_info_nce,
     positive_targets,
     scores,
 )
+from embedtrain.train.step import distill_loss, negatives_loss, reranker_backward, reranker_loss
 
 
 def unit(rows):
@@ -111,3 +116,116 @@ def test_matryoshka_sums_a_loss_over_its_truncations_with_their_weights():
     assert total.item() == 40.0
     total, losses = matryoshka(loss_at_dim, None)  # no dims: the full embedding alone, weight 1
     assert seen[-1] is None and len(losses) == 1 and total.item() == 100.0
+
+
+# Query 0's group holds a copy of its positive (same text: same hash, same embedding) and a sibling
+# positive (another of its known positives, mined as a "hard negative"); query 1's group is clean.
+MASK_QUERIES = unit([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+MASK_PASSAGES = unit(
+    [[1.0, 0.2, 0.0], [1.0, 0.2, 0.0], [0.9, 0.0, 0.4], [0.3, 0.3, 1.0]]
+    + [[0.0, 1.0, 0.3], [0.1, 1.0, 0.0], [1.0, 0.0, 0.5], [0.2, 0.5, 1.0]]
+)
+MASK_POSITIVES = torch.tensor([[10, 12], [20, 20]])  # (Q, K) known positives, target first, padded by repeat
+MASK_HASHES = torch.tensor([10, 10, 12, 13, 20, 21, 22, 23])
+ALL = list(range(8))
+
+
+def pool_reference(candidates):
+    """Mean over queries of -log softmax of each query's first candidate (pool indices), in Python."""
+    total = 0.0
+    for i, cands in enumerate(candidates):
+        logits = [dot(MASK_QUERIES[i], MASK_PASSAGES[j]) / TAU for j in cands]
+        total += -(logits[0] - math.log(sum(math.exp(x) for x in logits)))
+    return total / len(candidates)
+
+
+def test_group_positive_mask_marks_copies_and_siblings_in_their_own_group_only():
+    mask = group_positive_mask(MASK_POSITIVES, MASK_HASHES)
+    assert mask.tolist() == [[False, True, True, False], [False] * 4]
+    # a (Q,) hash vector is K = 1: only copies of the target
+    assert group_positive_mask(MASK_POSITIVES[:, 0], MASK_HASHES).tolist() == [[False, True, False, False], [False] * 4]
+
+
+@pytest.mark.parametrize(
+    "pool, masked, unmasked",
+    [
+        ("group", [[0, 3], [4, 5, 6, 7]], [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ("local", [[0, 3, 4, 5, 6, 7], [4, 0, 1, 2, 3, 5, 6, 7]], [ALL, [4, 0, 1, 2, 3, 5, 6, 7]]),
+        ("global", [[0, 3, 4, 5, 6, 7], [4, 0, 1, 2, 3, 5, 6, 7]], [ALL, [4, 0, 1, 2, 3, 5, 6, 7]]),
+    ],
+)
+def test_every_pool_masks_negatives_equal_to_a_positive(pool, masked, unmasked):
+    """Each pool's loss (one process: `global` pools this rank's passages) equals InfoNCE with the
+    copy and the sibling removed from query 0's candidates, and differs from the loss with them."""
+    config = LossConfig(negatives=pool, hard_negatives=3, temperature=TAU)
+    loss, _ = negatives_loss(MASK_QUERIES, MASK_PASSAGES, MASK_POSITIVES, MASK_HASHES, config)
+    assert abs(loss.item() - pool_reference(masked)) < 1e-6
+    assert abs(loss.item() - pool_reference(unmasked)) > 1e-2  # the mask matters in this data
+
+
+def test_reranker_loss_masks_pairs_equal_to_a_positive():
+    """A cross-encoder's negatives that are one of the query's positives leave the loss and stats."""
+    logits = torch.tensor([[2.0, 2.0, 1.5, 0.5], [1.0, 0.5, -1.0, 0.0]])  # query 0: a copy, a sibling, a negative
+    loss, stats = group_cross_entropy(logits, group_positive_mask(MASK_POSITIVES, MASK_HASHES))
+    kept = F.cross_entropy(logits[:1, [0, 3]], torch.tensor([0])) + F.cross_entropy(logits[1:], torch.tensor([0]))
+    expected = kept / 2
+    assert abs(loss.item() - expected.item()) < 1e-6
+    assert stats["accuracy"].item() == 1.0 and abs(stats["margin"].item() - 1.0) < 1e-6  # (1.5 + 0.5) / 2
+    assert abs(group_cross_entropy(logits)[0].item() - expected.item()) > 1e-2
+
+
+def test_distillation_kl_under_the_group_pool_drops_the_same_negatives():
+    """loss.distill's KL term under `group` has the contrastive term's candidates: the masked ones go."""
+    weights = {"teacher_cache": "unused", "contrastive": 0.0, "cosine": 0.0, "mse": 0.0, "kl": 1.0}
+    weights["kl_temperature"] = TAU
+    config = LossConfig(negatives="group", hard_negatives=3, temperature=TAU, distill=weights)
+    teacher_q = F.normalize(MASK_QUERIES + 0.3, dim=-1)  # another embedding space; copies stay copies
+    teacher_p = F.normalize(MASK_PASSAGES**2 + 0.1, dim=-1)
+    batch = {
+        "teacher_query": teacher_q,
+        "teacher_passage": teacher_p,
+        "positive_hash": MASK_POSITIVES,
+        "passage_hash": MASK_HASHES,
+    }
+    queries, passages = torch.cat([MASK_QUERIES, teacher_q], -1), torch.cat([MASK_PASSAGES, teacher_p], -1)
+    total, stats = distill_loss(queries, passages, batch, config, "cpu")
+
+    def kl(candidates):
+        result = 0.0
+        for i, cands in enumerate(candidates):
+            s = F.softmax(torch.tensor([dot(MASK_QUERIES[i], MASK_PASSAGES[j]) / TAU for j in cands]), -1)
+            t = F.softmax(torch.tensor([dot(teacher_q[i], teacher_p[j]) / TAU for j in cands]), -1)
+            result += (t * (t.log() - s.log())).sum().item() / len(candidates)
+        return result
+
+    assert abs(stats["distill_kl"].item() - kl([[0, 3], [4, 5, 6, 7]])) < 1e-6
+    assert abs(stats["distill_kl"].item() - kl([[0, 1, 2, 3], [4, 5, 6, 7]])) > 1e-3
+
+
+def test_chunked_reranker_backward_masks_each_chunk_with_its_own_queries():
+    """Under train.grad_cache_chunk_size each chunk of queries gets its own rows of the mask: the
+    chunked loss equals the masked loss of the whole micro-batch."""
+    logits = torch.tensor([2.0, 2.0, 1.5, 0.5, 1.0, 0.5, -1.0, 0.0])
+
+    class Engine:  # a DeepSpeed engine's surface: the pair logits are the inputs themselves
+        device = "cpu"
+
+        def __call__(self, inputs):
+            return inputs
+
+        def backward(self, loss, scale_wrt_gas):
+            pass
+
+        def step(self):
+            pass
+
+    batch = {
+        "group_size": 4,
+        "positive_hash": MASK_POSITIVES,
+        "passage_hash": MASK_HASHES,
+        "chunks": [{"inputs": logits[:4], "num_pairs": 4}, {"inputs": logits[4:], "num_pairs": 4}],
+    }
+    loss, _ = reranker_backward(Engine(), batch, accumulation=1)
+    whole, _ = group_cross_entropy(logits.view(2, 4), group_positive_mask(MASK_POSITIVES, MASK_HASHES))
+    assert abs(loss.item() - whole.item()) < 1e-6
+    assert abs(loss.item() - reranker_loss(Engine(), batch, "cpu")[0].item()) < 1e-6

@@ -161,7 +161,8 @@ class PairCollator(Collator):
     """Tokenises Examples for a reranker (model.kind=reranker): every (query, passage) pair is one
     sequence, `data.pair_template` truncated to `data.pair_max_length` tokens, ordered query by
     query (positive first). Returns the encoder tensors (packed or padded, as Collator's),
-    group_size (passages per query) and, with chunk_size, "chunks" of whole queries' pairs."""
+    group_size (passages per query), positive_hash and passage_hash (as Collator's: the loss masks
+    negatives that are a known positive) and, with chunk_size, "chunks" of whole queries' pairs."""
 
     def __init__(self, tokenizer, data_config, subsets, chunk_size=0, one_row=False):
         super().__init__(tokenizer, data_config, subsets, chunk_size)
@@ -187,7 +188,12 @@ class PairCollator(Collator):
         for start, stop in chunk_bounds(len(examples), self.chunk_size, chunks):
             sequences = ids[start * group : stop * group]
             parts.append({**self.encoder_inputs(sequences, 0), "num_pairs": len(sequences)})
-        return self.with_parts({"group_size": group}, parts)
+        batch = {
+            "group_size": group,
+            "positive_hash": positive_hash_matrix([known_positive_hashes(e) for e in examples]),
+            "passage_hash": torch.tensor([content_hash(p) for e in examples for p in e.passages], dtype=torch.long),
+        }
+        return self.with_parts(batch, parts)
 
 
 def encoder_parts(batch):

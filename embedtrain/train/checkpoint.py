@@ -21,6 +21,7 @@ import yaml
 
 from embedtrain import distributed
 from embedtrain.errors import CheckpointError
+from embedtrain.file_modes import apply_umask
 from embedtrain.model.lora import ADAPTER_BASE, base_fingerprint, lora_parameters, recorded_base, write_adapter
 from embedtrain.model.reranker import KIND_FILE
 
@@ -216,6 +217,7 @@ def publish_checkpoint(root, tag, run_dir, stream_state, config_dict, adapter=No
     shutil.copytree(Path(run_dir) / "base_model", folder / "base_model", dirs_exist_ok=True)
     inventory = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / "complete.json").write_text(json.dumps(inventory, indent=2))
+    apply_umask(folder)  # every rank's files: the user's umask, not 0600 (the LoRA adapter's safetensors)
     final = root / tag
     if final.exists():  # a re-save of the same step (resumed run): replace it
         shutil.rmtree(final)

@@ -15,6 +15,7 @@ from embedtrain.losses import (
     group_accuracy,
     group_cross_entropy,
     group_info_nce,
+    group_positive_mask,
     group_scores,
     matryoshka,
     pooled_info_nce,
@@ -113,7 +114,17 @@ def reranker_logits(model, part, device):
 def reranker_loss(model, batch, device):
     """A reranker micro-batch's loss and stats with a DeepSpeed engine or a plain PairScorer."""
     logits = torch.cat([reranker_logits(model, part, device) for part in encoder_parts(batch)])
-    return group_cross_entropy(logits.view(-1, batch["group_size"]))
+    return group_cross_entropy(logits.view(-1, batch["group_size"]), reranker_mask(batch, device))
+
+
+def reranker_mask(batch, device):
+    """(Q, G) bool: the reranker batch's negatives that are one of their query's known positives (a
+    pair identical to the positive's, or a sibling positive's, must not be scored down); None for
+    a batch without hashes."""
+    if "passage_hash" not in batch:
+        return None
+    hashes = (batch[key].to(device, non_blocking=True) for key in ("positive_hash", "passage_hash"))
+    return group_positive_mask(*hashes)
 
 
 def reranker_backward(engine, batch, accumulation, boundary=None):
@@ -131,10 +142,14 @@ def reranker_backward(engine, batch, accumulation, boundary=None):
         engine.backward(loss / accumulation, scale_wrt_gas=False)
         return loss.detach(), stats
     group, total = batch["group_size"], sum(part["num_pairs"] for part in parts)
+    masked_QG, first = reranker_mask(batch, engine.device), 0
     loss_sum, stats_sum = 0.0, {}
     for index, part in enumerate(parts):
         set_boundary(engine, None if boundary is None else boundary and index == len(parts) - 1)
-        loss, stats = group_cross_entropy(reranker_logits(engine, part, engine.device).view(-1, group))
+        queries = part["num_pairs"] // group  # chunks hold whole queries, in order
+        chunk_mask = None if masked_QG is None else masked_QG[first : first + queries]
+        first += queries
+        loss, stats = group_cross_entropy(reranker_logits(engine, part, engine.device).view(-1, group), chunk_mask)
         pair_fraction = part["num_pairs"] / total  # the chunk's fraction of the micro-batch's pairs
         engine.backward(loss * pair_fraction / accumulation, scale_wrt_gas=False)
         if index < len(parts) - 1:
@@ -161,9 +176,10 @@ def negatives_loss(
     tau = loss_config.temperature
     stats = group_accuracy(queries_QD, passages_PD)
     if loss_config.negatives == "group":
+        masked_QG = group_positive_mask(positive_hash_QK, passage_hash_P)  # as assemble_pool's mask
 
         def info_nce_at_dim(d):
-            return group_info_nce(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau)[0]
+            return group_info_nce(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau, masked_QG)[0]
     else:
         pool_ND, targets_Q, masked_QN, rank_weight = pool or assemble_pool(
             queries_QD, passages_PD, positive_hash_QK, passage_hash_P, loss_config, group, uniform
@@ -253,22 +269,27 @@ def distill_loss(queries_QX, passages_PX, batch, loss_config, device, group=None
     total = total + weights["cosine"] * cosine + weights["mse"] * mse
     stats["distill_cosine"], stats["distill_mse"] = cosine.detach(), mse.detach()
     if weights["kl"]:
-        kl = pool_kl(queries_QD, passages_PD, teacher_QT, teacher_PT, pool, loss_config, group, uniform)
+        masked_QG = group_positive_mask(positive_hash_QK, passage_hash_P) if pool is None else None
+        kl = pool_kl(queries_QD, passages_PD, teacher_QT, teacher_PT, pool, loss_config, group, uniform, masked_QG)
         total = total + weights["kl"] * kl
         stats["distill_kl"] = kl.detach()
     return total, stats
 
 
-def pool_kl(queries_QD, passages_PD, teacher_QT, teacher_PT, pool, loss_config, group=None, uniform=False):
+def pool_kl(
+    queries_QD, passages_PD, teacher_QT, teacher_PT, pool, loss_config, group=None, uniform=False, masked_QG=None
+):
     """KL(teacher || student) over the contrastive pool's candidates (`pool`: assemble_pool's result;
-    None under `group`), summed over the Matryoshka truncations of the student with their weights
-    (the teacher's scores use its full embedding)."""
+    None under `group`, where masked_QG, group_positive_mask, drops the known positives), summed over
+    the Matryoshka truncations of the student with their weights (the teacher's scores use its full
+    embedding)."""
     tau = loss_config.distill["kl_temperature"]
     if pool is None:
         teacher_QG = group_scores(teacher_QT, teacher_PT, tau)
 
         def kl_at_dim(d):
-            return score_kl(group_scores(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau), teacher_QG)
+            student_QG = group_scores(truncate_to(queries_QD, d), truncate_to(passages_PD, d), tau)
+            return score_kl(student_QG, teacher_QG, masked_QG)
     else:
         pool_ND, _, masked_QN, rank_weight = pool
         teacher_QN = scores(teacher_QT, teacher_pool(teacher_QT, teacher_PT, loss_config, group, uniform), tau)
