@@ -171,9 +171,14 @@ def pytest_collection_modifyitems(config, items):
     machine without a GPU (it proves nothing about the GPU)."""
     import torch
 
+    grouped = set()
     for module, users in module_fixture_users(items).items():
         for item in users:
             item.add_marker(pytest.mark.xdist_group(module))
+            grouped.add(item)
+    # the groups (long: a fixture and its tests) go out to the workers first, single tests fill the
+    # tail, so that no worker is left alone with a long group at the end (stable: order kept within)
+    items.sort(key=lambda item: item not in grouped)
     if torch.cuda.is_available() or os.environ.get("EMBEDTRAIN_GPU_TESTS_ON_CPU") == "1":
         return
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
