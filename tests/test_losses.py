@@ -34,11 +34,11 @@ def dot(a, b):
     return sum(x * y for x, y in zip(a.tolist(), b.tolist()))
 
 
-def reference_loss(candidates):
-    """-log softmax of the first candidate, averaged over queries, in plain Python."""
+def reference_loss(candidates, queries=QUERIES, passages=PASSAGES):
+    """-log softmax of the first candidate (passage indices), averaged over queries, in plain Python."""
     total = 0.0
     for i, cands in enumerate(candidates):
-        logits = [dot(QUERIES[i], PASSAGES[j]) / TAU for j in cands]
+        logits = [dot(queries[i], passages[j]) / TAU for j in cands]
         total += -(logits[0] - math.log(sum(math.exp(x) for x in logits)))
     return total / len(candidates)
 
@@ -131,12 +131,8 @@ ALL = list(range(8))
 
 
 def pool_reference(candidates):
-    """Mean over queries of -log softmax of each query's first candidate (pool indices), in Python."""
-    total = 0.0
-    for i, cands in enumerate(candidates):
-        logits = [dot(MASK_QUERIES[i], MASK_PASSAGES[j]) / TAU for j in cands]
-        total += -(logits[0] - math.log(sum(math.exp(x) for x in logits)))
-    return total / len(candidates)
+    """reference_loss over the masking example's queries and pool."""
+    return reference_loss(candidates, MASK_QUERIES, MASK_PASSAGES)
 
 
 def test_group_positive_mask_marks_copies_and_siblings_in_their_own_group_only():
