@@ -69,16 +69,53 @@ def run_scenarios(name, scenarios, root, nproc=1, timeout=600):
     """Every scenario ({key: the worker's arguments, less --out}) of worker `name` in ONE launch on
     `nproc` ranks (tests/workers/scenario_batch.py), each in its own folder under `root` and as a
     single run would compute it; returns {key: its result}. A launch costs about 8 s on 2 cores, a
-    parity scenario about 1 s, so a test file launches its scenarios of one world size together."""
+    parity scenario about 1 s, so scenarios of one world size share a launch. With `name` None each
+    scenario is (worker, arguments) and scenario_batch.py runs them (several workers, one launch)."""
     root = Path(root)
     batch = []
     for index, args in enumerate(scenarios.values()):
         folder = root / f"scenario{index}"
         folder.mkdir(parents=True, exist_ok=True)
-        batch.append({"out": str(folder / "r.json"), "args": [str(arg) for arg in args]})
+        worker, args = (name, args) if name else args
+        entry = {} if name else {"worker": worker}
+        batch.append({**entry, "out": str(folder / "r.json"), "args": [str(arg) for arg in args]})
     (root / "scenarios.json").write_text(json.dumps(batch, indent=1))
-    run_ranks([WORKERS / name, "--scenarios", root / "scenarios.json"], nproc=nproc, timeout=timeout)
+    script = WORKERS / (name or "scenario_batch.py")
+    run_ranks([script, "--scenarios", root / "scenarios.json"], nproc=nproc, timeout=timeout)
     return {key: json.loads(Path(entry["out"]).read_text()) for key, entry in zip(scenarios, batch)}
+
+
+SCENARIOS = {}  # {(test module, world size): {key: (worker, arguments)}}, filled by shared_scenarios
+
+
+def shared_scenarios(module, nproc, worker, scenarios):
+    """Register, at a test module's import, scenarios ({key: arguments less --out}) of `worker` on
+    `nproc` ranks for the session's shared launch (the `scenario_launch` fixture)."""
+    SCENARIOS.setdefault((module, nproc), {}).update({key: (worker, args) for key, args in scenarios.items()})
+
+
+@pytest.fixture(scope="session")
+def scenario_launch(request, tmp_path_factory):
+    """`results(module, nproc)` -> {key: result} of that module's registered scenarios. The first
+    call for a world size runs the scenarios of every collected module of that size in ONE launch
+    (tests/workers/scenario_batch.py; a launch costs about 8 s on 2 cores, a scenario about 1 s), so
+    the tests using this fixture run on one xdist worker (pytest_collection_modifyitems)."""
+    launched = {}
+
+    def results(module, nproc):
+        if nproc not in launched:
+            collected = {item.module.__name__ for item in request.session.items}
+            entries, keys = [], []
+            for (owner, size), scenarios in sorted(SCENARIOS.items()):
+                if size == nproc and owner in collected:
+                    for key, (worker, args) in scenarios.items():
+                        keys.append((owner, key))
+                        entries.append((worker, args))
+            root = tmp_path_factory.mktemp(f"scenarios{nproc}")
+            launched[nproc] = dict(zip(keys, run_scenarios(None, dict(enumerate(entries)), root, nproc).values()))
+        return {key: result for (owner, key), result in launched[nproc].items() if owner == module}
+
+    return results
 
 
 def embedtrain_cli(*args, timeout=400):
@@ -172,9 +209,10 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     grouped = set()
+    shared = {item.module.__name__ for item in items if "scenario_launch" in getattr(item, "fixturenames", ())}
     for module, users in module_fixture_users(items).items():
-        for item in users:
-            item.add_marker(pytest.mark.xdist_group(module))
+        for item in users:  # the modules of the shared scenario launch: one group, one launch per size
+            item.add_marker(pytest.mark.xdist_group("scenario_launch" if module in shared else module))
             grouped.add(item)
     # the groups (long: a fixture and its tests) go out to the workers first, single tests fill the
     # tail, so that no worker is left alone with a long group at the end (stable: order kept within)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import embedtrain
-from conftest import embedtrain_cli, run_scenarios
+from conftest import embedtrain_cli, shared_scenarios
 from embedtrain.config import ConfigError, load_config
 from embedtrain.losses import embedding_distance, score_kl
 from embedtrain.model.distill import new_projection
@@ -147,12 +147,15 @@ def test_config_fills_the_defaults():
 TWO_RANK_EXTRAS = [[], ["--matryoshka", "--query-negatives", "--grad-cache", "1"]]
 
 
+TWO_RANKS = {"detached": ["--negatives", "global", "--distill", "--detached"]}  # first: its patch must not leak
+TWO_RANKS.update({" ".join(extra): ["--negatives", "global", "--distill", *extra] for extra in TWO_RANK_EXTRAS})
+shared_scenarios(__name__, 2, "grad_parity.py", TWO_RANKS)
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """This file's 2-rank grad_parity.py scenarios in one launch, keyed by their extra arguments."""
-    scenarios = {"detached": ["--negatives", "global", "--distill", "--detached"]}  # first: its patch must not leak
-    scenarios.update({" ".join(extra): ["--negatives", "global", "--distill", *extra] for extra in TWO_RANK_EXTRAS})
-    return run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp("grad_parity"), nproc=2)
+def two_ranks(scenario_launch):
+    """This file's 2-rank grad_parity.py scenarios (the session's shared launch), keyed by their extra arguments."""
+    return scenario_launch(__name__, 2)
 
 
 @pytest.mark.parametrize("extra", TWO_RANK_EXTRAS)

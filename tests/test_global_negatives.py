@@ -5,7 +5,7 @@ batch order does not depend on the world size."""
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_scenarios, run_worker
+from conftest import run_worker, shared_scenarios
 from embedtrain.export import export_checkpoint
 
 TOLERANCE = 1e-5
@@ -18,12 +18,15 @@ GLOBAL_POOL = [
 ]
 
 
+TWO_RANKS = {"detached": ["--negatives", "global", "--detached"]}  # first: its patch must not leak into the rest
+TWO_RANKS.update({" ".join(e): ["--negatives", "global", *e] for world, e in GLOBAL_POOL if world == 2})
+shared_scenarios(__name__, 2, "grad_parity.py", TWO_RANKS)
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Every 2-rank grad_parity.py scenario of this file in one launch, keyed by its arguments."""
-    scenarios = {"detached": ["--negatives", "global", "--detached"]}  # first: its patch must not leak into the rest
-    scenarios.update({" ".join(e): ["--negatives", "global", *e] for world, e in GLOBAL_POOL if world == 2})
-    return run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp("grad_parity"), nproc=2)
+def two_ranks(scenario_launch):
+    """Every 2-rank grad_parity.py scenario of this file (the session's shared launch), keyed by its arguments."""
+    return scenario_launch(__name__, 2)
 
 
 @pytest.mark.parametrize("world, extra", GLOBAL_POOL)

@@ -4,7 +4,7 @@ of dropout; one optimizer step per global batch in the training loop."""
 
 import pytest
 
-from conftest import run_scenarios, run_worker
+from conftest import run_worker, shared_scenarios
 from embedtrain.config import ConfigError, deepspeed_config, deepspeed_micro_steps, load_config
 
 TOLERANCE = 1e-5
@@ -17,16 +17,20 @@ PLAIN_STEP = [
 DROPOUT = ["--micro", "4", "--grad-cache", "2", "--dropout", "0.3"]
 
 
+RUNS = {
+    1: {"replayed": DROPOUT, "broken": [*DROPOUT, "--no-replay"]},
+    2: {},
+}
+for _world, _extra in PLAIN_STEP:
+    RUNS[_world][" ".join(_extra)] = ["--negatives", "global", *_extra]
+for _world, _scenarios in RUNS.items():
+    shared_scenarios(__name__, _world, "grad_parity.py", _scenarios)
+
+
 @pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    """This file's grad_parity.py scenarios, one launch per world size: {world: {key: result}}."""
-    runs = {1: {"replayed": DROPOUT, "broken": [*DROPOUT, "--no-replay"]}, 2: {}}
-    for world, extra in PLAIN_STEP:
-        runs[world][" ".join(extra)] = ["--negatives", "global", *extra]
-    return {
-        world: run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp(f"grad_parity{world}"), nproc=world)
-        for world, scenarios in runs.items()
-    }
+def parity(scenario_launch):
+    """This file's grad_parity.py scenarios (the session's shared launches): {world: {key: result}}."""
+    return {world: scenario_launch(__name__, world) for world in RUNS}
 
 
 @pytest.mark.parametrize("world, extra", PLAIN_STEP)

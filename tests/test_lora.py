@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_resume import effective_stream, run
 
-from conftest import ASSETS, run_scenarios
+from conftest import ASSETS, shared_scenarios
 from embedtrain.config import LORA_DEFAULTS, ConfigError, load_config
 from embedtrain.export import export_checkpoint
 from embedtrain.model import Encoder, load_backbone
@@ -61,15 +61,22 @@ def test_lora_config_defaults_and_refusals(monkeypatch):
         load_config("tiny", ["model.lora={}"])
 
 
-@pytest.fixture(scope="module")
-def lora_parity(tmp_path_factory):
-    """This file's lora_parity.py scenarios (2 ranks) in one launch."""
-    scenarios = {
+shared_scenarios(
+    __name__,
+    2,
+    "lora_parity.py",
+    {
         "dropout": ["--grad-cache", "2", "--dropout", "0.1"],  # first: its RNG use must not reach the others
         "stage 3": ["--stage", "3"],
         "stage 2": ["--stage", "2"],
-    }
-    return run_scenarios("lora_parity.py", scenarios, tmp_path_factory.mktemp("lora_parity"), nproc=2)
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def lora_parity(scenario_launch):
+    """This file's lora_parity.py scenarios (2 ranks, the session's shared launch)."""
+    return scenario_launch(__name__, 2)
 
 
 @pytest.mark.parametrize("stage", [3, 2])

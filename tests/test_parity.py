@@ -4,21 +4,28 @@ with two forwards does not."""
 
 import pytest
 
-from conftest import run_scenarios, run_worker
+from conftest import run_worker, shared_scenarios
 
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """This file's 1-rank grad_parity.py scenarios in one launch (not the reentrant one, which may
-    stop its process on DeepSpeed's assertion)."""
-    scenarios = {
+# this file's 1-rank grad_parity.py scenarios, in the session's shared launch (not the reentrant
+# one, which may stop its process on DeepSpeed's assertion)
+shared_scenarios(
+    __name__,
+    1,
+    "grad_parity.py",
+    {
         "group": ["--negatives", "group"],
         "local, auto": ["--negatives", "local", "--accumulation", "2", "--auto-zero3"],
         "separate forwards": ["--separate-forwards"],
-    }
-    return run_scenarios("grad_parity.py", scenarios, tmp_path_factory.mktemp("grad_parity"))
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def one_rank(scenario_launch):
+    return scenario_launch(__name__, 1)
 
 
 def test_zero3_with_checkpointing_matches_plain_pytorch(one_rank):

@@ -4,7 +4,7 @@ gradient parity of a ZeRO-3 step on 2 ranks with a plain PyTorch step (fp32, rel
 import pytest
 import torch
 
-from conftest import run_scenarios
+from conftest import shared_scenarios
 from embedtrain.config import ConfigError, load_config
 from embedtrain.data.collate import PairCollator
 from embedtrain.data.nemotron import Example
@@ -58,10 +58,13 @@ def test_group_cross_entropy_by_hand():
 RERANKER_PARITY = {"plain": [], "chunked-accumulated": ["--chunk", "1", "--accumulation", "2"]}
 
 
+shared_scenarios(__name__, 2, "reranker_parity.py", RERANKER_PARITY)
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Both reranker_parity.py scenarios (2 ranks) in one launch."""
-    return run_scenarios("reranker_parity.py", RERANKER_PARITY, tmp_path_factory.mktemp("reranker_parity"), nproc=2)
+def two_ranks(scenario_launch):
+    """Both reranker_parity.py scenarios (2 ranks, the session's shared launch)."""
+    return scenario_launch(__name__, 2)
 
 
 @pytest.mark.parametrize("name", list(RERANKER_PARITY))

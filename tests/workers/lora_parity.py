@@ -138,6 +138,8 @@ def main(argv=None):
     engine.destroy()  # a batch's next scenario builds its own
 
 
+scenario_entry = main  # what tests/workers/scenario_batch.py runs for an entry naming this worker
+
 if __name__ == "__main__":
     scenario_batch.run(main)
     distributed.shutdown()

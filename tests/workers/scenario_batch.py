@@ -3,7 +3,13 @@
     torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --scenarios batch.json
 
 batch.json is a list of {"out": path, "args": [...]}: each entry runs as `WORKER --out PATH ARGS...`
-would, one after another, in the same processes. A launch (torchrun, importing torch, transformers,
+would, one after another, in the same processes. Run as a script itself, this module runs entries of
+several workers in one launch, each entry naming its own ({"worker": "lora_parity.py", ...}; the
+worker's `scenario_entry` function runs it): tests/conftest.py's `scenario_launch` puts every test
+file's scenarios of one world size into such a launch.
+
+    torchrun --standalone --nproc_per_node 2 tests/workers/scenario_batch.py --scenarios batch.json
+ A launch (torchrun, importing torch, transformers,
 DeepSpeed and embedtrain on every rank, gloo's rendezvous) costs about 8 s on 2 CPU cores, the
 scenario itself about 1 s; tests/conftest.py's run_scenarios writes the file and reads the results.
 
@@ -14,6 +20,7 @@ worker undoes its own monkeypatches (try/finally) and destroys its DeepSpeed eng
 """
 
 import gc
+import importlib
 import json
 import random
 import sys
@@ -58,7 +65,8 @@ def release():
 
 def run(run_one, argv=None):
     """`run_one(argv)` once with the command line's arguments, or once per scenario of the file
-    given by --scenarios, with `--out` and that scenario's arguments, from the same RNG state."""
+    given by --scenarios, with `--out` and that scenario's arguments, from the same RNG state (an
+    entry naming another "worker" runs that worker's `scenario_entry` instead of `run_one`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     path = scenarios_file(argv)
     if path is None:
@@ -69,6 +77,22 @@ def run(run_one, argv=None):
     start = rng_states()
     for scenario in scenarios:
         set_rng_states(start)
-        run_one(["--out", scenario["out"], *map(str, scenario["args"])])
+        entry = worker_entry(scenario["worker"]) if "worker" in scenario else run_one
+        entry(["--out", scenario["out"], *map(str, scenario["args"])])
         release()
         distributed.barrier()
+
+
+def worker_entry(name):
+    """The `scenario_entry(argv)` of worker script `name` (e.g. "grad_parity.py"), imported from
+    this folder (the script's folder is first on sys.path)."""
+    return importlib.import_module(Path(name).stem).scenario_entry
+
+
+def refuse_single_run(argv):
+    raise SystemExit("scenario_batch.py runs --scenarios FILE whose entries each name their worker")
+
+
+if __name__ == "__main__":
+    run(refuse_single_run)
+    distributed.shutdown()
