@@ -5,8 +5,12 @@ from contextlib import contextmanager
 
 import click
 
+from embedtrain.config import RECIPES_DIR
 from embedtrain.data.formats import FORMATS
 from embedtrain.errors import CheckpointError, EmbedtrainError, UsageError
+
+# the shipped recipes, read from the recipes folder: `train --help` cannot name fewer than there are
+SHIPPED_RECIPES = ", ".join(sorted(path.stem for path in RECIPES_DIR.glob("*.yaml")))
 
 
 def fail(message, exit_code=2):
@@ -42,7 +46,7 @@ def main():
     "recipe",
     required=True,
     metavar="RECIPE_OR_PATH",
-    help="A shipped recipe (tiny, llama3_2_1b, llama_embed_nemotron_8b) or a YAML file.",
+    help=f"A shipped recipe ({SHIPPED_RECIPES}) or a YAML file.",
 )
 @click.option(
     "--set",
@@ -65,7 +69,9 @@ def main():
     "never: start fresh (refused if the run folder has checkpoints); PATH: a run or step folder.",
 )
 def train(recipe, overrides, output_dir, resume):
-    """Train an embedding model.
+    """Train an embedding model (bi-encoder), or a reranker (model.kind=reranker: the *_reranker recipes).
+
+    A run that fails before its first checkpoint removes the run folder if it created it.
 
     \b
     Example:     embedtrain train --config tiny --output-dir runs/tiny
@@ -76,8 +82,10 @@ def train(recipe, overrides, output_dir, resume):
     try:
         config = load_config(recipe, [*overrides, *([f"train.resume={resume}"] if resume else [])], output_dir)
         from embedtrain.train.loop import train_command  # after the config: its errors come before DeepSpeed loads
+        from embedtrain.train.run_folder import removed_if_failed
 
-        train_command(config)
+        with removed_if_failed(config.train.output_dir):  # no empty run folder left by a failed run
+            train_command(config)
     except EmbedtrainError as err:
         fail(str(err))
     except Exception as err:  # noqa: BLE001 - a bug or a crash below us: traceback, then a clean exit 1
@@ -195,14 +203,14 @@ def _check_device(ctx, param, value):
 
 
 def inference_options(command):
-    """--device and --dtype, shared by encode, eval and mine."""
+    """--device and --dtype, shared by encode, rerank, eval and mine."""
     command = click.option(
         "--dtype",
         type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
         default="auto",
         show_default=True,
         help="Weights and activations: auto = bfloat16 on CUDA, float32 on "
-        "CPU. Embeddings come back as float32 either way.",
+        "CPU. What the model computes (vectors, scores) comes back as float32 either way.",
     )(command)
     return click.option(
         "--device",
@@ -258,6 +266,19 @@ def search_chunk_options(command):
     )(command)
 
 
+def storage_option(default, why):
+    """--storage of eval and mine: the dtype of the on-disk embedding matrices searched
+    (embedtrain.retrieval); `why` says why this command's default is what it is."""
+    return click.option(
+        "--storage",
+        type=click.Choice(["float16", "float32"]),
+        default=default,
+        show_default=True,
+        help="Dtype of the on-disk corpus and query embeddings; scores are float32 either way. float32 gives "
+        f"exactly a float32 search at twice the disk of float16 (N x dim x 4 bytes). {why}",
+    )
+
+
 def rerank_batch_and_inference_options(command):
     """--rerank-batch-size, --device and --dtype: the last options of eval and mine."""
     return click.option(
@@ -280,8 +301,7 @@ def rerank_batch_and_inference_options(command):
 @click.option(
     "--teacher-cache",
     "teacher_data",
-    default=None,
-    type=click.Path(exists=True),
+    default=None,  # a path or assets:NAME, checked by embedtrain.teacher_cache.prepared_folder
     metavar="DATA",
     help="Teacher-cache mode: embed every distinct query and passage (positives and hard negatives) of the "
     "training data DATA (prepared or raw) with MODEL as the distillation teacher, each subset with the "
@@ -489,7 +509,7 @@ def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, 
     "--work-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Folder for the float16 embedding files, shared by all ranks (default: a temporary folder, "
+    help="Folder for the embedding files (--storage), shared by all ranks (default: a temporary folder, "
     "removed after; give a shared one for multi-node runs).",
 )
 @search_chunk_options
@@ -507,6 +527,11 @@ def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, 
     default=100,
     show_default=True,
     help="First-stage candidates per query rescored by --rerank (over 100: the first stage searches deeper).",
+)
+@storage_option(
+    "float32",
+    "float16 moved the tiny model's nDCG@10 on the demo data by up to 7e-4 (docs/evaluation.md): use it when "
+    "float32 would not fit the disk.",
 )
 @rerank_batch_and_inference_options
 def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, rerank, rerank_top_k, **run_options):
@@ -535,13 +560,13 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, reran
             work_dir,
             rerank=rerank,
             rerank_top_k=rerank_top_k,
-            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size
+            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size, storage
         )
 
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data")  # anything prepare reads (a file, a Hub id): embedtrain.mine.source_subsets checks it
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--top-k", type=int, default=20, show_default=True, help="Negatives kept per query.")
 @click.option(
@@ -569,6 +594,10 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, reran
     show_default=True,
     help="With --rerank: also drop negatives within this many score units below the positive.",
 )
+@storage_option(
+    "float16",
+    "float16 halves the disk of a whole training corpus; the negatives it picks differ only at near-ties.",
+)
 @rerank_batch_and_inference_options
 def mine(model, data, out, top_k, margin, batch_size, rerank, rerank_margin, **run_options):
     """Re-mine hard negatives with a model, written as ranked neg_doc in the dataset's layout.
@@ -590,7 +619,7 @@ def mine(model, data, out, top_k, margin, batch_size, rerank, rerank_margin, **r
             batch_size=batch_size,
             rerank=rerank,
             rerank_margin=rerank_margin,
-            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size
+            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size, storage
         )
 
 

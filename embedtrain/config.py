@@ -129,10 +129,20 @@ class TrainConfig:
     lr: float = 2e-6
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0: only at the end
+    # minutes between checkpoints as well (rank 0's clock, shared with the stop flag); 0: off
+    save_every_minutes: float = 0.0
     keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: all
     resume: str = "auto"  # auto: from <output_dir>/checkpoints if any | never | a run or step folder
+    # resume although a setting that decides the data order changed (data.mixing, its temperature or
+    # weights, data.subsets, lengths, ...: embedtrain.train.resume_checks); false: such a resume is refused
+    resume_new_data_order: bool = False
+    # resume although train.max_steps or the optim.* schedule changed: the LR curve follows the new
+    # settings from the resumed step on; false: such a resume is refused
+    resume_new_schedule: bool = False
     max_skipped_steps: int = 20  # steps skipped for a non-finite loss or gradient before the run stops
-    stop_check_every: int = 10  # steps between the ranks' agreement on a SIGTERM stop (one collective)
+    # steps between the ranks' non-blocking exchange of the stop (SIGTERM, Ctrl-C) and save flags;
+    # a stop is acted on one exchange after the signal
+    stop_check_every: int = 1
     # true (every decoder layer) | false | k (every k-th layer: 0, k, 2k, ...; 1 = every layer) | auto (the least
     # recompute that fits the card, embedtrain.autoconfig; with deepspeed.config=auto or any JSON)
     activation_checkpointing: bool | int | str = True
@@ -404,6 +414,8 @@ def validate(config):
     validate_checkpointing(config)
     if config.data.pack_length < 0:
         raise ConfigError(f"data.pack_length must be >= 0 (0: the kernel's default), got {config.data.pack_length}")
+    if config.train.save_every_minutes < 0:
+        raise ConfigError(f"train.save_every_minutes must be >= 0 (0: off), got {config.train.save_every_minutes}")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {config.data.num_workers}")
     if config.loss.gather_group_size < 0:
@@ -535,7 +547,7 @@ def resolve_distill(distill, kind="embedding"):
             "loss.distill.teacher_cache: required, the folder written by "
             "`embedtrain encode TEACHER --teacher-cache DATA --output CACHE`"
         )
-    resolved["teacher_cache"] = str(resolved["teacher_cache"])
+    resolved["teacher_cache"] = resolve_path(str(resolved["teacher_cache"]))
     for key in ("contrastive", "cosine", "mse", "kl", "kl_temperature"):
         resolved[key] = _coerce(resolved[key], float, f"loss.distill.{key}")
         if resolved[key] < 0:

@@ -246,3 +246,149 @@ def broadcast_object(value, src=0):
     objects = [value]  # broadcast_object_list fills the list in place
     dist.broadcast_object_list(objects, src=src)
     return objects[0]
+
+
+def all_gather_object(value):
+    """Every rank's `value` (small and picklable: a flag, a host name), in rank order; [value] for
+    one process."""
+    if world_size() == 1:
+        return [value]
+    every = [None] * world_size()
+    dist.all_gather_object(every, value)
+    return every
+
+
+def gather_object(value, dst=0):
+    """Every rank's `value` (small and picklable) in rank order on rank `dst`, None on the others;
+    [value] for one process. Unlike all_gather_object, only `dst` receives W values."""
+    if world_size() == 1:
+        return [value]
+    every = [None] * world_size() if rank() == dst else None
+    dist.gather_object(value, every, dst=dst)
+    return every
+
+
+def hosts_of(ranks, hosts):
+    """'host node-b (ranks 2, 3), host node-c (rank 4)': `ranks` grouped by their host (`hosts[r]`)."""
+    by_host = {}
+    for index in ranks:
+        by_host.setdefault(hosts[index], []).append(index)
+    return ", ".join(
+        f"host {host} (rank{'s' if len(members) > 1 else ''} {', '.join(map(str, members))})"
+        for host, members in by_host.items()
+    )
+
+
+SHARED_CHECK_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # seconds between a rank's re-reads (NFS attribute caches)
+
+
+def check_shared_folder(folder, setting="train.output_dir"):
+    """Every rank: prove that `folder` is one folder shared by all ranks, before anything is written
+    into it that another rank must read (checkpoint shards, prepared data). Rank 0 writes a fresh
+    token into a file there; after a barrier every rank reads it, re-reading a few times (7.7 s at
+    most, only on a rank that does not see it yet: a network file system's client may cache the
+    folder's listing for a few seconds). A rank that still does not see it has the folder on a
+    disk of its own (e.g. a node-local --output-dir in a hostfile launch): every rank raises the
+    same ConfigError, naming the hosts. Returns the token (unique to this start of the run).
+    One process: nothing to check."""
+    import time
+    import uuid
+    from pathlib import Path
+
+    if world_size() == 1:
+        return uuid.uuid4().hex
+    token = broadcast_object(uuid.uuid4().hex if rank() == 0 else None)
+    probe = Path(folder) / f".embedtrain-shared-{token}"
+    if rank() == 0:
+        with open(probe, "w") as f:
+            f.write(token)
+            f.flush()
+            os.fsync(f.fileno())
+    barrier()
+    sees = _reads_token(probe, token)
+    for delay in SHARED_CHECK_DELAYS:
+        if sees:
+            break
+        time.sleep(delay)
+        sees = _reads_token(probe, token)
+    every = all_gather_object((socket.gethostname(), sees, str(folder)))
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+    hosts = [host for host, _, _ in every]
+    blind = [index for index, (_, seen, _) in enumerate(every) if not seen]
+    if blind:
+        other = [index for index, (_, _, path) in enumerate(every) if path != every[0][2]]
+        raise ConfigError(
+            f"{setting}: {every[0][2]} is not one folder shared by every rank: rank 0 on {hosts[0]} wrote "
+            f"{probe.name} there, and {hosts_of(blind, hosts)} cannot see it"
+            + "".join(f"; rank {index} was given {every[index][2]}" for index in other[:3])
+            + ". Each rank writes its own "
+            "checkpoint shards there and resume reads every rank's: give --output-dir a path on storage "
+            "that every node mounts at the same place (a network file system), not a node-local disk"
+        )
+    return token
+
+
+def _reads_token(probe, token):
+    try:
+        os.listdir(probe.parent)  # a fresh listing: NFS clients then revalidate the folder
+        return probe.read_text() == token
+    except OSError:
+        return False
+
+
+def on_host_comm(tensor):
+    """`tensor` for a collective that must not wait on the GPU (the stop and save flags): a host
+    tensor, which the process group carries over gloo on a gloo thread ("cpu:gloo,cuda:nccl",
+    process_group_backend), so neither starting nor reading it synchronises a CUDA stream. A group
+    without gloo (NCCL alone, made by someone else) gets it on the communication device."""
+    if dist.is_initialized() and "gloo" not in str(dist.get_backend()):
+        return on_comm_device(tensor)
+    return tensor.cpu()
+
+
+class DeferredMax:
+    """Small integer flags agreed on by every rank one exchange late, without a blocking host sync:
+    `exchange(values)` starts a non-blocking MAX all-reduce of this rank's `values` and returns the
+    result of the one started at the previous call (None at the first). Every rank must call it at
+    the same points, in the same order (it is a collective). By the next call every rank has
+    started the previous reduction (ranks step in lockstep), so reading it rarely waits."""
+
+    def __init__(self):
+        self.pending = None
+
+    def exchange(self, values):
+        agreed = self.finish()
+        tensor = on_host_comm(torch.tensor(values, dtype=torch.int32))
+        work = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+        self.pending = (tensor, work)
+        return agreed
+
+    def finish(self):
+        """The pending reduction's result (None when nothing is pending); nothing stays in flight."""
+        if self.pending is None:
+            return None
+        tensor, work = self.pending
+        self.pending = None
+        if work is not None:
+            work.wait()
+        return [int(v) for v in tensor.tolist()]
+
+
+def launcher_grace_seconds():
+    """Seconds this worker's launcher waits after forwarding SIGTERM/SIGINT before it SIGKILLs the
+    workers; None when it is not torchrun. torchrun's elastic agent waits `--shutdown-timeout` /
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch/distributed/launcher/api.py, pytorch/pytorch#172596);
+    a torch whose LaunchConfig has no shutdown_timeout waits a fixed 30 s
+    (torch/distributed/elastic/multiprocessing/api.py, PContext.close). The worker inherits the
+    agent's environment, so the variable is visible here; the command-line option is not."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if "shutdown_timeout" not in getattr(LaunchConfig, "__dataclass_fields__", {}):
+        return 30
+    # torchrun's own option (--shutdown-timeout, or PET_SHUTDOWN_TIMEOUT) wins over the variable
+    return int(os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))

@@ -17,13 +17,20 @@ from embedtrain.inference.batching import encode_texts, prompt_text
 
 
 def read_texts(path):
-    """One text per line of a .txt file, or the "text" field of each line of a .jsonl file."""
+    """One text per line of a .txt file, or the "text" field of each line of a .jsonl file. A file
+    without a line is refused: 0 embeddings is never what was asked for (and an empty output would
+    look like a finished job)."""
     path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise EncodeError(f"--input {path}: expected a .txt or .jsonl file")
     lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise EncodeError(
+            f"--input {path}: the file is empty, there is nothing to embed; give one text per line "
+            '(.txt) or one {"text": ...} object per line (.jsonl)'
+        )
     if path.suffix == ".txt":
         return lines
-    if path.suffix != ".jsonl":
-        raise EncodeError(f"--input {path}: expected a .txt or .jsonl file")
     texts = []
     for number, line in enumerate(lines, 1):
         try:
@@ -61,8 +68,8 @@ def encode_file(
     dtype=None,
 ):
     """Embed every text of `input_path` (prompt: "query", "document" or None) into `output_path`."""
+    texts = read_texts(input_path)  # before the model loads: a bad file fails in a second
     model = BiEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
-    texts = read_texts(input_path)
     if prompt is not None and prompt not in ("query", "document"):
         raise EncodeError(f"--prompt {prompt}: expected query or document (the prompts of {model_dir})")
     max_length = max_length or model.max_seq_length

@@ -3,8 +3,8 @@
 DATA is a folder in the embed-nemotron-dataset-v1 layout (one subset, or a folder of subsets: the
 relevant documents of a query are its pos_doc) or in BEIR layout (corpus.jsonl, queries.jsonl,
 qrels/test.tsv). Exact search over the whole corpus through embedtrain.retrieval (corpus streamed
-into an on-disk float16 matrix, blocked top-100 on the model's device, rank-sharded when launched
-on several processes); metrics per subset and their mean.
+into an on-disk float32 matrix, or float16 with storage="float16", blocked top-100 on the model's
+device, rank-sharded when launched on several processes); metrics per subset and their mean.
 
 With --rerank, a second stage: each query's first `rerank_top_k` candidates from that search are
 rescored by a reranker (cross-encoder, embedtrain.inference) and reordered by its scores (ties keep
@@ -122,13 +122,16 @@ def evaluate(
     rerank=None,
     rerank_top_k=100,
     rerank_batch_size=32,
+    storage="float32",
 ):
     """{"subsets": {name: metrics}, "mean": metrics} for a BEIR folder or dataset-layout folder, on
     rank 0 (None on the other ranks of a multi-process launch; every rank must call it).
 
     Prompts come from the model (embedtrain.prompts): each subset's pair, or the defaults for BEIR
-    folders; `query_prompt` replaces the query prompt. Embeddings go to float16 files in `work_dir`
-    (default: a temporary folder, removed after), search is exact (retrieval.search, top 100).
+    folders; `query_prompt` replaces the query prompt. Embeddings go to files of dtype `storage`
+    in `work_dir` (default: a temporary folder, removed after), search is exact (retrieval.search,
+    top 100, float32 scores): with float32 storage the ranking is a float32 brute-force search's;
+    float16 storage rounds every vector first (half the disk, metrics move by ~1e-4..1e-3).
 
     `rerank`: an exported reranker folder. Once every subset's first stage is done the bi-encoder is
     freed, the reranker scores each query's first `rerank_top_k` candidates (raw query and document
@@ -137,11 +140,7 @@ def evaluate(
     first-stage order, then the candidates beyond the top k in their first-stage order) and "rerank"
     ({"model", "top_k"}). "subsets" and "mean" stay the first stage's.
     """
-    require_kind(model_dir, "embedding", "MODEL")
-    if rerank is not None:
-        require_kind(rerank, "reranker", "--rerank")
-        if rerank_top_k < 1:
-            raise EncodeError(f"--rerank-top-k must be at least 1, got {rerank_top_k}")
+    check_models(model_dir, rerank, rerank_top_k)
     data = Path(data)
     if (data / "corpus.jsonl").is_file():
         folders, read = [data], beir_sources
@@ -167,6 +166,7 @@ def evaluate(
                 dim,
                 progress=progress,
                 desc=f"{folder.name} corpus",
+                storage=storage,
             )
             queries = encode_to_file(
                 encoder.module,
@@ -178,6 +178,7 @@ def evaluate(
                 dim,
                 progress=progress,
                 desc=f"{folder.name} queries",
+                storage=storage,
             )
             _, rows = search_sharded(
                 queries, docs, depth, files, query_chunk=query_chunk, corpus_chunk=corpus_chunk, device=device
@@ -219,6 +220,17 @@ def evaluate(
         result["reranked"] = with_mean(reranked)
         result["rerank"] = {"model": str(rerank), "top_k": rerank_top_k}
     return result
+
+
+def check_models(model_dir, rerank=None, rerank_top_k=100):
+    """MODEL must be an exported embedding model and --rerank an exported reranker
+    (inference.loading.require_kind: a run folder is told to export first); checked before any
+    output or work folder is made."""
+    require_kind(model_dir, "embedding", "MODEL")
+    if rerank is not None:
+        require_kind(rerank, "reranker", "--rerank")
+        if rerank_top_k < 1:
+            raise EncodeError(f"--rerank-top-k must be at least 1, got {rerank_top_k}")
 
 
 def ranked_ids(rows, doc_ids, query_ids):
@@ -340,15 +352,18 @@ def format_table(result):
 def eval_command(model_dir, data, output=None, batch_size=64, query_prompt=None, dim=None, work_dir=None, **options):
     """`embedtrain eval`: evaluate on every rank of a launch (or in one process); rank 0 prints the
     metrics JSON and writes it to `output` too, and with `rerank` the side-by-side table to stderr.
-    `options`: evaluate()'s device, dtype, query_chunk, corpus_chunk and rerank options."""
+    `options`: evaluate()'s device, dtype, query_chunk, corpus_chunk, storage and rerank options.
+    Bad models are refused before anything is made; the output file is written whole or not at all."""
+    check_models(model_dir, options.get("rerank"), options.get("rerank_top_k", 100))
     if output:  # checked before the encoding: a result is never computed to be lost
         Path(output).parent.mkdir(parents=True, exist_ok=True)
 
     def report(result):
         text = json.dumps(result, indent=2)
         if output:
-            with open(output, "w") as f:
-                f.write(text + "\n")
+            partial = Path(output).with_name(f".{Path(output).name}.partial")
+            partial.write_text(text + "\n")
+            partial.replace(output)
         if options.get("rerank"):
             print(format_table(result), file=sys.stderr, flush=True)
         print(text, flush=True)

@@ -6,9 +6,10 @@ lowest positive score (NV-Retriever's TopK-PercPos: candidates above 95 % of the
 likely false negatives). They are written as the ranked `neg_doc` of OUT, in the same layout.
 
 Host memory does not grow with the corpus (embedtrain.retrieval): the corpus is streamed from
-corpus.parquet into an on-disk float16 matrix, positives are looked up with Arrow's hash index,
-and scoring runs in query_chunk x corpus_chunk blocks with a running top list per query. Launched
-on several processes, ranks share the encoding and the scoring; rank 0 writes OUT.
+corpus.parquet into an on-disk float16 matrix (--storage float32: exact float32 vectors, twice the
+disk), positives are looked up with Arrow's hash index, and scoring runs in query_chunk x
+corpus_chunk blocks with a running top list per query. Launched on several processes, ranks share
+the encoding and the scoring; rank 0 writes OUT.
 
 With --rerank, a second pass once every subset is mined: a reranker (cross-encoder) scores each
 query's mined negatives and its positives, and a negative it scores above the query's lowest
@@ -26,7 +27,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embedtrain import distributed
+from embedtrain.data import parquet
+from embedtrain.data.formats import location, to_layout
+from embedtrain.data.hub import resolve_dataset
 from embedtrain.data.nemotron import read_metadata, subset_folders
+from embedtrain.data.shards import MANIFEST
+from embedtrain.errors import DataError
 from embedtrain.eval import free_device_memory, score_candidates_sharded
 from embedtrain.inference import BiEncoder, Reranker
 from embedtrain.inference.loading import require_kind
@@ -73,9 +79,10 @@ def negatives_column(rows, doc_ids, column_type):
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs).cast(column_type)
 
 
-def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, corpus_chunk, device):
+def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, corpus_chunk, device, storage="float16"):
     """(queries table, (Q, top_k) negative rows, doc ids) of one subset on rank 0; (None, None, None)
-    on the other ranks; `encoder` an embedtrain.inference.BiEncoder. Every rank must call it."""
+    on the other ranks; `encoder` an embedtrain.inference.BiEncoder, `storage` the dtype of the
+    on-disk embeddings (retrieval.encode_to_file). Every rank must call it."""
     query_prompt, document_prompt = encoder.prompt_policy.for_subset(read_metadata(folder))
     corpus_file, queries_file = folder / "corpus.parquet", folder / "queries.parquet"
     doc_ids = read_columns(corpus_file, ["id"]).column("id").combine_chunks()
@@ -92,6 +99,7 @@ def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, c
         encoder.max_seq_length,
         progress=True,
         desc=f"{folder.name} corpus",
+        storage=storage,
     )
     query_vectors = encode_to_file(
         encoder.module,
@@ -102,6 +110,7 @@ def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, c
         encoder.max_seq_length,
         progress=True,
         desc=f"{folder.name} queries",
+        storage=storage,
     )
     ceilings = positive_ceilings(query_vectors, docs, positives, margin, device=device)
     _, rows = search_sharded(
@@ -137,6 +146,7 @@ def mine(
     rerank=None,
     rerank_margin=0.0,
     rerank_batch_size=32,
+    storage="float16",
 ):
     """Re-mine every subset of `data` into `out`; returns {subset: number of queries} (on every rank).
     Every rank of a multi-process launch must call it; only rank 0 writes `out`.
@@ -151,7 +161,7 @@ def mine(
     device = encoder.device
     out = Path(out)
     written = {}
-    folders = subset_folders(data)
+    folders = source_subsets(data, out)
     for folder in tqdm(folders, desc="subsets", unit="subset", disable=distributed.rank() != 0):
         work = out / WORK_FOLDER / folder.name
         queries, rows, doc_ids = mine_subset(
@@ -164,6 +174,7 @@ def mine(
             query_chunk,
             corpus_chunk,
             device,
+            storage,
         )
         if distributed.rank() == 0:
             write_subset(
@@ -197,6 +208,40 @@ def mine(
         shutil.rmtree(out / WORK_FOLDER, ignore_errors=True)
     distributed.barrier()
     return written
+
+
+def source_subsets(data, out):
+    """The subset folders of DATA in the dataset's layout. DATA is anything `embedtrain prepare`
+    reads (a folder or file of embedtrain.data.formats, or a Hugging Face dataset id); other formats
+    are converted under OUT/.embedtrain-mine/converted first, on rank 0 (removed with the work
+    folder at the end). A row that cannot be converted is an error here (mining has no
+    --skip-bad-rows), after which OUT is as it was. A prepared folder is refused with its source named."""
+    path = Path(data)
+    if (path / MANIFEST).is_file():
+        source = json.loads((path / MANIFEST).read_text()).get("source", "SRC")
+        raise DataError(
+            f"DATA {data} is a prepared folder ({MANIFEST}); mine reads the source it was prepared from: "
+            f"`embedtrain mine MODEL {source} OUT`"
+        )
+
+    def convert():
+        created = not out.exists()
+        try:
+            folder, bad = to_layout(resolve_dataset(data)[0], "auto", out / WORK_FOLDER / "converted")
+            if bad:
+                first = "; ".join(f"{location(p)}: {p['reason']}" for p in bad[:3])
+                raise DataError(
+                    f"DATA {data}: {len(bad)} bad row(s), first: {first}; fix them first (`embedtrain prepare "
+                    f"{data} OUT --skip-bad-rows` lists every one in OUT/skipped_rows.jsonl)"
+                )
+            return subset_folders(folder)
+        except BaseException:
+            shutil.rmtree(out / WORK_FOLDER, ignore_errors=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    return distributed.run_on_main(convert)
 
 
 def mine_command(model_dir, data, out, top_k=20, margin=0.95, **options):
@@ -257,7 +302,7 @@ def rerank_subset(target, reranker, margin, batch_size, query_chunk, work):
     if distributed.rank() != 0:
         return None
     kept, dropped = drop_false_negatives(negatives, scores[:, :width], scores[:, width:], margin)
-    queries = pq.read_table(queries_file)
+    queries = parquet.read_table(queries_file)
     column = negatives_column(kept, doc_ids, queries.schema.field("neg_doc").type)
     pq.write_table(queries.set_column(queries.schema.get_field_index("neg_doc"), "neg_doc", column), queries_file)
     return {"rerank_scored": int((negatives >= 0).sum()), "rerank_dropped": dropped}

@@ -54,6 +54,8 @@ part of it, so this is an upper bound):
 import json
 from pathlib import Path
 
+import yaml
+
 from embedtrain.autoconfig import GIB, Hardware, activation_bytes, auto_deepspeed_json, model_state_bytes, with_reserve
 from embedtrain.config import load_config, recipe_path
 from embedtrain.shape import Shape
@@ -328,6 +330,10 @@ def plan(
         "lora_params": lora_params,
         "auto": decision,
         "config": config,
+        "nodes": nodes,
+        # a ZeRO checkpoint: fp32 master weights and both Adam moments of every trained parameter
+        # (DeepSpeed's *_optim_states.pt; the model states files are small under ZeRO-3)
+        "checkpoint_bytes": 12 * (lora_params or shape.params),
     }
 
 
@@ -401,17 +407,46 @@ def format_plan(result):
             f"{best['allgather_bytes'] / 1e9:.1f} GB all-gathered + {best['reduce_scatter_bytes'] / 1e9:.1f} "
             "GB reduce-scattered per GPU)"
         )
+    lines.append(format_save_time(result))
     return "\n".join(lines)
+
+
+WRITE_GBPS_PER_NODE = 1.0  # an assumption, not a measurement: GB/s one node writes to the run folder
+GRACE_SECONDS = 300  # launch/slurm templates: --signal=B:USR1@300
+
+
+def format_save_time(result):
+    """One line: the checkpoint's size and the time to write it, every node writing its ranks'
+    shards at WRITE_GBPS_PER_NODE, plus the two steps a stop request may wait for (the step in
+    flight and the one in which the ranks agree), against the templates' grace period
+    (docs/reliability.md)."""
+    size = result["checkpoint_bytes"]
+    seconds = size / result["nodes"] / (WRITE_GBPS_PER_NODE * 1e9)
+    steps = 2 * result["best"]["step_seconds"] if result["best"] else 0.0
+    verdict = "within" if seconds + steps < GRACE_SECONDS else "LONGER than"
+    return (
+        f"checkpoint: {size / 1e9:,.1f} GB (12 bytes per trained parameter), about {seconds:,.0f} s to save at "
+        f"an assumed {WRITE_GBPS_PER_NODE:g} GB/s per node; a stop takes up to 2 steps ({steps:,.0f} s) more: "
+        f"{verdict} the {GRACE_SECONDS} s the Slurm templates leave before the time limit (on preemption the "
+        "partition's GraceTime)"
+    )
 
 
 def plan_command(recipe, overrides, *args):
     """`embedtrain plan`: the recipe with its overrides (and placeholder paths), planned (plan()'s
     arguments after the recipe name) and printed."""
-    config = load_config(recipe, [*placeholder_paths(overrides), *overrides])
+    config = load_config(recipe, [*placeholder_paths(recipe, overrides), *overrides])
     print(format_plan(plan(config, recipe_path(recipe).stem, *args)), flush=True)
 
 
-def placeholder_paths(overrides):
-    """plan needs no data and, with a known shape, no checkpoint: fill unset paths."""
-    given = {o.split("=", 1)[0] for o in overrides}
+def placeholder_paths(recipe, overrides):
+    """plan needs no data and, with a known shape, no checkpoint: fill the paths that neither the
+    recipe nor an override sets. A path the recipe sets is kept, so that load_config resolves it as
+    training would (assets:tiny-llama is the tiny recipe's model, whose config.json gives the shape)."""
+    sections = yaml.safe_load(recipe_path(recipe).read_text()) or {}
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    for key in ("model.path", "data.path"):
+        section, name = key.split(".")
+        if isinstance(sections, dict) and isinstance(sections.get(section), dict) and sections[section].get(name):
+            given.add(key)
     return [f"{key}=unset" for key in ("model.path", "data.path") if key not in given]

@@ -60,7 +60,7 @@ def rerank_file(
     """Score every pair of `input_path` (read_pairs) into `output_path`, one JSON line per input line in
     order: {"score": s} for a "passage" line, {"scores": [s, ...]} for a "passages" line. Returns
     (lines, pairs)."""
-    require_kind(model_dir, "reranker", "model")
+    require_kind(model_dir, "reranker", "MODEL")
     records = read_pairs(input_path)  # bad input fails before the model loads
     model = Reranker.from_pretrained(model_dir, device=device, dtype=dtype)
     max_length = max_length or model.max_length
@@ -70,13 +70,22 @@ def rerank_file(
     queries = [query for query, passages, _ in records for _ in passages]
     passages = [passage for _, record_passages, _ in records for passage in record_passages]
     scores = score_pairs(model, queries, passages, batch_size, max_length, max_tokens, progress=True).tolist()
-    with open(output_path, "w", encoding="utf-8") as out:
-        start = 0
-        for _, record_passages, single in records:
-            record_scores = scores[start : start + len(record_passages)]
-            start += len(record_passages)
-            out.write(json.dumps({"score": record_scores[0]} if single else {"scores": record_scores}) + "\n")
+    lines, start = [], 0
+    for _, record_passages, single in records:
+        record_scores = scores[start : start + len(record_passages)]
+        start += len(record_passages)
+        lines.append(json.dumps({"score": record_scores[0]} if single else {"scores": record_scores}) + "\n")
+    write_atomically(output_path, "".join(lines))
     return len(records), len(passages)
+
+
+def write_atomically(path, text):
+    """`text` into `path` through a temporary file next to it, renamed in place: an interrupted
+    write never leaves a half-written output."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def rerank_command(model_dir, input_path, output_path, *args, **kwargs):

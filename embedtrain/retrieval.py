@@ -6,8 +6,10 @@ The shared lower layer of `embedtrain eval`, `embedtrain mine` and in-training e
 
 - texts are streamed from their file in blocks (`ParquetTexts`, `JsonlTexts`; `ListTexts` for
   what is small enough to hold, such as queries) and each block's embeddings go straight into a
-  float16 `MatrixFile` (a raw np.memmap plus a JSON sidecar for shape and dtype); only the rows
-  being written or read are mapped at any time;
+  `MatrixFile` (a raw np.memmap plus a JSON sidecar for shape and dtype) of the caller's storage
+  dtype: float32 keeps the vectors as computed (the search is then exactly a float32 brute-force
+  search), float16 rounds them to half the disk; only the rows being written or read are mapped
+  at any time;
 - `search` scores query chunk x corpus chunk on the model's device and keeps a running top-k per
   query, with optional per-query exclusions (positives) and score ceilings (TopK-PercPos);
 - only document ids (one Arrow string column) and the per-query results are held whole.
@@ -28,16 +30,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from embedtrain import distributed
+from embedtrain.data import parquet
 from embedtrain.data.nemotron import read_metadata
 from embedtrain.errors import DataError
 from embedtrain.inference.batching import BLOCK, encode_texts, output_dim
 
 MIN_BLOCKS = 16  # a small corpus is still cut into this many blocks, so that every rank gets some
+STORAGE_DTYPES = ("float16", "float32")  # dtypes of the on-disk embedding matrices (eval/mine --storage)
 
 
 # ---------------------------------------------------------------- grids and rank shares
@@ -67,11 +70,11 @@ def read_columns(path, columns, required=None):
     `columns`) is an error naming it."""
     if not Path(path).is_file():
         raise DataError(f"missing {path}")
-    names = pq.ParquetFile(path).schema_arrow.names
+    names = parquet.read_schema(path).names
     absent = [c for c in (columns if required is None else required) if c not in names]
     if absent:
         raise DataError(f"{path}: no column(s) {', '.join(absent)}")
-    return pq.read_table(path, columns=columns)
+    return parquet.read_table(path, columns)
 
 
 def read_subset(folder):
@@ -111,8 +114,9 @@ class ParquetTexts:
 
     def __init__(self, path, column, prompt=""):
         self.path, self.column, self.prompt = Path(path), column, prompt
-        self.rows = pq.ParquetFile(self.path).metadata.num_rows
-        if column not in pq.ParquetFile(self.path).schema_arrow.names:
+        file = parquet.open_file(self.path)
+        self.rows = file.metadata.num_rows
+        if column not in file.schema_arrow.names:
             raise DataError(f"{self.path}: no column {column!r}")
 
     def __len__(self):
@@ -120,7 +124,7 @@ class ParquetTexts:
 
     def values(self, start):
         """The column's values from row `start` to the end, lazily; nulls are an error naming the row."""
-        file = pq.ParquetFile(self.path)
+        file = parquet.open_file(self.path)
         group, skip = 0, start
         while group < file.num_row_groups and skip >= file.metadata.row_group(group).num_rows:
             skip -= file.metadata.row_group(group).num_rows
@@ -128,7 +132,9 @@ class ParquetTexts:
         if group == file.num_row_groups:
             return
         row = start
-        for batch in file.iter_batches(
+        for batch in parquet.iter_batches(
+            file,
+            self.path,
             batch_size=self.READ_BATCH,
             row_groups=range(group, file.num_row_groups),
             columns=[self.column],
@@ -307,10 +313,13 @@ def encode_to_file(
     storage="float16",
     **options,
 ):
-    """Embed every text of `source` into the MatrixFile `path` (N x D, `storage` dtype), rank-sharded:
+    """Embed every text of `source` into the MatrixFile `path` (N x D, `storage`: "float16" or
+    "float32"; the vectors are rounded to it, the search reads them back as float32), rank-sharded:
     each rank encodes its contiguous run of blocks (`block_rows`) with inference.encode_texts (options:
     max_tokens, long_documents, chunk_overlap) and writes it in place. Every rank must call it; all
     return the file once every rank has written."""
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage {storage!r}: expected one of {', '.join(STORAGE_DTYPES)}")
     n, d = len(source), output_dim(encoder, dim)
     if distributed.rank() == 0:
         MatrixFile.create(path, (n, d), storage)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from embedtrain.config import resolve_path
 from embedtrain.data.nemotron import content_hash
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
@@ -167,9 +168,9 @@ def encode_side(side, dataset, prompts, embed, writer, progress):
 
 
 def prepared_folder(data_path, work, subsets):
-    """The prepared dataset folder of `data_path`: itself when it is one, else a raw dataset
-    (folder or file `embedtrain prepare` reads) prepared into `work`/prepared, as
-    `embedtrain train` prepares a raw data.path."""
+    """The prepared dataset folder of `data_path` (resolved: see write_teacher_cache): itself when
+    it is one, else a raw dataset (folder or file `embedtrain prepare` reads) prepared into
+    `work`/prepared, as `embedtrain train` prepares a raw data.path."""
     data_path = Path(data_path)
     if not data_path.exists():
         raise DataError(f"--teacher-cache {data_path}: no such folder or file")
@@ -237,6 +238,7 @@ def write_teacher_cache(
     into place when complete; an existing cache at `output` is replaced then."""
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype {cache_dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
+    data_path = resolve_path(str(data_path))  # assets:NAME, as in a recipe's data.path
     output = Path(output).resolve()
     check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)

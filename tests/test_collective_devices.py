@@ -9,7 +9,7 @@ EXPECTED_PATHS = {
     "all_gather from embedtrain.distributed._gather_uneven",  # global pool and eval embeddings
     "all_reduce from embedtrain.distributed.backward",  # gradient of the gathered pool
     "all_reduce from embedtrain.distributed.all_reduce_mean",  # logging
-    "all_reduce from embedtrain.distributed.any_rank",  # SIGTERM stop poll
+    "all_reduce from embedtrain.distributed.exchange",  # stop and save flags (DeferredMax)
 }
 
 

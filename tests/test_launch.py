@@ -124,3 +124,21 @@ def test_single_node_sbatch_dry_run(fake_slurm):
         timeout=60,
     )
     assert run.returncode == 0 and "--standalone --nproc_per_node 8" in run.stdout
+
+
+@pytest.mark.parametrize("template", ["train_multinode.sbatch", "train_single_node.sbatch"])
+def test_sbatch_dry_run_outside_slurm_prints_the_commands(template, tmp_path):
+    """The DRY_RUN=1 example of each template's header, on a machine without Slurm; a real run
+    there is refused with what to do instead of a bare unset-variable error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    script = str(REPO / "launch" / "slurm" / template)
+    run = subprocess.run(
+        ["bash", script, "--config", "tiny"], env=dict(env, DRY_RUN="1"), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    first, command = run.stdout.strip().splitlines()
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900" in first  # torchrun waits for the workers' save
+    assert "-m torch.distributed.run" in command and command.endswith("--config tiny")
+    if template == "train_multinode.sbatch":
+        refused = subprocess.run(["bash", script, "--config", "tiny"], env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and "run this under sbatch (or with DRY_RUN=1" in refused.stderr

@@ -308,3 +308,17 @@ def test_training_flops_is_the_sum_over_sequences_for_every_family():
             assert got == pytest.approx(want, rel=1e-12)
     qwen = Shape(**SHAPES["qwen3-0.6b"])
     assert qwen.attention_width == 2 * qwen.hidden_size
+
+
+def test_checkpoint_size_estimate_matches_a_written_checkpoint(tiny_trained):
+    """plan's checkpoint bytes (12 per trained parameter) against the optimizer-state files of the
+    tiny recipe's real checkpoint (the model states files are small under ZeRO-3); and the line
+    that compares the save time with the templates' grace period."""
+    from embedtrain.plan import format_save_time
+
+    result = plan(load_config("tiny"), "tiny", 1, 1)
+    latest = tiny_trained / "run" / "checkpoints" / "latest"
+    written = sum(p.stat().st_size for p in (latest.parent / latest.read_text().strip()).glob("*_optim_states.pt"))
+    assert abs(result["checkpoint_bytes"] - written) / written < 0.02  # the rest: pickle framing
+    line = format_save_time(dict(result, checkpoint_bytes=600e9, nodes=1))  # 600 s at 1 GB/s
+    assert "about 600 s to save" in line and "LONGER than the 300 s" in line

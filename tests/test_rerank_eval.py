@@ -139,6 +139,8 @@ def test_eval_rerank_reports_both_stages_and_equals_a_direct_computation(models,
         models["reranker"],
         "--rerank-top-k",
         "5",
+        "--storage",
+        "float16",  # as direct_two_stages stores the vectors
         "--output",
         tmp_path / "m.json",
     )

@@ -6,7 +6,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -33,6 +32,9 @@ def run(run_dir, records, *args, nproc=1, expect_kill=False, expect_code=None):
     return result
 
 
+LONGER = ("--set", "train.resume_new_schedule=true")  # resuming with a larger train.max_steps: asked for
+
+
 def effective_stream(records):
     """step -> examples, the last record of each step winning (a resumed run redoes steps)."""
     stream, starts, previous = {}, [], None
@@ -56,8 +58,16 @@ def assert_same_weights(a, b, tolerance=1e-6):
         assert error <= tolerance, (name, error)
 
 
-def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path):
-    run(tmp_path / "straight", tmp_path / "straight.jsonl")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The worker's run (tiny recipe, 8 steps, a checkpoint every 2) uninterrupted on one rank:
+    the reference of the interrupted runs below. Returns its folder; its records are next to it."""
+    root = tmp_path_factory.mktemp("straight")
+    run(root / "straight", root / "straight.jsonl")
+    return root / "straight"
+
+
+def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path, straight):
     killed = tmp_path / "killed"
     records = tmp_path / "killed.jsonl"
     run(killed, records, "--kill-after-step", "2", expect_kill=True)  # after step 3, checkpoint step_2 exists
@@ -68,16 +78,15 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path):
     run(killed, records)  # resumes at 4 and finishes
 
     stream, starts = effective_stream(records)
-    straight, _ = effective_stream(tmp_path / "straight.jsonl")
     assert starts == [0, 2, 4, 4]  # each run began exactly at the last complete checkpoint
-    assert stream == straight  # same examples at every step: none repeated, none skipped
+    assert stream == effective_stream(straight.with_suffix(".jsonl"))[0]  # none repeated, none skipped
     assert not (killed / "checkpoints" / "step_6.partial").exists()  # cleaned by the next save
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(killed / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))  # one curve, no doubled steps
-    assert_same_weights(weights(killed, tmp_path / "a"), weights(tmp_path / "straight", tmp_path / "b"))
+    assert_same_weights(weights(killed, tmp_path / "a"), weights(straight, tmp_path / "b"))
 
 
 def test_damaged_latest_falls_back_to_the_previous_checkpoint(tmp_path):
@@ -87,46 +96,71 @@ def test_damaged_latest_falls_back_to_the_previous_checkpoint(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:1000])
     step_2 = sorted((run_dir / "checkpoints" / "step_2").rglob("*"))
     before = {p: p.read_bytes() for p in step_2 if p.is_file()}
-    result = run(run_dir, records, "--steps", "6")
+    result = run(run_dir, records, "--steps", "6", *LONGER)
     assert "warning: skipping checkpoint step_4" in result.stdout + result.stderr
     assert "resumed from" in result.stdout and "step_2 at step 2" in result.stdout
     assert all(p.read_bytes() == data for p, data in before.items() if p.name != "complete.json")
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "embedtrain.cli",
-        "train",
-        "--config",
-        "tiny",
-        "--output-dir",
-        str(tmp_path / "run"),
-        "--set",
-        "train.max_steps=500",
-        "--set",
-        "logging.every=1",
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+def test_time_limit_under_the_slurm_template_saves_exits_zero_and_resumes_exactly(tmp_path, straight):
+    """launch/slurm/train_single_node.sbatch run by bash, as sbatch runs it, on 2 CPU ranks under
+    torchrun. Slurm's time-limit warning (--signal=B:USR1) reaches the shell mid-run: the workers
+    save the step they are in (the stop is seen one step later), every process exits 0, and the
+    same command run again (the requeued job) resumes there and ends where the uninterrupted run
+    of the same recipe ends (one rank, same global batch)."""
+    env = dict(
+        worker_env(),
+        GPUS_PER_NODE="2",
+        RUN_DIR=str(tmp_path / "run"),
+        PYTHON=sys.executable,
+        EMBEDTRAIN_REPO=str(REPO),
+        DS_ACCELERATOR="cpu",
     )
-    deadline = time.time() + 300
-    for line in process.stdout:
-        if "step 3:" in line or time.time() > deadline:
-            break
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    assert "stop requested (SIGTERM): saved step" in out
-    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
-    assert latest.startswith("step_") and int(latest.split("_")[1]) >= 3
+    for key in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(key)
+    same_as_straight = ["--set", "train.max_steps=8", "--set", "train.save_every=2"]
+    same_as_straight += ["--set", "train.keep_checkpoints=0", "--set", "logging.every=1"]
+    same_as_straight += ["--set", f"data.path={straight / 'prepared'}"]  # its demo data, prepared: not again
+    command = ["bash", str(REPO / "launch/slurm/train_single_node.sbatch"), "--config", "tiny", *same_as_straight]
+    with open(tmp_path / "stderr", "w") as errors:  # a file: a full stderr pipe would stall the run
+        job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        lines = []
+        for line in job.stdout:
+            lines.append(line)
+            if "step 3:" in line:
+                break
+        job.send_signal(signal.SIGUSR1)  # what Slurm sends the batch shell 300 s before the time limit
+        out = "".join(lines) + job.communicate(timeout=300)[0]
+    err = (tmp_path / "stderr").read_text()
+    assert job.returncode == 0 and "stop requested (SIGTERM): saved step " in out, out[-2000:] + err[-3000:]
+    saved = int(out.split("stop requested (SIGTERM): saved step ")[1].split(",")[0])
+    assert 5 <= saved < 8, out[-2000:]  # the signal came after step 3's poll: seen at step 5 at the earliest
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step_{saved}"
+    assert (checkpoints / f"step_{saved}" / "complete.json").is_file()
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert f"step_{saved} at step {saved}" in again.stdout
+    assert_same_weights(weights(tmp_path / "run", tmp_path / "a"), weights(straight, tmp_path / "b"))
 
 
 def test_resume_never_refuses_a_run_with_checkpoints(tmp_path):
     run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "2")
     result = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", "--resume", "never")
     assert result.returncode == 2 and "already holds checkpoints and train.resume=never" in result.stderr
+    # and resuming it on another data order is refused, by name, before a step is trained
+    result = embedtrain(
+        "train",
+        "--config",
+        "tiny",
+        "--output-dir",
+        tmp_path / "run",
+        *("--set", "train.max_steps=4", *LONGER, "--set", "data.mixing=temperature"),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "the data order would change (data.mixing: proportional -> temperature): keep" in result.stderr
+    assert "step 3:" not in result.stdout and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_2\n"
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
@@ -159,6 +193,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         f"model.path={tmp_path / 'other'}",
         "--set",
         "train.max_steps=4",
+        *LONGER,
     )
     assert result.returncode == 2 and "does not match this model" in result.stderr
 
@@ -263,10 +298,10 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 def test_zero2_on_another_world_size_stops_with_what_to_do(tmp_path):
     zero2 = ["--set", "deepspeed.config=zero2.json"]
     run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "2", *zero2, nproc=2)
-    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *zero2, expect_code=2)
+    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *zero2, *LONGER, expect_code=2)
     assert "was written by 2 rank(s) and this run has 1" in result.stdout
     assert "supported under ZeRO-3 only (this run uses ZeRO stage 2). Resume on 2 rank(s)" in result.stdout
-    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *zero2, nproc=2)  # as it says
+    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *zero2, *LONGER, nproc=2)  # as it says
     assert "resumed from" in result.stdout and "step_2 at step 2" in result.stdout
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run", tmp_path / "export").values())
 
@@ -278,7 +313,7 @@ def test_bf16_zero3_checkpoints_export_and_resume_on_another_world_size(tmp_path
     assert (tmp_path / "run" / "checkpoints" / "step_2" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     exported = weights(tmp_path / "run", tmp_path / "export")
     assert exported and all(torch.isfinite(w).all() for w in exported.values())
-    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *bf16)
+    result = run(tmp_path / "run", tmp_path / "r.jsonl", "--steps", "4", *bf16, *LONGER)
     assert "1 rank(s)" in result.stdout and "step_2 at step 2" in result.stdout
 
 

@@ -13,7 +13,8 @@ input is missing is skipped and says why):
                  bf16 with the tiny tokenizer (on --cpu: embedtrain/assets/tiny-llama itself)
   train          the llama3_2_1b recipe as shipped (its DeepSpeed config and token budget; on --cpu: tiny),
                  one device, steps 1-20 (--cpu: 1-6); the log's start-up line says what was chosen
-  resume         the same command with max_steps 30 (--cpu: 10): must say it resumed from step 20 (6)
+  resume         the same command with max_steps 30 (--cpu: 10) and train.resume_new_schedule=true:
+                 must say it resumed from step 20 (6)
   export         embedtrain export of the run
   encode         embedtrain encode --device of the export; finite unit vectors (on GPU also compared
                  with a CPU fp32 encode of the same texts, reported, not judged: random 1B weights)
@@ -359,7 +360,8 @@ class Check:
         else:
             second, _ = self.run(
                 f"resume (steps {first + 1}-{total})",
-                [*wrapper, *common, "--set", f"train.max_steps={total}"],
+                # a longer run than the checkpoint's: its LR schedule changes, as asked for
+                [*wrapper, *common, "--set", f"train.max_steps={total}", "--set", "train.resume_new_schedule=true"],
                 360,
                 check_steps(first, total),
             )

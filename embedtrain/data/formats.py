@@ -19,6 +19,15 @@
 Converted subsets are written to STAGING/<Subset>/ together with converted.json, which records the
 size and modification time of every source file a subset was made from; a subset whose sources are
 unchanged is not rewritten, so its files keep their modification times and `prepare` skips it.
+
+A bad row of a source (a line that is not JSON, a record without a query or positive, a duplicate id,
+a qrels line naming an unknown document, ...) does not stop the conversion: it is left out of the
+staged subset and recorded, with file, line (or row, or record) and reason, in STAGING/<Subset>/
+bad_rows.json, which `to_layout` returns whether the subset was converted now or before. `prepare`
+then treats them as it treats the bad rows it finds itself: it fails listing them, or with
+--skip-bad-rows leaves them out and lists each in OUT/skipped_rows.jsonl. Problems that concern a
+whole file (not JSON at all, an instruction that differs within a subset, a missing corpus) still
+stop the conversion.
 """
 
 import json
@@ -30,10 +39,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedtrain.data import parquet
 from embedtrain.errors import DataError
 
 FORMATS = ("auto", "nemotron", "jsonl", "corpus-json", "beir", "datasets")
 CONVERTED = "converted.json"
+BAD_ROWS = "bad_rows.json"
 CONVERTER_VERSION = 1  # bump when a conversion changes its output, so staged subsets are rewritten
 BATCH_ROWS = 16_384
 
@@ -88,7 +99,9 @@ def detect_format(src):
 
 
 def to_layout(src, input_format, staging):
-    """A folder in the embed-nemotron layout holding `src`'s data; `staging` is where conversions go."""
+    """(a folder in the embed-nemotron layout holding `src`'s data, the bad rows left out of it);
+    `staging` is where conversions go. A bad row is a dict with subset, file, reason and where it is:
+    line (1-based, JSON lines and tsv), row (0-based, parquet) or record (index into a JSON list)."""
     src = Path(src)
     if input_format not in FORMATS:
         raise DataError(f"input format {input_format!r} is not one of {', '.join(FORMATS)}")
@@ -96,7 +109,7 @@ def to_layout(src, input_format, staging):
         raise DataError(f"{src}: no such file or folder")
     input_format = detect_format(src) if input_format == "auto" else input_format
     if input_format == "nemotron":
-        return src
+        return src, []
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     converters = {
@@ -107,7 +120,24 @@ def to_layout(src, input_format, staging):
     }
     subsets = converters[input_format](src, staging)
     drop_stale_subsets(staging, subsets)
-    return staging
+    return staging, [problem for subset in subsets for problem in json.loads((staging / subset / BAD_ROWS).read_text())]
+
+
+class BadRow(Exception):
+    """One row of a source that cannot be converted; the converter records it and goes on."""
+
+
+def bad_row(subset, path, reason, **where):
+    """A bad row's record: `where` is line=N, row=N or record=N."""
+    return {"subset": subset, "file": str(path), **where, "reason": reason}
+
+
+def location(problem):
+    """'FILE line N' (or 'FILE row N', or 'FILE: data[N]' for corpus-json records) of a bad row."""
+    for key, form in (("line", " line {}"), ("row", " row {}"), ("record", ": data[{}]")):
+        if key in problem:
+            return problem["file"] + form.format(problem[key])
+    return problem["file"]
 
 
 # --- staging -----------------------------------------------------------------------------------------
@@ -145,7 +175,8 @@ def atomic_parquet(path, schema, tables):
 
 
 def stage_subset(staging, subset, record, write):
-    """STAGING/<subset>, written by `write(target) -> metadata` unless it was staged from the same sources."""
+    """STAGING/<subset>, written by `write(target, bad) -> metadata` unless it was staged from the
+    same sources; `write` appends the bad rows it left out to the list `bad` (saved in BAD_ROWS)."""
     if not subset or "/" in subset or subset.startswith("."):
         raise DataError(f"{subset!r} (from {', '.join(record['sources'])}) cannot name a subset folder")
     target = Path(staging) / subset
@@ -153,7 +184,9 @@ def stage_subset(staging, subset, record, write):
         return subset
     target.mkdir(parents=True, exist_ok=True)
     (target / CONVERTED).unlink(missing_ok=True)  # a run that stops half-way leaves no valid record
-    meta = write(target)
+    bad = []
+    meta = write(target, bad)
+    atomic_json(target / BAD_ROWS, bad)
     atomic_json(target / "dataset_metadata.json", meta)
     atomic_json(target / CONVERTED, record)
     return subset
@@ -199,8 +232,9 @@ def id_list(values):
     return [id_of(v) for v in values]
 
 
-def jsonl_lines(path):
-    """(line number, parsed record) for every non-empty line; bad UTF-8 or JSON names the line."""
+def jsonl_lines(path, subset, bad):
+    """(line number, parsed record) for every non-empty line; a line of bad UTF-8 or JSON is added
+    to the list `bad` and left out."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -208,7 +242,7 @@ def jsonl_lines(path):
                 if line:
                     yield number, json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DataError(f"{path} line {number}: not a valid JSON line: {err}") from err
+                bad.append(bad_row(subset, path, f"not a valid JSON line: {err}", line=number))
 
 
 def input_files(src, suffix):
@@ -217,6 +251,14 @@ def input_files(src, suffix):
     if not files:
         raise DataError(f"{src}: no {suffix} file(s) in it")
     return files
+
+
+def no_rows_error(path, bad):
+    """A source with no good row: not a subset, whatever --skip-bad-rows says."""
+    if not bad:
+        return DataError(f"{path}: no records")
+    first = "; ".join(f"{location(p)}: {p['reason']}" for p in bad[:3])
+    return DataError(f"{path}: no valid records, all {len(bad)} are bad (first: {first}); fix the file")
 
 
 # --- jsonl -------------------------------------------------------------------------------------------
@@ -230,53 +272,61 @@ def convert_jsonl(src, staging):
     return subsets
 
 
-def documents_of(value, key, where):
+def documents_of(value, key):
     """The texts of pos_doc / neg_doc: a string, {"text": ...}, or a list of those."""
     values = value if isinstance(value, list) else [value]
     texts = []
     for item in values:
         text = item.get("text") if isinstance(item, dict) else item
         if not isinstance(text, str) or not text.strip():
-            raise DataError(
-                f"{where}: {key} must hold non-empty documents: a string, a list of strings or objects with "
-                f"a text, got {item!r}"
+            raise BadRow(
+                f"{key} must hold non-empty documents: a string, a list of strings or objects with a text, got {item!r}"
             )
         texts.append(text)
     return texts
 
 
-def write_jsonl(path, target):
+def jsonl_query(record, path, number, question_ids):
+    """(question_id, query, instruction, {pos_doc: texts, neg_doc: texts}) of one JSONL record."""
+    if not isinstance(record, dict):
+        raise BadRow(f"expected a JSON object, got {type(record).__name__}")
+    query = record.get("query", record.get("question"))
+    if not isinstance(query, str) or not query.strip():
+        raise BadRow("no query (a non-empty string under 'query' or 'question')")
+    if record.get("pos_doc") in (None, [], ""):
+        raise BadRow("no pos_doc")
+    question_id = str(record.get("question_id", f"{path.stem}:{number}"))
+    if question_id in question_ids:
+        raise BadRow(f"duplicate question_id {question_id!r}")
+    texts = {key: documents_of(record[key], key) if record.get(key) not in (None, []) else [] for key in DOC_KEYS}
+    return question_id, query, record.get("instruction") or "", texts
+
+
+DOC_KEYS = ("pos_doc", "neg_doc")
+
+
+def write_jsonl(path, target, bad):
     doc_ids, queries, question_ids = {}, [], set()
     instruction = first_line = None
-    for number, record in jsonl_lines(path):
-        where = f"{path} line {number}"
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        query = record.get("query", record.get("question"))
-        if not isinstance(query, str) or not query.strip():
-            raise DataError(f"{where}: no query (a non-empty string under 'query' or 'question')")
-        if record.get("pos_doc") in (None, [], ""):
-            raise DataError(f"{where}: no pos_doc")
-        this_instruction = record.get("instruction") or ""
+    for number, record in jsonl_lines(path, path.stem, bad):
+        try:
+            question_id, query, this_instruction, texts = jsonl_query(record, path, number, question_ids)
+        except BadRow as err:
+            bad.append(bad_row(path.stem, path, str(err), line=number))
+            continue
         if first_line is None:
             instruction, first_line = this_instruction, number
         elif this_instruction != instruction:
             raise DataError(
-                f"{where}: instruction {this_instruction!r} differs from {instruction!r} of line {first_line}; "
-                "an instruction applies to a whole subset, so split the file into one file per instruction"
+                f"{path} line {number}: instruction {this_instruction!r} differs from {instruction!r} of line "
+                f"{first_line}; an instruction applies to a whole subset, so split the file into one file per "
+                "instruction"
             )
-        question_id = str(record.get("question_id", f"{path.stem}:{number}"))
-        if question_id in question_ids:
-            raise DataError(f"{where}: duplicate question_id {question_id!r}")
         question_ids.add(question_id)
-        refs = {}
-        for key in ("pos_doc", "neg_doc"):
-            value = record.get(key)
-            texts = documents_of(value, key, where) if value not in (None, []) else []
-            refs[key] = doc_refs(doc_ids.setdefault(text, f"d_{len(doc_ids)}") for text in texts)
+        refs = {key: doc_refs(doc_ids.setdefault(text, f"d_{len(doc_ids)}") for text in texts[key]) for key in DOC_KEYS}
         queries.append({"question_id": question_id, "question": query, "corpus_id": path.stem, **refs})
     if first_line is None:
-        raise DataError(f"{path}: no records")
+        raise no_rows_error(path, bad)
     corpus = {"id": list(doc_ids.values()), "text": list(doc_ids)}
     atomic_parquet(target / "corpus.parquet", CORPUS_FILE_SCHEMA, [pa.table(corpus, schema=CORPUS_FILE_SCHEMA)])
     write_queries(target, queries)
@@ -308,13 +358,13 @@ def read_corpus_folder(folder, named_in):
 
 def convert_corpus_json(src, staging):
     files = input_files(src, ".json")
-    corpora, queries = {}, {}  # corpus_id -> (folder, metadata) / [query rows]
+    corpora, queries, bad = {}, {}, {}  # corpus_id -> (folder, metadata) / [query rows] / [bad rows]
     for path in files:
         document = read_json(path)
         if not isinstance(document, dict) or "corpus" not in document or "data" not in document:
             raise DataError(f"{path}: expected an object with 'corpus' and 'data'")
         entries = document["corpus"] if isinstance(document["corpus"], list) else [document["corpus"]]
-        known = set()
+        known = []  # this file's corpus_ids, in order
         for index, entry in enumerate(entries):
             if not isinstance(entry, dict) or not entry.get("path"):
                 raise DataError(f"{path}: corpus[{index}] has no path")
@@ -324,9 +374,17 @@ def convert_corpus_json(src, staging):
             if corpus_id in corpora and corpora[corpus_id][0] != folder:
                 raise DataError(f"{path}: corpus[{index}]: corpus_id {corpus_id!r} is also {corpora[corpus_id][0]}")
             corpora[corpus_id] = (folder, meta)
-            known.add(corpus_id)
+            known.append(corpus_id)
+        if not known:
+            raise DataError(f"{path}: 'corpus' lists no corpus")
         for index, record in enumerate(document["data"]):
-            row = corpus_json_query(record, f"{path}: data[{index}]", known, f"{path.stem}:{index}")
+            try:
+                row = corpus_json_query(record, known, f"{path.stem}:{index}")
+            except BadRow as err:  # kept with its record's corpus, else with the file's first corpus
+                owner = str(record.get("corpus_id")) if isinstance(record, dict) else None
+                owner = owner if owner in known else known[0]
+                bad.setdefault(owner, []).append(bad_row(owner, path, str(err), record=index))
+                continue
             queries.setdefault(row["corpus_id"], []).append(row)
     subsets = []
     for corpus_id, (folder, meta) in corpora.items():
@@ -334,29 +392,31 @@ def convert_corpus_json(src, staging):
         if not parquet_files:
             raise DataError(f"{folder}: corpus {corpus_id!r} has no parquet file")
         record = source_record("corpus-json", [*files, folder / "merlin_metadata.json", *parquet_files])
-        write = partial(write_corpus_json, meta, parquet_files, queries.get(corpus_id, []))
+        write = partial(write_corpus_json, meta, parquet_files, queries.get(corpus_id, []), bad.get(corpus_id, []))
         subsets.append(stage_subset(staging, corpus_id, record, write))
     return subsets
 
 
-def write_corpus_json(meta, parquet_files, rows, target):
+def write_corpus_json(meta, parquet_files, rows, bad_rows, target, bad):
+    bad.extend(bad_rows)
     atomic_parquet(target / "corpus.parquet", CORPUS_FILE_SCHEMA, corpus_batches(parquet_files))
     write_queries(target, rows)
     keys = ("query_instruction", "passage_instruction", "task_type")
     return metadata(str(meta["corpus_id"]), *(meta.get(k) for k in keys))
 
 
-def corpus_json_query(record, where, known, default_id):
+def corpus_json_query(record, known, default_id):
+    """The query row of one record of a corpus-json file's data (BadRow if it is not one)."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        raise BadRow(f"expected an object, got {type(record).__name__}")
     if str(record.get("corpus_id")) not in known:
-        raise DataError(f"{where}: corpus_id {record.get('corpus_id')!r} is not one of this file's corpora")
+        raise BadRow(f"corpus_id {record.get('corpus_id')!r} is not one of this file's corpora")
     if not isinstance(record.get("question"), str):
-        raise DataError(f"{where}: no question")
+        raise BadRow("no question")
     positives = id_list(record.get("pos_doc"))
     negatives = id_list(record.get("neg_doc"))
     if not positives or None in positives + negatives:
-        raise DataError(f"{where}: pos_doc / neg_doc must be lists of ids or of {{'id': ...}}, pos_doc non-empty")
+        raise BadRow("pos_doc / neg_doc must be lists of ids or of {'id': ...}, pos_doc non-empty")
     return {
         "question_id": str(record.get("question_id", default_id)),
         "question": record["question"],
@@ -369,11 +429,11 @@ def corpus_json_query(record, where, known, default_id):
 def corpus_batches(parquet_files):
     """The id and text columns of every file, batch by batch, as strings."""
     for path in parquet_files:
-        reader = pq.ParquetFile(path)
+        reader = parquet.open_file(path)
         absent = [c for c in ("id", "text") if c not in reader.schema_arrow.names]
         if absent:
             raise DataError(f"{path} lacks column(s) {', '.join(absent)} (has {', '.join(reader.schema_arrow.names)})")
-        for batch in reader.iter_batches(BATCH_ROWS, columns=["id", "text"]):
+        for batch in parquet.iter_batches(reader, path, batch_size=BATCH_ROWS, columns=["id", "text"]):
             yield pa.Table.from_batches([batch]).cast(CORPUS_FILE_SCHEMA)
 
 
@@ -407,21 +467,24 @@ def convert_beir(src, staging):
     return [stage_subset(staging, src.name, record, partial(write_beir, src, qrels))]
 
 
-def beir_records(path, fields):
-    for number, record in jsonl_lines(path):
+def beir_records(path, fields, subset, bad, seen):
+    """(line number, record) of the good lines of a BEIR jsonl file: objects with `fields` whose
+    _id is not in the set `seen` (it collects them); the other lines go to the list `bad`."""
+    for number, record in jsonl_lines(path, subset, bad):
         if not isinstance(record, dict) or any(record.get(key) is None for key in fields):
-            raise DataError(f"{path} line {number}: expected an object with {', '.join(fields)}")
-        yield number, record
+            bad.append(bad_row(subset, path, f"expected an object with {', '.join(fields)}", line=number))
+        elif str(record["_id"]) in seen:
+            bad.append(bad_row(subset, path, f"duplicate _id {record['_id']!r}", line=number))
+        else:
+            seen.add(str(record["_id"]))
+            yield number, record
 
 
-def beir_corpus_batches(path, doc_ids):
+def beir_corpus_batches(path, doc_ids, subset, bad):
     """Corpus rows, streamed in batches; `doc_ids` collects every id."""
     ids, texts = [], []
-    for number, record in beir_records(path, ("_id", "text")):
+    for _, record in beir_records(path, ("_id", "text"), subset, bad, doc_ids):
         doc_id, title = str(record["_id"]), record.get("title") or ""
-        if doc_id in doc_ids:
-            raise DataError(f"{path} line {number}: duplicate _id {doc_id!r}")
-        doc_ids.add(doc_id)
         ids.append(doc_id)
         texts.append(f"{title} {record['text']}" if title.strip() else record["text"])
         if len(ids) == BATCH_ROWS:
@@ -430,41 +493,43 @@ def beir_corpus_batches(path, doc_ids):
     yield pa.table({"id": ids, "text": texts}, schema=CORPUS_FILE_SCHEMA)
 
 
-def read_qrels(path, query_ids, doc_ids):
-    """query id -> positive doc ids in qrels order (score > 0)."""
+def read_qrels(path, query_ids, doc_ids, subset, bad):
+    """query id -> positive doc ids in qrels order (score > 0); bad lines go to the list `bad`."""
     positives = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             fields = line.rstrip("\n\r").split("\t")
             if not line.strip() or (number == 1 and fields[0] == "query-id"):
                 continue
             try:
                 query_id, doc_id, score = fields[0], fields[1], float(fields[2])
-            except (IndexError, ValueError) as err:
-                raise DataError(f"{path} line {number}: expected query-id<TAB>corpus-id<TAB>score") from err
+            except (IndexError, ValueError):
+                bad.append(bad_row(subset, path, "expected query-id<TAB>corpus-id<TAB>score", line=number))
+                continue
             if query_id not in query_ids:
-                raise DataError(f"{path} line {number}: query-id {query_id!r} is not in queries.jsonl")
-            if doc_id not in doc_ids:
-                raise DataError(f"{path} line {number}: corpus-id {doc_id!r} is not in corpus.jsonl")
-            if score > 0 and doc_id not in positives.setdefault(query_id, []):
+                bad.append(bad_row(subset, path, f"query-id {query_id!r} is not in queries.jsonl", line=number))
+            elif doc_id not in doc_ids:
+                bad.append(bad_row(subset, path, f"corpus-id {doc_id!r} is not in corpus.jsonl", line=number))
+            elif score > 0 and doc_id not in positives.setdefault(query_id, []):
                 positives[query_id].append(doc_id)
     return positives
 
 
-def write_beir(src, qrels, target):
-    doc_ids = set()
-    atomic_parquet(target / "corpus.parquet", CORPUS_FILE_SCHEMA, beir_corpus_batches(src / "corpus.jsonl", doc_ids))
+def write_beir(src, qrels, target, bad):
+    doc_ids, name = set(), src.name
+    batches = beir_corpus_batches(src / "corpus.jsonl", doc_ids, name, bad)
+    atomic_parquet(target / "corpus.parquet", CORPUS_FILE_SCHEMA, batches)
     queries = {}
-    for number, record in beir_records(src / "queries.jsonl", ("_id", "text")):
-        if str(record["_id"]) in queries:
-            raise DataError(f"{src / 'queries.jsonl'} line {number}: duplicate _id {record['_id']!r}")
+    for _, record in beir_records(src / "queries.jsonl", ("_id", "text"), name, bad, set()):
         queries[str(record["_id"])] = record["text"]
-    positives = read_qrels(qrels, queries, doc_ids)
+    positives = read_qrels(qrels, queries, doc_ids, name, bad)
     rows = [
         {"question_id": qid, "question": text, "corpus_id": src.name, "pos_doc": doc_refs(positives[qid])}
         for qid, text in queries.items()
         if positives.get(qid)
     ]
+    if not rows and bad:
+        raise no_rows_error(src, bad)
     if len(rows) < len(queries):
         print(
             f"[embedtrain] {src.name}: {len(queries) - len(rows)} of {len(queries)} queries in "
@@ -510,8 +575,8 @@ def subset_metadata(folder, extras, target):
     return {**metadata(folder.name), **meta}
 
 
-def copy_subset(folder, extras, files, target):
-    """A subset already in the layout (a missing corpus.parquet is reported by prepare)."""
+def copy_subset(folder, extras, files, target, bad):
+    """A subset already in the layout (a missing corpus.parquet, and its bad rows, are reported by prepare)."""
     for path in files:
         tmp = target / (path.name + ".tmp")
         shutil.copyfile(path, tmp)
@@ -554,7 +619,7 @@ def arrow_batches(dataset, columns, where):
     yield from dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=BATCH_ROWS)
 
 
-def load_subset(src, folder, extras, target):
+def load_subset(src, folder, extras, target, bad):
     meta = subset_metadata(folder, extras, target)
     name = folder.name
     corpus = load_config(src, name + "_corpus")
@@ -566,16 +631,17 @@ def load_subset(src, folder, extras, target):
     def rows():
         start = 0
         for batch in arrow_batches(queries, columns, f"{src}: config {name}"):
-            records = batch.to_pylist()
+            records, good = batch.to_pylist(), []
             for offset, record in enumerate(records):
                 refs = [id_list(record[key]) for key in ("pos_doc", "neg_doc")]
                 if None in refs[0] + refs[1]:
-                    raise DataError(
-                        f"{src}: config {name} row {start + offset}: pos_doc / neg_doc must hold ids or {{'id': ...}}"
-                    )
+                    reason = "pos_doc / neg_doc must hold ids or {'id': ...}"
+                    bad.append(bad_row(name, f"{src}: config {name}", reason, row=start + offset))
+                    continue
                 record.update(pos_doc=doc_refs(refs[0]), neg_doc=doc_refs(refs[1]))
+                good.append(record)
             start += len(records)
-            yield pa.Table.from_pylist(records, schema=QUERIES_FILE_SCHEMA)
+            yield pa.Table.from_pylist(good, schema=QUERIES_FILE_SCHEMA)
 
     atomic_parquet(target / "queries.parquet", QUERIES_FILE_SCHEMA, rows())
     return meta

@@ -9,15 +9,17 @@ completed for the same source files is skipped when prepare is run again.
 
 import json
 import os
+import shutil
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embedtrain.data.formats import to_layout
+from embedtrain.data import parquet
+from embedtrain.data.formats import location, to_layout
 from embedtrain.data.hub import resolve_dataset
 from embedtrain.data.nemotron import (
     CORPUS_COLUMNS,
@@ -29,9 +31,10 @@ from embedtrain.data.nemotron import (
 )
 from embedtrain.data.restore import RECORD, restore_subsets
 from embedtrain.data.shards import CORPUS_SCHEMA, FORMAT, MANIFEST, QUERY_SCHEMA, write_sharded
-from embedtrain.errors import DataError
+from embedtrain.errors import DataError, EmbedtrainError
 
 DONE = "done.json"
+SKIPPED = "skipped_rows.jsonl"
 
 
 def fingerprint(folder):
@@ -47,7 +50,7 @@ def structural_problems(folder):
         if not path.is_file():
             problems.append(f"{folder.name}: missing {path}")
             continue
-        have = pq.read_schema(path).names
+        have = parquet.read_schema(path).names
         absent = [c for c in columns if c not in have]
         if absent:
             problems.append(f"{folder.name}: {path} lacks column(s) {', '.join(absent)} (has {', '.join(have)})")
@@ -81,7 +84,7 @@ def bad_text_rows(column):
 def read_corpus(folder, subset):
     """(table of valid rows, id -> row, problems): bad rows are reported and left out."""
     path = folder / "corpus.parquet"
-    table = pq.read_table(path, columns=list(CORPUS_COLUMNS))
+    table = parquet.read_table(path, CORPUS_COLUMNS)
     bad, text = bad_text_rows(table.column("text"))
     ids = table.column("id").to_pylist()
     problems, keep, id_to_row = [], [], {}
@@ -103,7 +106,7 @@ def resolve_queries(folder, subset, corpus_ids, texts_by_corpus):
     and neg_doc id must resolve. `texts_by_corpus[corpus_id](row)` is the text of a corpus row."""
 
     path = folder / "queries.parquet"
-    rows = pq.read_table(path, columns=list(QUERY_COLUMNS)).to_pylist()
+    rows = parquet.read_table(path, QUERY_COLUMNS).to_pylist()
     resolved, problems, seen = [], [], set()
     for row, q in enumerate(tqdm(rows, desc=f"{subset} queries", unit="q", leave=False, disable=len(rows) < 50_000)):
 
@@ -148,8 +151,9 @@ def resolve_queries(folder, subset, corpus_ids, texts_by_corpus):
     return pa.Table.from_pylist(resolved, schema=QUERY_SCHEMA), problems
 
 
-def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes):
-    """One subset, in its own process. Returns (manifest entry or None, problems)."""
+def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes, skipped_before=0):
+    """One subset, in its own process. Returns (manifest entry or None, problems). `skipped_before`:
+    its bad rows left out before (in conversion or restoration), counted in the entry's skipped_rows."""
     folder, target = Path(folder), Path(out) / Path(folder).name
     meta = read_metadata(folder)
     corpora, corpus_ids, problems = {}, {}, []
@@ -159,7 +163,7 @@ def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes):
             corpora[corpus_id], corpus_ids[corpus_id] = table, ids
             problems += bad if corpus_folder == folder else []
     # queries may name another subset's corpus: its ids are read on demand
-    for corpus_id in set(pq.read_table(folder / "queries.parquet", columns=["corpus_id"]).column(0).to_pylist()):
+    for corpus_id in set(parquet.read_table(folder / "queries.parquet", ["corpus_id"]).column(0).to_pylist()):
         if corpus_id not in corpora and corpus_id in corpus_folders:
             corpora[corpus_id], corpus_ids[corpus_id], _ = read_corpus(corpus_folders[corpus_id], corpus_id)
     texts = {cid: (lambda table: lambda row: table.column("text")[row].as_py())(t) for cid, t in corpora.items()}
@@ -173,7 +177,7 @@ def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes):
         task_type=meta.get("task_type", ""),
         num_queries=queries.num_rows,
         num_docs=corpora[meta["corpus_id"]].num_rows,
-        skipped_rows=len(problems),
+        skipped_rows=len(problems) + skipped_before,
         corpus_shards=write_sharded(target, "corpus", corpora[meta["corpus_id"]], shard_bytes),
         query_shards=write_sharded(target, "queries", queries, shard_bytes),
     )
@@ -184,10 +188,18 @@ def prepare_subset(folder, out, corpus_folders, skip_bad_rows, shard_bytes):
     return entry, problems
 
 
-def bad_rows_error(problems):
-    listing = "\n  ".join(f"{p['subset']}: {p['file']} row {p['row']}: {p['reason']}" for p in problems[:50])
-    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-    return DataError(f"{len(problems)} bad row(s); fix them or pass --skip-bad-rows:\n  {listing}{more}")
+SHOWN_BAD_ROWS = 10  # bad rows a failing prepare names; --skip-bad-rows lists every one
+
+
+def bad_rows_error(problems, out):
+    """One line: how many bad rows, the first SHOWN_BAD_ROWS of them (subset, file, row or line,
+    reason), and the fix."""
+    listing = "; ".join(f"{p['subset']}: {location(p)}: {p['reason']}" for p in problems[:SHOWN_BAD_ROWS])
+    more = f"; and {len(problems) - SHOWN_BAD_ROWS} more" if len(problems) > SHOWN_BAD_ROWS else ""
+    return DataError(
+        f"{len(problems)} bad row(s): {listing}{more}. Fix them, or pass --skip-bad-rows to leave them out "
+        f"(each is then listed in {Path(out) / SKIPPED})"
+    )
 
 
 def finished_entry(folder, out):
@@ -207,13 +219,27 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
     restored from their sources (embedtrain.data.restore), looked up under `sources` first.
     """
     out = Path(out)
+    created = not out.exists()
+    try:
+        return prepare_into(out, src, subsets, skip_bad_rows, workers, shard_mb, sources, input_format)
+    except EmbedtrainError:
+        if created:  # bad input leaves nothing behind; a folder that existed keeps its finished subsets
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def prepare_into(out, src, subsets, skip_bad_rows, workers, shard_mb, sources, input_format):
+    """prepare's work (its arguments): convert, restore, validate and shard, then the manifest."""
     src, origin = resolve_dataset(src, subsets)
-    src = to_layout(src, input_format, out / "converted")
+    src, converted_problems = to_layout(src, input_format, out / "converted")
     folders = subset_folders(src, subsets)
+    names = {f.name for f in folders}
+    converted_problems = [p for p in converted_problems if p["subset"] in names]
     metas = {f: read_metadata(f) for f in folders}
     folders, restore_problems = restore_subsets(folders, metas, out / "restored", sources, workers, prepared=out)
+    restore_problems = converted_problems + restore_problems
     if restore_problems and not skip_bad_rows:
-        raise bad_rows_error(restore_problems)
+        raise bad_rows_error(restore_problems, out)
     metas = {f: read_metadata(f) for f in folders}
     problems = [p for f in folders for p in structural_problems(f)]
     if problems:
@@ -230,20 +256,24 @@ def prepare(src, out, subsets=None, skip_bad_rows=False, workers=None, shard_mb=
             todo.append(folder)
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
     all_problems = list(restore_problems)
+    before = Counter(p.get("subset") for p in restore_problems)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(prepare_subset, f, out, corpus_folders, skip_bad_rows, shard_mb << 20): f for f in todo}
+        futures = {
+            pool.submit(prepare_subset, f, out, corpus_folders, skip_bad_rows, shard_mb << 20, before[f.name]): f
+            for f in todo
+        }
         for future in tqdm(futures, desc="subsets", unit="subset", disable=not todo):
             entry, found = future.result()
             all_problems += found
             if entry is not None:
                 entries[futures[future].name] = entry
     if all_problems and not skip_bad_rows:
-        raise bad_rows_error(all_problems)
+        raise bad_rows_error(all_problems, out)
     if all_problems:
-        with open(out / "skipped_rows.jsonl", "a") as f:
+        with open(out / SKIPPED, "a") as f:
             for problem in all_problems:
                 f.write(json.dumps(problem) + "\n")
-        print(f"[embedtrain] skipped {len(all_problems)} bad row(s); each is listed in {out / 'skipped_rows.jsonl'}")
+        print(f"[embedtrain] skipped {len(all_problems)} bad row(s); each is listed in {out / SKIPPED}")
     manifest = {
         "format": FORMAT,
         "source": origin,

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from embedtrain.data import parquet
 from embedtrain.data.formats import atomic_json, atomic_parquet
 from embedtrain.errors import DataError
 
@@ -91,13 +91,15 @@ class ParquetTable:
 
     def __init__(self, files):
         self.files = [Path(f) for f in files]
-        self.column_names = pq.read_schema(self.files[0]).names if self.files else []
+        self.column_names = parquet.read_schema(self.files[0]).names if self.files else []
 
     def batches(self, columns):
         for path in self.files:
-            parquet = pq.ParquetFile(path)
-            for group in range(parquet.metadata.num_row_groups):
-                yield parquet.read_row_group(group, columns=list(columns))
+            reader = parquet.open_file(path)
+            for group in range(reader.metadata.num_row_groups):
+                with parquet.reading(path):
+                    batch = reader.read_row_group(group, columns=list(columns))
+                yield batch
                 pa.default_memory_pool().release_unused()  # else the allocator keeps old row groups' pages
 
 
@@ -196,8 +198,8 @@ def restore_subset(folder, staging, sources=None, recorded=()):
     config = read_source_config(folder)
     location, local = source_location(config["source_repo"], sources)
     queries_path, corpus_path = folder / "queries.parquet", folder / "corpus.parquet"
-    queries = pq.read_table(queries_path)
-    corpus = pq.read_table(corpus_path)
+    queries = parquet.read_table(queries_path)
+    corpus = parquet.read_table(corpus_path)
     requests = {
         "q": Requests("q", parse_ids(queries.column("question").to_pylist(), "q"), queries_path, "question"),
         "d": Requests("d", parse_ids(corpus.column("id").to_pylist(), "d"), corpus_path, "id"),

@@ -22,6 +22,7 @@ import mmap
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from embedtrain.data.nemotron import Example
@@ -165,6 +166,46 @@ class PreparedDataset:
 
     def subset_sizes(self):
         return [len(self.queries[n]) for n in self.names]
+
+    def without_negatives(self, name):
+        """(queries of subset `name` with no hard negative, the first one's question_id): from the
+        list offsets of the negs column, without reading the negatives themselves."""
+        table, count, first = self.queries[name], 0, None
+        for shard in range(len(table.paths)):
+            batch = table.batch(shard)
+            if batch is None:
+                continue
+            negatives = batch.column("negs")
+            empty = np.flatnonzero(np.diff(negatives.offsets.to_numpy(zero_copy_only=False)) == 0)
+            if first is None and len(empty):
+                first = batch.column("question_id")[int(empty[0])].as_py()
+            count += len(empty)
+        return count, first
+
+    def require_negatives(self, hard_negatives):
+        """With loss.hard_negatives > 0 every query must have a negative: checked when training
+        sets up, before the engine starts (else the first query without one stops a DataLoader
+        worker mid-run). The message names the subsets and how to get negatives."""
+        if hard_negatives <= 0:
+            return
+        lacking = {name: self.without_negatives(name) for name in self.names}
+        lacking = {name: found for name, found in lacking.items() if found[0]}
+        self.release()
+        if not lacking:
+            return
+        counts = ", ".join(
+            f"{name}: {count} of {len(self.queries[name])} queries (first {first!r})"
+            for name, (count, first) in lacking.items()
+        )
+        source = self.manifest.get("source") or "SRC"
+        if "@" in source and not Path(source).exists():  # a Hub id, recorded as id@snapshot
+            source = source.split("@")[0]
+        raise DataError(
+            f"{self.folder}: this data has no negatives ({counts} have no neg_doc) but "
+            f"loss.hard_negatives={hard_negatives}: mine them with `embedtrain mine MODEL {source} MINED` "
+            "(MODEL: an exported embedding model) and train on data.path=MINED, or set loss.hard_negatives=0 "
+            "with loss.negatives=local or global"
+        )
 
     def locate(self, index):
         position = bisect.bisect_right(self.starts, index) - 1

@@ -44,14 +44,16 @@ def embeddings_file(side):
     return f"{side}-embeddings.npy"
 
 
-def rebuild_command(metadata, folder):
-    """The command line that builds the cache at `folder` again, from what teacher.json recorded."""
-    subsets = f" --subsets {','.join(metadata['subsets'])}" if metadata.get("subsets") else ""
+def rebuild_command(metadata, folder, data=None):
+    """The command line that builds the cache at `folder` again: with the teacher and dtype that
+    teacher.json recorded, for the data that teacher.json recorded or, given `data` = (path,
+    subsets or None), for that data (a cache that lacks texts of the training data must be built
+    for the training data, not again for the data it was built for)."""
+    path, subsets = data if data is not None else (metadata.get("data", "DATA"), metadata.get("subsets"))
+    subsets = f" --subsets {','.join(subsets)}" if subsets else ""
     dtype = f" --cache-dtype {metadata['cache_dtype']}" if metadata.get("cache_dtype") else ""
-    return (
-        f"embedtrain encode {metadata.get('teacher', 'TEACHER')} --teacher-cache {metadata.get('data', 'DATA')}"
-        f"{subsets}{dtype} --output {folder}"
-    )
+    teacher = metadata.get("teacher", "TEACHER")
+    return f"embedtrain encode {teacher} --teacher-cache {path}{subsets}{dtype} --output {folder}"
 
 
 def read_cache_metadata(folder):
@@ -84,11 +86,13 @@ def check_side(side):
 class TeacherCache:
     """Teacher embeddings of a cache folder by text. Construction reads teacher.json only (and
     refuses a folder that is not a cache); each side's arrays are memory-mapped on its first lookup.
-    Pickles as its path and metadata, so a DataLoader worker maps its own view."""
+    Pickles as its path and metadata, so a DataLoader worker maps its own view. `data`: the training
+    data (data.path, data.subsets or None) the cache serves, named by the hint when a text is missing."""
 
-    def __init__(self, path):
+    def __init__(self, path, data=None):
         self.path = Path(path)
         self.metadata = read_cache_metadata(self.path)
+        self.data = None if data is None else (str(data[0]), list(data[1]) if data[1] else None)
         self.tables = {}
 
     @property
@@ -100,10 +104,10 @@ class TeacherCache:
         return sum(self.metadata["counts"].values())
 
     def __getstate__(self):
-        return {"path": self.path, "metadata": self.metadata}
+        return {"path": self.path, "metadata": self.metadata, "data": self.data}
 
     def __setstate__(self, state):
-        self.path, self.metadata, self.tables = state["path"], state["metadata"], {}
+        self.path, self.metadata, self.data, self.tables = state["path"], state["metadata"], state["data"], {}
 
     def table(self, side):
         """(sorted hashes, embeddings) of one side, memory-mapped on first use and checked against
@@ -136,6 +140,7 @@ class TeacherCache:
             raise DataError(
                 f"{self.path}: the {side} text {texts[missing[0]][:80]!r} is not in this teacher cache "
                 f"({len(missing)} of {len(texts)} looked-up {side} texts are missing): the cache was built for "
-                f"other data or subsets; rebuild it with `{rebuild_command(self.metadata, self.path)}`"
+                f"other data or subsets ({self.metadata.get('data', 'unknown')}); build it for this data with "
+                f"`{rebuild_command(self.metadata, self.path, self.data or ('DATA', None))}`"
             )
         return np.asarray(embeddings[rows], dtype=np.float32)

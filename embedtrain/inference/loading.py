@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from embedtrain.errors import EncodeError
+from embedtrain.errors import EncodeError, ModelError
 from embedtrain.model.distill import TeacherSpaceEncoder
 from embedtrain.model.encoder import Encoder, check_bidirectional, load_backbone, load_tokenizer
 from embedtrain.model.reranker import PairScorer, is_reranker_folder, saved_head
@@ -56,12 +56,33 @@ def resolve_dtype(dtype=None, device="cpu"):
 
 
 def model_kind(path):
-    """ "reranker", "adapter" (a LoRA adapter exported alone) or "embedding" for an exported folder."""
+    """What a folder given as a model holds, the one classification every loader uses (encode, eval,
+    mine, rerank, BiEncoder/Reranker.from_pretrained): "reranker", "adapter" (a LoRA adapter
+    exported alone), "embedding", "run" (a training run folder, its checkpoints folder or one of its
+    step folders: not loadable until exported), "missing" (not a folder) or "unknown" (a folder
+    without config.json, so no model of any kind)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    if is_run_folder(path):
+        return "run"
     if is_reranker_folder(path):
         return "reranker"
-    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return "adapter"
+    if not (path / "config.json").is_file():
+        return "unknown"
     return "embedding"
+
+
+def is_run_folder(path):
+    """A training run folder (checkpoints/), its checkpoints folder (`latest`) or a checkpoint step
+    folder (complete.json or base_model/ next to the DeepSpeed state): what `embedtrain export`
+    takes, never an exported model (an export has none of these)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() or (path / "latest").is_file() or (path / "complete.json").is_file():
+        return True
+    return path.name.startswith("step_") and (path / "base_model").is_dir()
 
 
 KIND_USES = {
@@ -74,9 +95,29 @@ KIND_USES = {
 }
 
 
+def not_a_model(path, found, option):
+    """The one-line message for a folder that holds no model of any kind: what it is and the fix."""
+    if found == "run":
+        return (
+            f"{option} {path} is a training run folder, not an exported model: export it first: "
+            f"`embedtrain export {path} OUT`, then give OUT"
+        )
+    if found == "missing":
+        return f"{option} {path} is not a folder: give the folder `embedtrain export RUN OUT` wrote"
+    return (
+        f"{option} {path} has no config.json, so it is not an exported model folder: give the folder "
+        "`embedtrain export RUN OUT` wrote (config.json, model.safetensors, tokenizer)"
+    )
+
+
 def require_kind(path, kind, option):
-    """Refuse a model of the other kind with a message saying which kind it is and what takes it."""
+    """Refuse a folder that is not a model of `kind`, before anything loads: a run folder or a folder
+    without config.json with a ModelError saying what it is and the fix (export it first), a model of
+    the other kind with an EncodeError saying which kind it is and what takes it. `option` names the
+    argument in the message (MODEL, --rerank, model)."""
     found = model_kind(path)
+    if found in ("run", "missing", "unknown"):
+        raise ModelError(not_a_model(path, found, option))
     if found != kind:
         raise EncodeError(f"{option} {path} is {KIND_USES[found]}")
 

@@ -1,6 +1,8 @@
 """The training loop: stream -> collate -> encoder -> loss -> DeepSpeed step, with logging and
 checkpoints."""
 
+import json
+import os
 import random
 import signal
 import time
@@ -27,8 +29,8 @@ from embedtrain.train.checkpoint import (
     check_lora_resume,
     check_stage_resume,
     checkpoint_root,
-    load_checkpoint_file,
     load_resharded,
+    own_resume_files,
     restore_rng,
     resume_checkpoint,
     save_checkpoint,
@@ -37,25 +39,60 @@ from embedtrain.train.checkpoint import (
 )
 from embedtrain.train.engine import build_engine
 from embedtrain.train.evaluation import evaluate_in_training, load_rerank_sources, load_sources, rerank_in_training
+from embedtrain.train.resume_checks import check_resume
 from embedtrain.train.step import micro_batch_backward, micro_batch_queries, reranker_backward
 
 
-def open_dataset(data_config, run_dir):
-    """The prepared dataset at data.path; a raw dataset folder is prepared first, on rank 0, into
-    data.prepared_path (default <run>/prepared). Large datasets: run `embedtrain prepare` once."""
+def open_dataset(data_config, run_dir, token=None):
+    """The prepared dataset at data.path; a raw dataset folder is prepared first into
+    data.prepared_path (default <run>/prepared), by one rank under a file lock (prepare_once).
+    Large datasets: run `embedtrain prepare` once. `token`: this start of the run's token
+    (distributed.check_shared_folder)."""
     path = Path(data_config.path)
     if not path.exists():
         raise DataError(f"data.path: {path} is not a folder (nor a dataset file `embedtrain prepare` reads)")
     if not (path / MANIFEST).is_file():
         target = Path(data_config.prepared_path or Path(run_dir) / "prepared")
-        distributed.run_on_main(lambda: prepare(path, target, data_config.subsets))
+        prepare_once(path, target, data_config.subsets, token)
         path = target
     return PreparedDataset(path, data_config.subsets)
 
 
-def open_teacher(distill):
-    """The teacher cache of loss.distill (None without distillation)."""
-    return None if distill is None else TeacherCache(distill["teacher_cache"])
+def prepare_once(source, target, subsets, token=None):
+    """Every rank, before any collective: prepare raw data under a file lock next to `target`, so
+    that the other ranks wait on the lock and not in a collective (whose timeout would then have to
+    grow with the data). The first rank to take the lock (.<name>.lock beside `target`) prepares
+    and records the outcome (success or its DataError) in .<name>-prepared-<token> beside it; the
+    others find that record and skip (or raise the same error). A node-local data.prepared_path is prepared once per
+    node. Without a token (one process, test workers) the lock holder always prepares (prepare
+    itself skips subsets already prepared from the same files)."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stamp = target.parent / f".{target.name}-prepared-{token}" if token else None
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if stamp is not None and stamp.is_file():
+            outcome = json.loads(stamp.read_text())
+            if outcome.get("error"):
+                raise DataError(outcome["error"])
+            return
+        try:
+            prepare(source, target, subsets)
+        except DataError as err:
+            if stamp is not None:
+                stamp.write_text(json.dumps({"error": str(err)}))
+            raise
+        if stamp is not None:
+            for old in target.parent.glob(f".{target.name}-prepared-*"):
+                old.unlink(missing_ok=True)
+            stamp.write_text(json.dumps({"error": None}))
+
+
+def open_teacher(distill, data=None):
+    """The teacher cache of loss.distill (None without distillation); `data` (the data section)
+    is the training data its rebuild hint names."""
+    training_data = None if data is None else (data.path, data.subsets)
+    return None if distill is None else TeacherCache(distill["teacher_cache"], training_data)
 
 
 def make_sampler(config, dataset):
@@ -171,10 +208,14 @@ def set_up(config):
     check_lengths(config, read_model_config(config.model.path))
     run_dir = Path(config.train.output_dir)
     resume_from = distributed.run_on_main(lambda: prepare_run_dir(config, run_dir))
-    dataset = open_dataset(config.data, run_dir)
+    token = distributed.check_shared_folder(run_dir)  # before step 1: every rank writes shards there
+    if resume_from is not None:  # data order and LR schedule unchanged (or changed as asked), before any load
+        check_resume(resume_from, config)
+    dataset = open_dataset(config.data, run_dir, token)
+    dataset.require_negatives(config.loss.hard_negatives)  # before the engine, not in a DataLoader worker
     sampler = make_sampler(config, dataset)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
-    teacher = open_teacher(config.loss.distill)
+    teacher = open_teacher(config.loss.distill, config.data)
     one_row = packs_in_one_row(config.model.attn_implementation)  # data.pack_length 0: one row per call
     if config.model.kind == "reranker":
         collator = PairCollator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size, one_row)
@@ -226,36 +267,43 @@ def announce(run):
 
 def train_steps(run, on_step):
     """Every rank: the optimizer steps from run.start to train.max_steps, with logging, evaluation,
-    checkpoints and stop requests (SIGTERM) at their intervals."""
+    checkpoints (every train.save_every steps and train.save_every_minutes) and stop requests
+    (SIGTERM, Ctrl-C: StopRequest) at their intervals."""
     config, engine = run.config, run.engine
     eval_sources = open_eval_sources(config, run.collator)
-    stop = StopRequest()
+    stop = StopRequest(run.rank, config.train.save_every_minutes)
     flops = FlopsCounter(engine.module.backbone.config, config.model.lora)
     window = new_window()
     skipped = engine.skipped_steps
-    for step, micro_batches, examples in make_loader(run):
-        step_stats = optimizer_step(engine, micro_batches, config, run.accumulation, run.group, window, flops)
-        if on_step is not None:
-            on_step(step, {key: float(value) for key, value in step_stats.items()}, examples)
-        done = step + 1
-        skipped = check_skipped_steps(engine, skipped, done, config, run.save)
-        logged = done % config.logging.every == 0 or done == config.train.max_steps
-        if logged:
-            log_window(engine, run.writer, done, step_stats, window, config)
-        if eval_sources is not None and (
-            done == config.train.max_steps or (config.eval.every and done % config.eval.every == 0)
-        ):
-            evaluate(engine, run.tokenizer, eval_sources, config, run.writer, done)
-        if done % config.train.stop_check_every == 0 and stop.requested():
-            run.save(done)
-            if run.rank == 0:
-                print(f"[embedtrain] stop requested (SIGTERM): saved step {done}, exiting", flush=True)
-            break
-        if done == config.train.max_steps or (config.train.save_every and done % config.train.save_every == 0):
-            run.save(done)
-        if logged:
-            window = new_window()  # after evaluation and saving: the window times training steps only
-    stop.restore()
+    try:
+        for step, micro_batches, examples in make_loader(run):
+            step_stats = optimizer_step(engine, micro_batches, config, run.accumulation, run.group, window, flops)
+            if on_step is not None:
+                on_step(step, {key: float(value) for key, value in step_stats.items()}, examples)
+            done = step + 1
+            skipped = check_skipped_steps(engine, skipped, done, config, run.save)
+            stopping, save_now = stop.poll(done) if done % config.train.stop_check_every == 0 else (False, False)
+            logged = done % config.logging.every == 0 or done == config.train.max_steps
+            if logged:
+                log_window(engine, run.writer, done, step_stats, window, config)
+            if stopping:  # no evaluation: the grace period is for the checkpoint
+                run.save(done)
+                if run.rank == 0:
+                    print(f"[embedtrain] stop requested ({stop.reason()}): saved step {done}, exiting", flush=True)
+                break
+            if eval_sources is not None and (
+                done == config.train.max_steps or (config.eval.every and done % config.eval.every == 0)
+            ):
+                evaluate(engine, run.tokenizer, eval_sources, config, run.writer, done)
+            scheduled = config.train.save_every and done % config.train.save_every == 0
+            if done == config.train.max_steps or scheduled or save_now:
+                run.save(done)
+                stop.saved(done)
+            if logged:
+                window = new_window()  # after evaluation and saving: the window times training steps only
+        stop.finish()  # no reduction left in flight (an error leaves without it: a peer may be gone)
+    finally:
+        stop.restore()
 
 
 def open_eval_sources(config, collator):
@@ -292,6 +340,7 @@ def make_loader(run):
         batch_size=None,
         num_workers=config.data.num_workers,
         generator=torch.Generator().manual_seed(config.train.seed + run.rank),
+        worker_init_fn=ignore_stop_signals,
         # page-locked host batches: their copy to the GPU is asynchronous (non_blocking) and faster
         pin_memory=torch.cuda.is_available(),
     )
@@ -377,7 +426,8 @@ def optimizer_step(engine, micro_batches, config, accumulation, group=None, wind
             add_counts(window, batch, flops)
     if window is not None:
         window["steps"] += 1
-        window["loss"] = window["loss"] + step_stats["loss"]
+        for key, value in step_stats.items():  # summed on the device: read at the logging step only
+            window["stats"][key] = window["stats"].get(key, 0.0) + value
     step_stats["skipped_steps"] = torch.tensor(float(engine.skipped_steps))
     return step_stats
 
@@ -457,26 +507,88 @@ def evaluate(engine, tokenizer, eval_sources, config, writer, step):
 
 
 def new_window():
-    return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "flops": 0, "start": time.perf_counter(), "steps": 0}
+    """The logging window's running sums: every step stat (loss, accuracy, distillation terms, ...),
+    tokens and FLOPs, so that the logged values are all means over the same steps."""
+    return {"stats": {}, "tokens": 0, "real_tokens": 0, "flops": 0, "start": time.perf_counter(), "steps": 0}
 
 
 class StopRequest:
-    """SIGTERM (Slurm preemption, scancel, torchrun shutting down) asks to stop: the current step
-    finishes, every rank agrees, a checkpoint is written, and training returns normally. Ranks
-    agree through one collective, so the loop asks every train.stop_check_every steps, not each."""
+    """SIGTERM (Slurm's time-limit warning or preemption, scancel, a launcher shutting down) or a
+    first Ctrl-C (SIGINT) asks to stop: the step in flight finishes, every rank agrees, a checkpoint
+    is written, and training returns normally (exit 0). A second Ctrl-C, at least
+    REPEAT_SECONDS after the first, ends the process at once with code 130 and saves nothing; an
+    earlier one is taken for the same key press, which torchrun and the deepspeed launcher forward
+    to the workers a few milliseconds after the terminal delivered it.
 
-    def __init__(self):
-        self.flag = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+    Ranks agree without a blocking host sync per step: `poll` (every train.stop_check_every steps)
+    starts a non-blocking MAX all-reduce of [this rank's stop flag, save now] and reads the one
+    started at the previous poll (distributed.DeferredMax). A signal that lands during step t is
+    acted on at the end of step t + 1 (with stop_check_every 1), on every rank at the same step.
+    "Save now" is train.save_every_minutes measured on rank 0's clock only: ranks never decide a
+    save on their own clocks, which disagree."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_SECONDS = 2.0
+
+    def __init__(self, rank=0, save_every_minutes=0.0):
+        self.rank = rank
+        self.period = 60.0 * save_every_minutes
+        self.received = None  # the first signal's name
+        self.interrupted = None  # when the first Ctrl-C came (time.monotonic)
+        self.last_save = time.monotonic()
+        self.saved_step = -1
+        self.flags = distributed.DeferredMax()
+        self.started = None  # the step whose flags are in flight
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.flag = True
+        now = time.monotonic()
+        if signum == signal.SIGINT:
+            if self.interrupted is not None and now - self.interrupted >= self.REPEAT_SECONDS:
+                os.write(2, b"[embedtrain] second Ctrl-C: aborted, nothing saved\n")
+                os._exit(130)  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+            if self.interrupted is None:
+                self.interrupted = now
+                if self.rank == 0:
+                    os.write(
+                        2,
+                        b"[embedtrain] Ctrl-C: saving a checkpoint after this step, then exiting "
+                        b"(Ctrl-C again to abort without saving)\n",
+                    )
+        self.received = self.received or signal.Signals(signum).name
 
-    def requested(self):
-        return distributed.any_rank(self.flag)
+    def poll(self, step):
+        """(stop, save now), the same on every rank; call it at the same steps on every rank."""
+        due = self.rank == 0 and self.period > 0 and time.monotonic() - self.last_save >= self.period
+        agreed = self.flags.exchange([int(self.received is not None), int(due)])
+        started, self.started = self.started, step
+        if agreed is None:
+            return False, False
+        # a save since the flags were sent already answered rank 0's clock
+        return bool(agreed[0]), bool(agreed[1]) and self.saved_step < started
+
+    def saved(self, step):
+        self.saved_step = step
+        self.last_save = time.monotonic()
+
+    def reason(self):
+        return self.received or "a signal to another rank"
+
+    def finish(self):
+        self.flags.finish()
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker start-up: leave SIGTERM and SIGINT to the training process. Slurm signals
+    every process of a job step and Ctrl-C every process of the terminal's group; a worker that died
+    of it would end the run through the DataLoader's check on its workers, before the stop's save.
+    Workers end with their parent."""
+    for sig in StopRequest.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def prepare_run_dir(config, run_dir):
@@ -496,23 +608,10 @@ def prepare_run_dir(config, run_dir):
 
 def load_state(engine, folder, config, world):
     """Restore model, optimizer, scheduler, step and RNG from a checkpoint folder; returns the step."""
-    # DeepSpeed unpickles its files with weights_only=False: first prove each one loads with
-    # weights_only=True (tensors, plain containers and DeepSpeed's two classes only).
-    for path in sorted(folder.glob("*.pt")):
-        load_checkpoint_file(path)
-    saved = load_checkpoint_file(sorted(folder.glob("*_model_states.pt"))[0])
-    stream = saved["stream"]
-    if stream["global_batch_size"] != config.train.global_batch_size or stream["seed"] != config.train.seed:
-        raise CheckpointError(
-            f"{folder}: train.global_batch_size/train.seed were {stream['global_batch_size']}/"
-            f"{stream['seed']}, now {config.train.global_batch_size}/{config.train.seed}: the data "
-            "order would change; keep them to resume"
-        )
-    if stream.get("positive_sampling", "first") != config.data.positive_sampling:
-        raise CheckpointError(
-            f"{folder}: data.positive_sampling was {stream.get('positive_sampling', 'first')!r}, now "
-            f"{config.data.positive_sampling!r}: the targets would change; keep it to resume"
-        )
+    # DeepSpeed unpickles its files with weights_only=False: first prove the ones this rank reads
+    # load with weights_only=True (tensors, plain containers and DeepSpeed's three classes only);
+    # each rank reads its own files only, and checks that every rank's shards are there.
+    saved = own_resume_files(folder, engine.global_rank)
     check_stage_resume(engine, folder, saved)
     stage = engine.zero_optimization_stage()
     if saved["dp_world_size"] != world and stage != 3:
@@ -551,7 +650,7 @@ def make_writer(config, run_dir, start_step):
     return SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
 
-DISTILL_TERMS = (
+DISTILL_TERMS = (  # (name in the log line, TensorBoard scalar): the distillation loss's terms
     ("contrastive", "train/loss_contrastive"),
     ("cos", "train/distill_cosine"),
     ("mse", "train/distill_mse"),
@@ -559,12 +658,20 @@ DISTILL_TERMS = (
 )
 
 
+def loss_text(loss, scalars):
+    """The log line's loss and, under distillation, its terms: all means over the same logging
+    window (new_window), so the weighted terms add up to the loss."""
+    terms = " ".join(f"{name} {scalars[key]:.4f}" for name, key in DISTILL_TERMS if key in scalars)
+    return f"loss {loss:.4f} ({terms})" if terms else f"loss {loss:.4f}"
+
+
 def log_window(engine, writer, done, step_stats, window, config):
     """Console line and TensorBoard scalars; all ranks join the reductions, rank 0 writes. This is
     where device values are read (one sync per logging step)."""
     elapsed = time.perf_counter() - window["start"]
     world = distributed.world_size()
-    loss = distributed.all_reduce_mean(float(window["loss"]) / window["steps"])
+    means = {key: float(value) / window["steps"] for key, value in window["stats"].items()}
+    loss = distributed.all_reduce_mean(means["loss"])
     tokens, real, flops = (
         distributed.all_reduce_mean(window[key]) * world for key in ("tokens", "real_tokens", "flops")
     )
@@ -583,18 +690,16 @@ def log_window(engine, writer, done, step_stats, window, config):
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
-    for key, value in step_stats.items():
-        if key != "loss":
-            scalars[f"train/{key}"] = distributed.all_reduce_mean(float(value))
+    for key, value in means.items():
+        if key not in ("loss", "skipped_steps"):
+            scalars[f"train/{key}"] = distributed.all_reduce_mean(value)
+    scalars["train/skipped_steps"] = distributed.all_reduce_mean(float(step_stats["skipped_steps"]))  # a count
     if distributed.is_main_process():
         eta = format_duration(step_time * (config.train.max_steps - done))
         on_gpu = "perf/peak_memory_gib" in scalars  # MFU against a GPU's peak means nothing on the CPU
         device = f"  MFU {scalars['perf/mfu']:.1%}  {scalars['perf/peak_memory_gib']:.1f} GiB" if on_gpu else ""
-        terms = "".join(  # distillation: its terms, so runs with different weights can be compared
-            f" {name} {scalars[key]:.4f}" for name, key in DISTILL_TERMS if key in scalars
-        )
-        print(
-            f"[embedtrain] step {done}: loss {loss:.4f}{f' ({terms.strip()})' if terms else ''}  "
+        print(  # distillation: its terms too, so runs with different weights can be compared
+            f"[embedtrain] step {done}: {loss_text(loss, scalars)}  "
             f"acc {scalars.get('train/accuracy', 0):.3f}  "
             f"lr {scalars['train/lr']:.2e}  {scalars['perf/tokens_per_s']:,.0f} tok/s  "
             f"{scalars['perf/real_tokens_per_s']:,.0f} real tok/s  pad-eff {scalars['perf/padding_efficiency']:.3f}  "

@@ -10,7 +10,7 @@ torch.distributed collectives refuse, when called from an embedtrain module, any
 the mark: one made on the default device, as `torch.tensor([...])` would be under NCCL.
 
 The run covers every collective path of training: the global pool (sizes, gathers with gradient,
-query negatives), logging reductions, the SIGTERM stop poll, in-training evaluation, checkpoints,
+query negatives), logging reductions, the stop and save flags (non-blocking), in-training evaluation, checkpoints,
 and run_on_main. Rank 0 writes the calls seen and the violations found.
 """
 
@@ -52,6 +52,10 @@ def unmarked(value):
 
 def install_checks(calls, violations):
     distributed.on_comm_device = lambda tensor: tensor.to(distributed.comm_device()).as_subclass(CommTensor)
+    # the stop and save flags travel on the host on purpose (gloo's CPU backend carries them under
+    # "cpu:gloo,cuda:nccl" without a CUDA sync); under NCCL alone on_host_comm hands them to on_comm_device
+    real_host = distributed.on_host_comm
+    distributed.on_host_comm = lambda tensor: real_host(tensor).as_subclass(CommTensor)
     for name in TENSOR_COLLECTIVES:
         real = getattr(dist, name)
 
