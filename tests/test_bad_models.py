@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import ASSETS, embedtrain_cli
+from conftest import ASSETS
 from embedtrain.cli import main
 from embedtrain.config import RECIPES_DIR
 from embedtrain.errors import ModelError
@@ -113,18 +113,6 @@ def test_from_pretrained_refuses_a_folder_that_is_no_model_naming_it(folders, lo
 
     with pytest.raises(ModelError, match=re.escape(f"model {folders[name]} ")):
         getattr(embedtrain, loader).from_pretrained(folders[name], device="cpu")
-
-
-def test_a_failed_train_removes_the_run_folder_it_created(tmp_path):
-    """`train` fails after making its run folder (data.path is checked after it): the folder and the
-    parent the run made are gone, the error is the last line, exit code 2."""
-    run_dir = tmp_path / "runs" / "new" / "run"
-    result = embedtrain_cli("train", "--config", "tiny", "--output-dir", run_dir, "--set", "data.path=/nonexistent")
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert lines[-1].startswith("embedtrain: error: data.path: /nonexistent is not a folder")
-    assert lines[-2] == f"embedtrain: removed {run_dir}: this run created it and failed before its first checkpoint"
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_the_cleanup_never_removes_what_was_there_or_a_checkpoint(tmp_path):

@@ -49,10 +49,16 @@ def test_tiny_recipe_trains_then_exports(tiny_trained):
     ],
 )
 def test_bad_input_stops_before_training(tmp_path, args, message):
-    run = embedtrain("train", "--config", "tiny", "--output-dir", tmp_path / "run", *args)
+    """Exit 2 with the one line; a run folder made before the failure (data.path is checked after
+    the folder exists) is removed with the parents the run made, and says so."""
+    run_dir = tmp_path / "runs" / "new" / "run"
+    run = embedtrain("train", "--config", "tiny", "--output-dir", run_dir, *args)
     assert run.returncode == 2
-    assert re.search(message, run.stderr), run.stderr[-2000:]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    lines = run.stderr.strip().splitlines()
+    assert re.search(message, lines[-1]) and lines[-1].startswith("embedtrain: error: "), run.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # nothing left: no run folder, no parents
+    if "data.path" in args[-1]:
+        assert lines[-2] == f"embedtrain: removed {run_dir}: this run created it and failed before its first checkpoint"
 
 
 def test_dataset_missing_a_column_stops_before_training(tmp_path, demo_data):

@@ -112,7 +112,13 @@ def test_an_empty_restored_text_and_a_malformed_id_are_errors(tmp_path, miniatur
     assert f"SQuAD: {corpus} row 2: id is not of the form d_<row>" in str(err.value)
 
 
-def test_a_missing_source_config_or_source_is_named(tmp_path, miniature_copy):
+def test_a_missing_source_config_or_source_is_named(tmp_path, miniature_copy, monkeypatch):
+    # offline, as the comment below says: without it the Hub lookup waits on the network (20 s in CI)
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     (miniature_copy / "dataset" / "HotpotQA" / "source_config.json").unlink()
     with pytest.raises(DataError, match=r"HotpotQA: ids_only subset without .*HotpotQA/source_config.json"):
         prepare(miniature_copy / "dataset", tmp_path / "out", sources=miniature_copy / "sources")
