@@ -13,9 +13,9 @@ from embedtrain.version import __version__  # noqa: F401 (embedtrain.__version__
 
 
 def __getattr__(name):
-    """`embedtrain.BiEncoder` / `embedtrain.Reranker` (embedtrain.inference) on first use: `import
-    embedtrain` stays cheap (no torch, no transformers)."""
-    if name in ("BiEncoder", "Reranker"):
+    """`embedtrain.BiEncoder` / `embedtrain.Reranker` / `embedtrain.MultiVectorEncoder`
+    (embedtrain.inference) on first use: `import embedtrain` stays cheap (no torch, no transformers)."""
+    if name in ("BiEncoder", "Reranker", "MultiVectorEncoder"):
         from embedtrain import inference
 
         return getattr(inference, name)

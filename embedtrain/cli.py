@@ -294,7 +294,8 @@ def rerank_batch_and_inference_options(command):
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @io_options(
     '.txt (one text per line) or .jsonl (a "text" field per line). Required, except with --teacher-cache.',
-    ".npy (float32 matrix) or .parquet (text, embedding); with --teacher-cache the cache folder.",
+    ".npy (float32 matrix) or .parquet (text, embedding); a multi-vector model: .npz (embeddings, offsets); "
+    "with --teacher-cache the cache folder.",
     input_required=False,
     output_dir_okay=True,
 )

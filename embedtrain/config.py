@@ -90,6 +90,10 @@ class LossConfig:
     hard_negatives: int = 4
     temperature: float = 0.02
     query_negatives: bool = False  # local/global pools: other queries are negatives too
+    # model.kind=reranker with loss.negatives=local: each query is also scored against this many other
+    # queries' positives of its micro-batch (in-batch negatives, sampled deterministically; never one
+    # of its known positives). 0 = off (group); under local 0 means the default, 4
+    inbatch_negatives: int = 0
     gather_group_size: int = 0  # global pool: ranks per gather group (e.g. GPUs per node); 0 = world
     matryoshka_dims: list[int] | None = None  # e.g. [384, 512, 768, 1024, 2048]: loss summed over truncations
     matryoshka_weights: list[float] | None = None  # one weight per dim; default 1 each
@@ -429,6 +433,11 @@ def validate(config):
         raise ConfigError(f"loss.matryoshka_weights needs one weight per loss.matryoshka_dims entry, got {weights}")
     if config.model.kind == "reranker":
         validate_reranker(config)
+    elif config.loss.inbatch_negatives:
+        raise ConfigError(
+            f"loss.inbatch_negatives applies to rerankers (model.kind=reranker), not model.kind={config.model.kind}: "
+            "an embedding model's local and global pools already hold every passage of the batch"
+        )
     if config.model.lora is not None:
         config.model.lora = resolve_lora(config.model.lora, config.model.kind)
     if config.loss.distill is not None:
@@ -563,11 +572,13 @@ def resolve_distill(distill, kind="embedding"):
 
 def validate_reranker(config):
     """A cross-encoder scores each pair alone: its loss is the cross-entropy over each query's group."""
-    if config.loss.negatives != "group":
+    if config.loss.negatives not in ("group", "local"):
         raise ConfigError(
             f"loss.negatives={config.loss.negatives}: a reranker (model.kind=reranker) scores each (query, "
-            "passage) pair on its own, so its loss is over each query's group: set loss.negatives=group"
+            "passage) pair on its own, so its negatives are pairs it scores itself, from its own micro-batch: "
+            "set loss.negatives=group or local"
         )
+    validate_inbatch_negatives(config)
     for key, value in (
         ("loss.matryoshka_dims", config.loss.matryoshka_dims),
         ("loss.query_negatives", config.loss.query_negatives),
@@ -590,6 +601,33 @@ def validate_reranker(config):
         raise ConfigError(
             f"data.pair_template {template!r}: use plain {{query}} and {{passage}} fields only (no other names, "
             "conversions or format specs)"
+        )
+
+
+# in-batch negatives per query when a reranker's loss.negatives=local leaves loss.inbatch_negatives 0:
+# sentence-transformers' CrossEncoder MultipleNegativesRankingLoss default (num_negatives=4)
+DEFAULT_INBATCH_NEGATIVES = 4
+
+
+def validate_inbatch_negatives(config):
+    """loss.inbatch_negatives: other queries' positives a reranker scores each query against under
+    loss.negatives=local (0 there resolves to DEFAULT_INBATCH_NEGATIVES); off (0) under group. They
+    come from the query's own micro-batch, so a micro-batch needs a second query."""
+    loss, count = config.loss, config.loss.inbatch_negatives
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"loss.inbatch_negatives must be an integer >= 0, got {count!r}")
+    if loss.negatives == "group":
+        if count:
+            raise ConfigError(
+                f"loss.inbatch_negatives={count} needs loss.negatives=local (group scores each query against "
+                "its own hard negatives only)"
+            )
+        return
+    loss.inbatch_negatives = count or DEFAULT_INBATCH_NEGATIVES
+    if not config.train.micro_batch_tokens and config.train.micro_batch_size < 2:
+        raise ConfigError(
+            "loss.negatives=local for a reranker takes its in-batch negatives from the other queries of the "
+            f"micro-batch: train.micro_batch_size={config.train.micro_batch_size} must be >= 2"
         )
 
 
@@ -663,6 +701,7 @@ def micro_step_tokens(config):
     queries = config.train.grad_cache_chunk_size or config.train.micro_batch_size
     group = 1 + config.loss.hard_negatives
     if config.model.kind == "reranker":
+        group += getattr(config.loss, "inbatch_negatives", 0)  # in-batch negatives: pairs of their own
         return queries * group * config.data.pair_max_length, f"{queries} queries x {group} pairs at max length"
     per_query = config.data.query_max_length + group * config.data.passage_max_length
     return queries * per_query, f"{queries} queries x (1 + {group}) sequences at max length"

@@ -191,6 +191,23 @@ def gather_no_grad(tensor, group=None, uniform=False):
     return _gather_uneven(tensor, sizes, group)
 
 
+def gather_tokens_with_grad(embeddings_PLD, mask_PL, group=None, uniform=False):
+    """Every rank's token embeddings (P_r, L_r, D) with their masks (P_r, L_r), concatenated in rank
+    order: each rank's rows padded with zeros (masked out) to the longest L_r of the group (one
+    exchange of the token counts), then gathered as gather_with_grad (embeddings, with gradient:
+    each rank gets the sum over ranks of the gradient of its own rows) and gather_no_grad (masks).
+    `uniform`: every rank holds as many rows as this one (token counts may still differ).
+    Returns (pool_NLD, pool_mask_NL, offset); the identity with one process."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return embeddings_PLD, mask_PL, 0
+    width = max(gather_sizes(embeddings_PLD.shape[1], group))
+    missing = width - embeddings_PLD.shape[1]
+    padded_PLD = torch.nn.functional.pad(embeddings_PLD, (0, 0, 0, missing))  # differentiable
+    padded_mask_PL = torch.nn.functional.pad(mask_PL.to(torch.uint8), (0, missing))  # bool: not every backend
+    pool_NLD, offset = gather_with_grad(padded_PLD, group, uniform)
+    return pool_NLD, gather_no_grad(padded_mask_PL, group, uniform).bool(), offset
+
+
 def all_reduce_mean(value):
     """Mean of a python float over ranks (for logging)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedtrain.errors import EncodeError, UsageError
-from embedtrain.inference import BiEncoder
+from embedtrain.inference import BiEncoder, MultiVectorEncoder
 from embedtrain.inference.batching import encode_texts, prompt_text
+from embedtrain.inference.loading import model_kind
+from embedtrain.inference.token_index import write_token_embeddings
 
 
 def read_texts(path):
@@ -93,10 +95,49 @@ def encode_file(
     return embeddings
 
 
+def encode_multi_vector_file(
+    model_dir,
+    input_path,
+    output_path,
+    prompt=None,
+    dim=None,
+    batch_size=32,
+    max_tokens=None,
+    max_length=None,
+    long_documents="truncate",
+    chunk_overlap=0,
+    device=None,
+    dtype=None,
+):
+    """A multi-vector (ColBERT) model's token embeddings of every text of `input_path` into
+    `output_path` (.npz: embeddings, offsets; embedtrain.inference.token_index). prompt "query"
+    encodes queries (expanded), otherwise documents (skiplist dropped). Returns the per-text arrays."""
+    if Path(output_path).suffix != ".npz":
+        raise EncodeError(f"--output {output_path}: a multi-vector model writes token embeddings to a .npz file")
+    given = {"--dim": dim, "--max-tokens": max_tokens, "--chunk-overlap": chunk_overlap}
+    given["--long-documents"] = None if long_documents == "truncate" else long_documents
+    refused = [name for name, value in given.items() if value]
+    if refused:
+        raise EncodeError(f"{', '.join(refused)}: not available for a multi-vector model ({model_dir})")
+    texts = read_texts(input_path)
+    if prompt is not None and prompt not in ("query", "document"):
+        raise EncodeError(f"--prompt {prompt}: expected query or document (the prompts of {model_dir})")
+    model = MultiVectorEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
+    arrays = model.encode(texts, prompt=prompt, batch_size=batch_size, max_length=max_length, progress=True)
+    write_token_embeddings(output_path, arrays)
+    return arrays
+
+
 def encode_command(model_dir, input_path, output_path, *args, **kwargs):
     """`embedtrain encode` without --teacher-cache: a folder as `output_path` is refused before the
-    model loads; then encode_file (same arguments) and a line saying what was written."""
+    model loads; then encode_file (same arguments) and a line saying what was written; a
+    multi-vector model's token embeddings go to .npz (encode_multi_vector_file)."""
     if Path(output_path).is_dir():
         raise UsageError(f"--output {output_path} is a folder; expected a .npy or .parquet file.")
+    if model_kind(model_dir) == "multi_vector":
+        arrays = encode_multi_vector_file(model_dir, input_path, output_path, *args, **kwargs)
+        tokens = sum(len(a) for a in arrays)
+        print(f"wrote {tokens} token embeddings of {len(arrays)} texts to {output_path}", flush=True)
+        return
     embeddings = encode_file(model_dir, input_path, output_path, *args, **kwargs)
     print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}", flush=True)

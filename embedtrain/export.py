@@ -27,6 +27,7 @@ with peft.PeftModel.from_pretrained, plus the tokenizer, prompts and the modelin
 import json
 import shutil
 import string
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
 from embedtrain.file_modes import apply_umask
+from embedtrain.kinds import kind_files, recorded_kind
 from embedtrain.model import bidirectional
 from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
 from embedtrain.model.encoder import load_tokenizer
@@ -49,7 +51,7 @@ from embedtrain.model.lora import (
     read_adapter,
     recorded_base,
 )
-from embedtrain.model.reranker import HEAD_KEY, KIND_FILE, RERANKER_ARCHITECTURE
+from embedtrain.model.reranker import HEAD_KEY, RERANKER_ARCHITECTURE
 from embedtrain.prompts import MODEL_METADATA, model_policy
 from embedtrain.train.checkpoint import load_checkpoint_file, rank_files, resolve_checkpoint, zero3_full_tensors
 from embedtrain.version import __version__
@@ -530,7 +532,7 @@ def write_adapter_export(step_folder, base, tmp, run_config, base_path):
     adapter_config["base_model_name_or_path"] = str(base_path)
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     for item in base.iterdir():
-        if item.name not in ("config.json", "prompts.json", KIND_FILE):
+        if item.name not in ("config.json", "prompts.json", *kind_files()):
             shutil.copy(item, tmp / item.name)
     shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
     model = run_config["model"]
@@ -584,7 +586,8 @@ def write_export(
     step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False, base_model=None, keep_projection=False
 ):
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    reranker = json.loads((base / KIND_FILE).read_text()) if (base / KIND_FILE).is_file() else None
+    kind, settings = recorded_kind(base)  # the model kind, from its file in base_model (embedtrain.kinds)
+    form = EXPORT_FORMATS[kind.export_format]
     run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
     lora = (run_config.get("model") or {}).get("lora")
     projection = {} if keep_projection else None
@@ -607,35 +610,59 @@ def write_export(
         parameters = merged_lora_parameters(step_folder, lora_base(run_config, base_model))
     else:
         parameters = checkpoint_parameters(step_folder, projection)
-    if reranker is not None:
-        parameters = reranker_names(parameters)
-    write_shards(parameters, tmp, torch_dtype, int(max_shard_gb * 2**30))
-    config = hf_config_dict(json.loads((base / "config.json").read_text()))
-    if reranker is not None:
-        config = reranker_config_dict(config)
+    write_shards(form.names(parameters), tmp, torch_dtype, int(max_shard_gb * 2**30))
+    config = form.config(hf_config_dict(json.loads((base / "config.json").read_text())))
     config["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if "auto_map" in config:  # Llama's own classes; stock families need no remote code
         shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
     policy = model_policy(base)
-    metadata = policy.to_dict() if reranker is None else {**policy.to_dict(), **reranker}
+    metadata = {**policy.to_dict(), **(settings or {})}
     metadata["embedtrain_version"] = __version__  # which embedtrain wrote the folder (CHANGELOG.md)
     if projection is not None:
         metadata["projection"] = write_projection(tmp, projection, step_folder)
     (tmp / MODEL_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     for item in base.iterdir():
-        if item.name not in ("config.json", "prompts.json", KIND_FILE):
+        if item.name not in ("config.json", "prompts.json", *kind_files()):
             shutil.copy(item, tmp / item.name)
     step = int(step_folder.name.split("_")[-1])
-    if reranker is not None:
-        cross_encoder_files(tmp, reranker)
-        (tmp / "README.md").write_text(reranker_model_card(config, run_config, step, reranker))
-        return
+    form.files(tmp, config, run_config, step, policy, metadata, settings)
+
+
+def embedding_export_files(folder, config, run_config, step, policy, metadata, settings=None):
+    """An embedding model's sentence-transformers files (Transformer -> Pooling -> Normalize, with
+    the distilled student's Dense projection when kept) and its model card."""
     prompts = policy.sentence_transformers_prompts()
     sentence_transformers_files(
-        tmp, config, prompts, run_config["data"]["passage_max_length"], metadata.get("projection")
+        folder, config, prompts, run_config["data"]["passage_max_length"], metadata.get("projection")
     )
-    (tmp / "README.md").write_text(model_card(config, run_config, step, prompts))
+    (folder / "README.md").write_text(model_card(config, run_config, step, prompts))
+
+
+def cross_encoder_export_files(folder, config, run_config, step, policy, metadata, settings):
+    """A reranker's CrossEncoder files (its pair template as the chat template, checked) and its
+    model card; `settings`: its base_model/reranker.json."""
+    cross_encoder_files(folder, settings)
+    (folder / "README.md").write_text(reranker_model_card(config, run_config, step, settings))
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """How write_export writes one export format, which a model kind names (ModelKind.export_format,
+    embedtrain.kinds): export.py sits above the kinds (tests/test_layers.py), so the writers live here.
+    `names`: the checkpoint's (name, tensor) pairs -> the format's; `config`: the backbone's
+    config.json dict -> the format's; `files`: (folder, config, run_config, step, prompt policy,
+    metadata, the kind's base_model settings) -> its remaining files and model card."""
+
+    names: object
+    config: object
+    files: object
+
+
+EXPORT_FORMATS = {
+    "sentence_transformer": ExportFormat(lambda named: named, lambda config: config, embedding_export_files),
+    "cross_encoder": ExportFormat(reranker_names, reranker_config_dict, cross_encoder_export_files),
+}
 
 
 def export_command(source, out, **options):

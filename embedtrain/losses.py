@@ -123,6 +123,34 @@ def group_cross_entropy(logits_QG, masked_QG=None):
     return loss, stats
 
 
+def inbatch_cross_entropy(logits_QC, inbatch, masked_QC=None):
+    """A reranker's loss with in-batch negatives (loss.negatives=local): the cross-entropy over each
+    query's C = 1 + k + n pair logits, its positive (column 0), its k hard negatives, then the last
+    `inbatch` = n columns that pair it with other queries' positives (data/collate.py PairCollator),
+    the positive the target:
+
+        loss_i = -log( exp(s(q_i, p_i)) / sum_{c not masked} exp(s(q_i, c)) ),  c over the k + n negatives and p_i
+
+    as sentence-transformers' CrossEncoder MultipleNegativesRankingLoss scores an anchor against
+    its positive, sampled in-batch negatives and hard negatives (it also squashes the logits with
+    a sigmoid x 10 by default; here the logits are used as they are, as group_cross_entropy does).
+    masked_QC (bool, group_positive_mask over every column) drops pairs whose passage is a known
+    positive of the query. Returns (loss, stats): group_cross_entropy's over every column, plus
+    accuracy_hard and accuracy_inbatch, the fraction of queries whose positive outscores every
+    (unmasked) hard negative, and every in-batch negative: a reranker that learned a shortcut of the
+    mined negatives (less word overlap means relevant) wins the first and loses the second."""
+    loss, stats = group_cross_entropy(logits_QC, masked_QC)
+    if inbatch:
+        with torch.no_grad():
+            logits_QC = logits_QC.float()
+            if masked_QC is not None:
+                logits_QC = logits_QC.masked_fill(masked_QC, float("-inf"))
+            positive_Q1, hard_QH = logits_QC[:, :1], logits_QC[:, 1 : logits_QC.shape[1] - inbatch]
+            stats["accuracy_hard"] = (positive_Q1 > hard_QH).all(dim=-1).float().mean()
+            stats["accuracy_inbatch"] = (positive_Q1 > logits_QC[:, -inbatch:]).all(dim=-1).float().mean()
+    return loss, stats
+
+
 def embedding_distance(projected_ND, teacher_ND):
     """Distillation's embedding terms: (mean cosine distance 1 - cos(s, t), mean squared error per
     element) between the projected student embeddings and the teacher's, row by row, in fp32."""
@@ -160,3 +188,83 @@ def matryoshka(loss_at_dim, dims=None, weights=None):
     weights = weights or [1.0] * len(dims)
     losses = [loss_at_dim(dim) for dim in dims]
     return sum(weight * loss for weight, loss in zip(weights, losses)), losses
+
+
+# --- multi-vector (ColBERT late interaction): MaxSim scores of token embeddings ------------------
+#
+# Shapes: T query tokens, L document tokens per row (padded; the masks say which are scored).
+
+MAXSIM_BLOCK_ELEMENTS = 2**26  # query-token x document-token similarities held at once (256 MiB fp32)
+
+
+def maxsim_scores(q_QTD, q_mask_QT, d_PLD, d_mask_PL, max_elements=MAXSIM_BLOCK_ELEMENTS):
+    """(Q, P) fp32 MaxSim (ColBERT, arXiv 2004.12832): for each query and document, the sum over the
+    query's scored tokens of the best similarity (dot product of unit vectors) with any of the
+    document's scored tokens. A document without a scored token scores 0.
+
+    The Q x T x P x L similarities are computed `max_elements` at a time (blocks of documents), so
+    the memory held, forward and, under autograd, backward (each block's graph keeps only its
+    argmax indices), is bounded whatever the pool's size."""
+    q, d = q_QTD.float(), d_PLD.float()
+    num_q, num_t = q.shape[:2]
+    num_p, num_l = d.shape[:2]
+    block = max(1, max_elements // max(1, num_q * num_t * num_l))
+    q_valid_QT = q_mask_QT.bool()
+    blocks = []
+    for start in range(0, num_p, block):
+        d_block, mask_block = d[start : start + block], d_mask_PL[start : start + block].bool()
+        sim_QTPL = torch.einsum("qtd,pld->qtpl", q, d_block)
+        sim_QTPL = sim_QTPL.masked_fill(~mask_block[None, None], float("-inf"))
+        best_QTP = sim_QTPL.max(dim=-1).values
+        best_QTP = torch.where(q_valid_QT[:, :, None] & mask_block.any(-1)[None, None], best_QTP, 0.0)
+        blocks.append(best_QTP.sum(dim=1))
+    return torch.cat(blocks, dim=1) if blocks else q.new_zeros(num_q, 0)
+
+
+def group_maxsim_scores(q_QTD, q_mask_QT, d_PLD, d_mask_PL):
+    """(Q, G) fp32 MaxSim of each query against its own group of G = P / Q passages only (grouped per
+    query, positive first): the `group` pool's scores, Q x G x T x L similarities."""
+    q, num_q = q_QTD.float(), q_QTD.shape[0]
+    d_QGLD = d_PLD.float().view(num_q, -1, *d_PLD.shape[1:])
+    d_mask_QGL = d_mask_PL.bool().view(num_q, -1, d_PLD.shape[1])
+    sim_QGTL = torch.einsum("qtd,qgld->qgtl", q, d_QGLD).masked_fill(~d_mask_QGL[:, :, None, :], float("-inf"))
+    best_QGT = sim_QGTL.max(dim=-1).values
+    valid_QGT = q_mask_QT.bool()[:, None, :] & d_mask_QGL.any(-1)[:, :, None]
+    return torch.where(valid_QGT, best_QGT, 0.0).sum(dim=-1)
+
+
+def logits_info_nce(logits_QN, targets_Q, masked_QN=None):
+    """InfoNCE from precomputed fp32 logits (scores / temperature): cross-entropy with each query's
+    target column, masked entries (known positives that are not the target) dropped. Returns
+    (loss: mean over queries, logits_QN as used)."""
+    if masked_QN is not None:
+        logits_QN = logits_QN.masked_fill(masked_QN, float("-inf"))
+    return F.cross_entropy(logits_QN, targets_Q), logits_QN
+
+
+def maxsim_group_info_nce(q_QTD, q_mask_QT, d_PLD, d_mask_PL, temperature, masked_QG=None):
+    """group_info_nce over MaxSim: each query against its own positive and hard negatives only.
+    masked_QG as there (group_positive_mask). Returns (loss, logits_QG)."""
+    logits_QG = group_maxsim_scores(q_QTD, q_mask_QT, d_PLD, d_mask_PL) / temperature
+    targets_Q = torch.zeros(logits_QG.shape[0], dtype=torch.long, device=logits_QG.device)
+    return logits_info_nce(logits_QG, targets_Q, masked_QG)
+
+
+def maxsim_pooled_info_nce(q_QTD, q_mask_QT, pool_NLD, pool_mask_NL, targets_Q, temperature, masked_QN=None):
+    """pooled_info_nce over MaxSim: each query against a shared pool of passages' token embeddings
+    (`local`: the rank's own; `global`: every rank's, gathered with gradient), targets_Q and
+    masked_QN as there (positive_targets, duplicate_positive_mask). Returns (loss, logits_QN)."""
+    logits_QN = maxsim_scores(q_QTD, q_mask_QT, pool_NLD, pool_mask_NL) / temperature
+    return logits_info_nce(logits_QN, targets_Q, masked_QN)
+
+
+def maxsim_group_accuracy(q_QTD, q_mask_QT, d_PLD, d_mask_PL):
+    """group_accuracy for MaxSim: the fraction of queries whose positive outscores their own hard
+    negatives, the mean positive and hardest-negative MaxSim per scored query token (in [-1, 1])."""
+    with torch.no_grad():
+        scores_QG = group_maxsim_scores(q_QTD, q_mask_QT, d_PLD, d_mask_PL)
+        per_token_QG = scores_QG / q_mask_QT.float().sum(-1, keepdim=True).clamp(min=1)
+        stats = {"accuracy": (scores_QG.argmax(dim=-1) == 0).float().mean(), "sim_positive": per_token_QG[:, 0].mean()}
+        if scores_QG.shape[1] > 1:
+            stats["sim_hardest_negative"] = per_token_QG[:, 1:].max(dim=-1).values.mean()
+        return stats

@@ -32,7 +32,7 @@ LAYERS = [
     ("data", ("embedtrain.data",)),
     ("retrieval", ("embedtrain.retrieval",)),
     ("config", ("embedtrain.config", "embedtrain.autoconfig")),
-    ("train", ("embedtrain.train",)),
+    ("train", ("embedtrain.train", "embedtrain.kinds")),  # the kinds call train/step.py; the loop calls them
     (
         "commands",
         (
@@ -41,6 +41,7 @@ LAYERS = [
             "embedtrain.eval",
             "embedtrain.mine",
             "embedtrain.export",
+            "embedtrain.export_multi_vector",
             "embedtrain.merge",
             "embedtrain.plan",
             "embedtrain.teacher_cache",

@@ -1,6 +1,7 @@
 """Examples -> token batches: prompt (embedtrain.prompts) + text, separate max lengths for the
 query and passage sides, padding to a multiple of 8."""
 
+import hashlib
 import numbers
 import sys
 
@@ -160,40 +161,101 @@ def positive_hash_matrix(rows):
 class PairCollator(Collator):
     """Tokenises Examples for a reranker (model.kind=reranker): every (query, passage) pair is one
     sequence, `data.pair_template` truncated to `data.pair_max_length` tokens, ordered query by
-    query (positive first). Returns the encoder tensors (packed or padded, as Collator's),
-    group_size (passages per query), positive_hash and passage_hash (as Collator's: the loss masks
-    negatives that are a known positive) and, with chunk_size, "chunks" of whole queries' pairs."""
+    query (positive first, then its hard negatives, then its in-batch negatives). Returns the
+    encoder tensors (packed or padded, as Collator's), group_size (pairs per query),
+    inbatch_negatives (the last columns of each group that pair the query with another query's
+    positive), positive_hash and passage_hash (as Collator's, one hash per pair: the loss masks
+    negatives that are a known positive) and, with chunk_size, "chunks" of whole queries' pairs.
 
-    def __init__(self, tokenizer, data_config, subsets, chunk_size=0, one_row=False):
+    `inbatch_negatives` (loss.inbatch_negatives under loss.negatives=local): each query is also
+    paired with that many other queries' positives (targets) of the micro-batch, at most Q - 1,
+    drawn by inbatch_negative_donors from a seed that is a function of the micro-batch's examples
+    (micro_batch_seed): the collator consumes no random state, and a resumed run or another GradCache
+    chunking of the same micro-batch scores the same pairs. A cross-encoder must score every such
+    pair in its own sequence, so they cost as much as hard negatives; a few are drawn, not all Q - 1
+    (sentence-transformers' CrossEncoder MultipleNegativesRankingLoss draws num_negatives=4 by default)."""
+
+    def __init__(self, tokenizer, data_config, subsets, chunk_size=0, one_row=False, inbatch_negatives=0):
         super().__init__(tokenizer, data_config, subsets, chunk_size)
         self.pack_length = default_pack_length(data_config, data_config.pair_max_length, one_row)
+        self.inbatch_negatives = inbatch_negatives
 
     def pairs(self, query, passages):
         return [self.config.pair_template.format(query=query, passage=passage) for passage in passages]
 
-    def pair_ids(self, examples):
-        texts = [text for e in examples for text in self.pairs(e.query, e.passages)]
+    def pair_ids(self, examples, passages=None):
+        """Token ids of every pair, query by query; `passages`: per example, the passages to pair it
+        with (default: its own)."""
+        passages = passages or [e.passages for e in examples]
+        texts = [text for e, texts in zip(examples, passages) for text in self.pairs(e.query, texts)]
         return self.tokenizer(texts, max_length=self.config.pair_max_length, truncation=True)["input_ids"]
 
     def example_tokens(self, examples):
-        """The tokens of each example's pairs as collated (train.micro_batch_tokens cuts by these)."""
+        """The tokens of each example's pairs as collated (train.micro_batch_tokens cuts by these).
+        Which other positives a query is paired with depends on the cut, so each in-batch pair is
+        counted at the length of the query's own positive pair (an estimate: the budget is a bound on
+        memory, the pairs of one micro-batch differ in length by their passages only)."""
         lengths = [len(ids) for ids in self.pair_ids(examples)]
         group = len(lengths) // max(1, len(examples))
-        return [sum(lengths[i * group : (i + 1) * group]) for i in range(len(examples))]
+        own = [lengths[q * group : (q + 1) * group] for q in range(len(examples))]
+        return [sum(pairs) + self.inbatch_negatives * pairs[0] for pairs in own]
 
     def __call__(self, examples, chunks=None):
-        group = len(examples[0].passages)
-        ids = self.pair_ids(examples)
+        known = [known_positive_hashes(e) for e in examples]
+        positive_hash_QK = positive_hash_matrix(known)
+        donors_QN = inbatch_negative_donors(positive_hash_QK, self.inbatch_negatives, micro_batch_seed(examples))
+        passages = [e.passages + [examples[j].passages[0] for j in row] for e, row in zip(examples, donors_QN.tolist())]
+        group = len(passages[0])
+        ids = self.pair_ids(examples, passages)
         parts = []
         for start, stop in chunk_bounds(len(examples), self.chunk_size, chunks):
             sequences = ids[start * group : stop * group]
             parts.append({**self.encoder_inputs(sequences, 0), "num_pairs": len(sequences)})
         batch = {
             "group_size": group,
-            "positive_hash": positive_hash_matrix([known_positive_hashes(e) for e in examples]),
-            "passage_hash": torch.tensor([content_hash(p) for e in examples for p in e.passages], dtype=torch.long),
+            "inbatch_negatives": donors_QN.shape[1],
+            "positive_hash": positive_hash_QK,
+            "passage_hash": torch.tensor([content_hash(p) for row in passages for p in row], dtype=torch.long),
         }
         return self.with_parts(batch, parts)
+
+
+def micro_batch_seed(examples):
+    """A 63-bit seed that is a function of a micro-batch's examples (subset, question id and query
+    text of each, in order): the same micro-batch draws the same in-batch negatives wherever it is
+    collated (a resumed run, a DataLoader worker, any GradCache chunking), and no RNG state is read."""
+    digest = hashlib.blake2b(digest_size=8)
+    for e in examples:
+        digest.update(f"{e.subset}\0{e.question_id}\0{e.query}\0".encode("utf-8"))
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def inbatch_negative_donors(positive_hash_QK, count, seed):
+    """(Q, n) LongTensor, n = min(count, Q - 1): for each query of a micro-batch, the queries whose
+    target (positive_hash_QK[:, 0], the passage its group leads with) it is also scored against.
+
+    positive_hash_QK: (Q, K) content hashes of each query's known positives, target first
+    (positive_hash_matrix). A donor's target is never one of the query's known positives (so never
+    its own target, a copy of it, or a sibling positive), and a text that leads several groups is
+    offered once. The donors are drawn without replacement, uniformly, with a private generator
+    seeded by `seed` (micro_batch_seed). A query with fewer than n allowed donors is filled with
+    itself: the pair repeats its positive, which the loss masks as a known positive
+    (losses.group_positive_mask), so it adds no term."""
+    num_queries = positive_hash_QK.shape[0]
+    n = max(0, min(count, num_queries - 1))
+    if n == 0:
+        return torch.zeros(num_queries, 0, dtype=torch.long)
+    target_Q = positive_hash_QK[:, 0]
+    # [i, j]: query j's target is one of query i's known positives (j == i included)
+    known_QQ = (positive_hash_QK[:, :, None] == target_Q[None, None, :]).any(dim=1)
+    earlier_QQ = torch.ones(num_queries, num_queries, dtype=torch.bool).tril(-1)  # [j, j']: j' before j
+    repeat_Q = ((target_Q[:, None] == target_Q[None, :]) & earlier_QQ).any(dim=1)  # an earlier group leads with it
+    allowed_QQ = ~known_QQ & ~repeat_Q[None, :]
+    generator = torch.Generator().manual_seed(seed)
+    keys_QQ = torch.rand(num_queries, num_queries, generator=generator).masked_fill(~allowed_QQ, 2.0)
+    order_QN = keys_QQ.argsort(dim=1)[:, :n]
+    own_QN = torch.arange(num_queries)[:, None].expand(-1, n)
+    return torch.where(allowed_QQ.gather(1, order_QN), order_QN, own_QN)
 
 
 def encoder_parts(batch):

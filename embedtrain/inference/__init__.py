@@ -4,5 +4,6 @@ prompts (api.py). Above the model package (which knows nothing of files, prompts
 inference), below retrieval, the commands and training's evaluation."""
 
 from embedtrain.inference.api import BiEncoder, Reranker
+from embedtrain.inference.multi_vector import MultiVectorEncoder
 
-__all__ = ["BiEncoder", "Reranker"]
+__all__ = ["BiEncoder", "MultiVectorEncoder", "Reranker"]

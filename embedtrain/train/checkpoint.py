@@ -24,17 +24,17 @@ from embedtrain import distributed
 from embedtrain.errors import CheckpointError
 from embedtrain.file_modes import apply_umask
 from embedtrain.model.lora import ADAPTER_BASE, base_fingerprint, lora_parameters, recorded_base, write_adapter
-from embedtrain.model.reranker import KIND_FILE
 
 
-def write_base_model(run_dir, backbone_config, tokenizer, prompt_policy, reranker=None):
+def write_base_model(run_dir, backbone_config, tokenizer, prompt_policy, extras=None):
     """<run>/base_model: the backbone config, tokenizer and prompt policy (embedtrain.prompts),
-    copied into every checkpoint so that an export needs nothing but the checkpoint folder. For a
-    reranker, `reranker` (its pair template and max length) goes to reranker.json."""
+    copied into every checkpoint so that an export needs nothing but the checkpoint folder.
+    `extras`: {file name: JSON object}, the model kind's own files (ModelKind.base_model_files: a
+    reranker's reranker.json holds its pair template and max length)."""
     folder = Path(run_dir) / "base_model"
     folder.mkdir(parents=True, exist_ok=True)
-    if reranker is not None:
-        (folder / KIND_FILE).write_text(json.dumps({"kind": "reranker", **reranker}, indent=2) + "\n")
+    for name, content in (extras or {}).items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
     (folder / "prompts.json").write_text(json.dumps(prompt_policy.to_dict(), indent=2) + "\n")
     config = backbone_config.to_dict()
     for key in ("auto_map", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):

@@ -9,11 +9,10 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from embedtrain.config import checkpoint_every, precision_dtype
 from embedtrain.errors import ConfigError
-from embedtrain.model import Encoder, check_bidirectional, load_backbone
-from embedtrain.model.distill import ProjectedEncoder, new_projection
+from embedtrain.kinds import kind_of
+from embedtrain.model import check_bidirectional, load_backbone
 from embedtrain.model.families import family_of
 from embedtrain.model.lora import add_lora
-from embedtrain.model.reranker import PairScorer, new_head
 
 
 def decoder_layers(backbone):
@@ -77,8 +76,9 @@ def lr_multiplier(step, warmup_steps, max_steps, schedule, min_ratio):
 
 
 def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None, checkpointing=None):
-    """The model to train: an Encoder, a PairScorer, or with loss.distill a ProjectedEncoder whose
-    projection maps the student's width to `teacher_dim` (the teacher cache's). `checkpointing`:
+    """The model to train, the model kind's module around the loaded backbone (embedtrain.kinds): an
+    Encoder, a PairScorer, or with loss.distill a ProjectedEncoder whose projection maps the
+    student's width to `teacher_dim` (the teacher cache's). `checkpointing`:
     every how many decoder layers to checkpoint (0 = off); default train.activation_checkpointing
     (which must then not be `auto`: build_engine resolves that from the DeepSpeed config)."""
     if checkpointing is None:
@@ -93,11 +93,8 @@ def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None, checkpoi
         pooling=config.model.pooling,
     )
     family = family_of(backbone.config.model_type)
-    if config.model.kind == "reranker" and not family.reranker:
-        raise ConfigError(
-            f"model.kind=reranker: not supported for the {family.name} family of {config.model.path} "
-            "(its reranker export format is not built); supported for Llama"
-        )
+    kind = kind_of(config)
+    kind.check_family(family, config)
     backbone.config.temperature = config.loss.temperature
     if config.loss.matryoshka_dims:
         too_large = [d for d in config.loss.matryoshka_dims if d > backbone.config.hidden_size]
@@ -117,13 +114,7 @@ def build_encoder(config, dtype, use_reentrant=False, teacher_dim=None, checkpoi
         add_lora(backbone, config.model.lora, config.train.seed)
     if checkpointing:
         enable_activation_checkpointing(backbone, use_reentrant=use_reentrant, every=checkpointing)
-    if config.model.kind == "reranker":
-        head = new_head(config.model.path, backbone.config.hidden_size, dtype, config.train.seed)
-        return PairScorer(backbone, config.model.pooling, config.loss.temperature, head)
-    if config.loss.distill is not None:
-        projection = new_projection(backbone.config.hidden_size, teacher_dim, config.train.seed)
-        return ProjectedEncoder(backbone, config.model.pooling, config.model.normalize, projection)
-    return Encoder(backbone, config.model.pooling, config.model.normalize)
+    return kind.build_module(config, backbone, dtype, teacher_dim)
 
 
 def set_leaf_modules(encoder):

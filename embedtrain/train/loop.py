@@ -16,12 +16,13 @@ import yaml
 from embedtrain import distributed
 from embedtrain.autoconfig import describe_checkpointing
 from embedtrain.config import AUTO_KEY, batch_layout, checkpoint_every, deepspeed_config
-from embedtrain.data.collate import Collator, PairCollator, encoder_parts
+from embedtrain.data.collate import encoder_parts
 from embedtrain.data.prepare import prepare
 from embedtrain.data.shards import MANIFEST, PreparedDataset
 from embedtrain.data.stream import Sampler, StepBatches, stream_state
 from embedtrain.data.teacher import TeacherCache
 from embedtrain.errors import CheckpointError, ConfigError, DataError, TrainingError
+from embedtrain.kinds import kind_of
 from embedtrain.model.attention import packs_in_one_row
 from embedtrain.model.encoder import load_tokenizer, read_model_config
 from embedtrain.shape import Shape
@@ -38,9 +39,8 @@ from embedtrain.train.checkpoint import (
     write_deepspeed_config,
 )
 from embedtrain.train.engine import build_engine
-from embedtrain.train.evaluation import evaluate_in_training, load_rerank_sources, load_sources, rerank_in_training
 from embedtrain.train.resume_checks import check_resume
-from embedtrain.train.step import micro_batch_backward, micro_batch_queries, reranker_backward
+from embedtrain.train.step import micro_batch_queries
 
 
 def open_dataset(data_config, run_dir, token=None):
@@ -216,11 +216,7 @@ def set_up(config):
     sampler = make_sampler(config, dataset)
     tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
     teacher = open_teacher(config.loss.distill, config.data)
-    one_row = packs_in_one_row(config.model.attn_implementation)  # data.pack_length 0: one row per call
-    if config.model.kind == "reranker":
-        collator = PairCollator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size, one_row)
-    else:
-        collator = Collator(tokenizer, config.data, dataset.info, config.train.grad_cache_chunk_size, teacher, one_row)
+    collator = make_collator(config, tokenizer, dataset, teacher)
     config_dict = config.to_dict()
     group = distributed.negatives_group(config.loss.gather_group_size) if config.loss.negatives == "global" else None
     engine = build_engine(config, ds_config, teacher_dim=teacher.dim if teacher is not None else None)
@@ -243,12 +239,17 @@ def set_up(config):
     )
 
 
+def make_collator(config, tokenizer, dataset, teacher=None):
+    """The model kind's collator of training batches (embedtrain.kinds)."""
+    one_row = packs_in_one_row(config.model.attn_implementation)  # data.pack_length 0: one row per call
+    return kind_of(config).make_collator(tokenizer, config, dataset.info, one_row, teacher)
+
+
 def write_run_files(run):
-    """Rank 0: <run>/base_model (what an export needs besides the weights) and deepspeed.json."""
-    reranker = None
-    if run.config.model.kind == "reranker":
-        reranker = {"pair_template": run.config.data.pair_template, "pair_max_length": run.config.data.pair_max_length}
-    write_base_model(run.run_dir, run.engine.module.backbone.config, run.tokenizer, run.collator.policy, reranker)
+    """Rank 0: <run>/base_model (what an export needs besides the weights, with the model kind's
+    own files) and deepspeed.json."""
+    extras = kind_of(run.config).base_model_files(run.config)
+    write_base_model(run.run_dir, run.engine.module.backbone.config, run.tokenizer, run.collator.policy, extras)
     write_deepspeed_config(run.run_dir, run.ds_config)
 
 
@@ -308,11 +309,7 @@ def train_steps(run, on_step):
 
 def open_eval_sources(config, collator):
     """The held-out texts of eval.path (None without it), rendered as the model sees them."""
-    if config.eval.path and config.model.kind == "reranker":
-        return load_rerank_sources(config.eval, config.data, config.eval.rerank_candidates)
-    if config.eval.path:
-        return load_sources(config.eval, collator.policy)
-    return None
+    return kind_of(config).eval_sources(config, collator) if config.eval.path else None
 
 
 def make_loader(run):
@@ -394,7 +391,7 @@ def budget_chunks(config):
     """Whether train.micro_batch_tokens sizes GradCache chunks (local/global pools: the contrastive
     batch must stay train.micro_batch_size queries) rather than micro-steps (group pool, rerankers:
     each query's loss needs only its own passages, so any cut in whole queries is exact)."""
-    return config.model.kind != "reranker" and config.loss.negatives != "group"
+    return kind_of(config).budget_chunks(config)
 
 
 def optimizer_step(engine, micro_batches, config, accumulation, group=None, window=None, flops=None):
@@ -409,16 +406,12 @@ def optimizer_step(engine, micro_batches, config, accumulation, group=None, wind
     gradient is the mean over the rank's share whether it came as `accumulation` equal micro-batches
     or as token-budget micro-steps of varying size (train.micro_batch_tokens); DeepSpeed's average
     over ranks (equal shares) makes it the global batch's mean."""
-    step_stats = {}
+    step_stats, kind = {}, kind_of(config)
     queries = [micro_batch_queries(batch) for batch in micro_batches]
     for index, batch in enumerate(micro_batches):
         divisor = sum(queries) / queries[index]  # = accumulation for equal micro-batches
         boundary = index == len(micro_batches) - 1
-        if config.model.kind == "reranker":
-            loss, stats = reranker_backward(engine, batch, divisor, boundary)
-        else:
-            grad_cache = config.train.grad_cache_chunk_size or "chunks" in batch  # chunks: the token budget's
-            loss, stats = micro_batch_backward(engine, batch, config.loss, divisor, grad_cache, group, boundary)
+        loss, stats = kind.backward(engine, batch, config, divisor, group, boundary)
         engine.step()
         for key, value in {"loss": loss, **stats}.items():
             step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / divisor
@@ -480,23 +473,16 @@ def check_skipped_steps(engine, seen, done, config, save):
 
 
 def evaluate(engine, tokenizer, eval_sources, config, writer, step):
-    """In-training evaluation on every rank; rank 0 prints and logs the results. A reranker reranks
-    each held-out query's pos_doc + neg_doc (train/evaluation.py)."""
-    if config.model.kind == "reranker":
-        results = rerank_in_training(
-            engine, tokenizer, eval_sources, config.eval.batch_size, config.data.pair_max_length
-        )
-    else:
-        results = evaluate_in_training(
-            engine, tokenizer, eval_sources, config.eval.batch_size, config.data.passage_max_length
-        )
+    """In-training evaluation on every rank (the model kind's: a reranker reranks each held-out
+    query's pos_doc + neg_doc, train/evaluation.py); rank 0 prints and logs the results."""
+    kind = kind_of(config)
+    results = kind.evaluate(engine, tokenizer, eval_sources, config)
     if results is None:
         return
     mean = results["mean"]
     print(
         f"[embedtrain] eval at step {step}: nDCG@10 {mean['ndcg@10']:.4f}  Recall@10 "
-        f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}"
-        + ("  (reranking each query's pos_doc + neg_doc)" if config.model.kind == "reranker" else ""),
+        f"{mean['recall@10']:.4f}  MRR@10 {mean['mrr@10']:.4f}" + kind.eval_note,
         flush=True,
     )
     if writer is not None:

@@ -37,6 +37,7 @@ import yaml
 
 from embedtrain import distributed
 from embedtrain.errors import CheckpointError
+from embedtrain.kinds import kind_named
 
 WEIGHTED = ("temperature", "single_subset")
 EVERY_SUBSET = "every subset under data.path"
@@ -64,10 +65,8 @@ def order_settings(tree):
         keys.append("data.subset_weights")
         if _get(tree, "data.subset_weights") in (None, UNKNOWN):
             keys.append("data.mixing_temperature")
-    if _get(tree, "model.kind") == "reranker":
-        keys.append("data.pair_max_length")
-    else:
-        keys += ["data.query_max_length", "data.passage_max_length"]
+    kind = _get(tree, "model.kind")
+    keys += kind_named(None if kind is UNKNOWN else kind).length_keys
     return {key: _get(tree, key) for key in keys}
 
 

@@ -17,6 +17,7 @@ from embedtrain.losses import (
     group_info_nce,
     group_positive_mask,
     group_scores,
+    inbatch_cross_entropy,
     matryoshka,
     pooled_info_nce,
     positive_targets,
@@ -114,7 +115,16 @@ def reranker_logits(model, part, device):
 def reranker_loss(model, batch, device):
     """A reranker micro-batch's loss and stats with a DeepSpeed engine or a plain PairScorer."""
     logits = torch.cat([reranker_logits(model, part, device) for part in encoder_parts(batch)])
-    return group_cross_entropy(logits.view(-1, batch["group_size"]), reranker_mask(batch, device))
+    return pair_cross_entropy(logits.view(-1, batch["group_size"]), batch, reranker_mask(batch, device))
+
+
+def pair_cross_entropy(logits_QG, batch, masked_QG=None):
+    """The reranker loss of (Q, G) pair logits: over each query's group, its in-batch negatives
+    included when the batch has them (loss.negatives=local: losses.inbatch_cross_entropy)."""
+    inbatch = batch.get("inbatch_negatives", 0)
+    if inbatch:
+        return inbatch_cross_entropy(logits_QG, inbatch, masked_QG)
+    return group_cross_entropy(logits_QG, masked_QG)
 
 
 def reranker_mask(batch, device):
@@ -129,11 +139,13 @@ def reranker_mask(batch, device):
 
 def reranker_backward(engine, batch, accumulation, boundary=None):
     """engine.backward for one reranker micro-batch; returns (loss, stats). Each query's loss needs
-    only its own pairs, so a micro-batch cut into chunks (train.grad_cache_chunk_size) is exact
-    without any cache: each chunk is one DeepSpeed micro-step whose loss is weighted by its share
-    of the micro-batch's queries (the DeepSpeed config counts accumulation x chunks micro-steps, as
-    for GradCache). For the same reason token-budget micro-steps (train.micro_batch_tokens) are
-    exact: `accumulation` is the divisor of micro_batch_backward (the rank's queries over this
+    only its own pairs (with loss.negatives=local its in-batch negatives are pairs of its own group,
+    drawn by the collator for the whole micro-batch before it is chunked), so a micro-batch cut into
+    chunks (train.grad_cache_chunk_size) is exact without any cache: each chunk is one DeepSpeed
+    micro-step whose loss is weighted by its share of the micro-batch's queries (the DeepSpeed config
+    counts accumulation x chunks micro-steps, as for GradCache). For the same reason token-budget
+    micro-steps (train.micro_batch_tokens) are exact (under local each micro-step is its own in-batch
+    pool): `accumulation` is the divisor of micro_batch_backward (the rank's queries over this
     micro-batch's) and `boundary` as there. The caller calls engine.step() after it."""
     parts = encoder_parts(batch)
     if len(parts) == 1:
@@ -149,7 +161,8 @@ def reranker_backward(engine, batch, accumulation, boundary=None):
         queries = part["num_pairs"] // group  # chunks hold whole queries, in order
         chunk_mask = None if masked_QG is None else masked_QG[first : first + queries]
         first += queries
-        loss, stats = group_cross_entropy(reranker_logits(engine, part, engine.device).view(-1, group), chunk_mask)
+        logits_QG = reranker_logits(engine, part, engine.device).view(-1, group)
+        loss, stats = pair_cross_entropy(logits_QG, batch, chunk_mask)
         pair_fraction = part["num_pairs"] / total  # the chunk's fraction of the micro-batch's pairs
         engine.backward(loss * pair_fraction / accumulation, scale_wrt_gas=False)
         if index < len(parts) - 1:

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/workers/reranker_parity.py --out r.json
     torchrun --standalone --nproc_per_node 2 tests/workers/reranker_parity.py --out r.json --chunk 1
+    torchrun --standalone --nproc_per_node 2 tests/workers/reranker_parity.py --out r.json --micro 4 --inbatch 2
     torchrun --standalone --nproc_per_node 2 tests/workers/reranker_parity.py --scenarios batch.json
                                           # several runs in one launch (tests/workers/scenario_batch.py)
 
@@ -9,6 +10,9 @@ Every rank runs DeepSpeed (tiny_reranker: ZeRO-3, checkpointing, packed pairs) o
 global batch 0 and reads the full gradient of every parameter (backbone and head) before the
 optimizer step; every rank also runs a plain PairScorer (same initial weights, no DeepSpeed, no
 checkpointing, padded pairs) on the whole global batch. Rank 0 writes the worst relative error.
+With --inbatch N (loss.negatives=local, loss.inbatch_negatives=N) the negatives come from each
+rank's micro-batch, so the plain step collates the same micro-batches (every rank's, unpacked) and
+its loss is their mean: the global batch's loss as the training loop defines it.
 """
 
 import argparse
@@ -35,6 +39,7 @@ def main(argv=None):
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=0, help="train.grad_cache_chunk_size (queries per chunk)")
+    parser.add_argument("--inbatch", type=int, default=0, help="loss.inbatch_negatives under loss.negatives=local")
     args = parser.parse_args(argv)
 
     rank, world, _ = distributed.init_distributed()
@@ -45,6 +50,8 @@ def main(argv=None):
         f"train.grad_cache_chunk_size={args.chunk}",
         "data.pair_max_length=48",
     ]
+    if args.inbatch:
+        overrides += ["loss.negatives=local", f"loss.inbatch_negatives={args.inbatch}"]
     config = load_config("tiny_reranker", overrides, output_dir=str(Path(args.out).parent / "run"))
     torch.manual_seed(0)
     dataset = open_dataset(config.data, config.train.output_dir)
@@ -56,9 +63,11 @@ def main(argv=None):
         return [collator(examples) for examples in stream.examples(0)]
 
     engine = build_engine(config, deepspeed_config(config, world))
-    collator = PairCollator(tokenizer, config.data, dataset.info, args.chunk)
-    losses = []
+    inbatch = config.loss.inbatch_negatives
+    collator = PairCollator(tokenizer, config.data, dataset.info, args.chunk, inbatch_negatives=inbatch)
+    losses, group_sizes = [], []
     for index, batch in enumerate(micro_batches(rank, world, args.micro, collator)):
+        group_sizes.append(batch["group_size"])
         loss, _ = reranker_backward(engine, batch, args.accumulation)
         if index < args.accumulation - 1:
             engine.step()  # inside the accumulation window: no update; the last step is left out
@@ -68,12 +77,17 @@ def main(argv=None):
 
     config.train.activation_checkpointing = False
     reference = build_encoder(config, torch.float32)
-    padded = PairCollator(tokenizer, type(config.data)(**{**vars(config.data), "packing": False}), dataset.info)
-    ref_loss = 0.0
-    for batch in micro_batches(0, 1, world * args.micro, padded):
+    unpacked = type(config.data)(**{**vars(config.data), "packing": False})
+    padded = PairCollator(tokenizer, unpacked, dataset.info, inbatch_negatives=inbatch)
+    if inbatch:  # every rank's micro-batches, each its own in-batch pool
+        reference_batches = [b for r in range(world) for b in micro_batches(r, world, args.micro, padded)]
+    else:  # the global batch in accumulation parts of world x micro queries
+        reference_batches = micro_batches(0, 1, world * args.micro, padded)
+    ref_loss, parts = 0.0, len(reference_batches)
+    for batch in reference_batches:
         loss, _ = reranker_loss(reference, batch, "cpu")
-        (loss / args.accumulation).backward()
-        ref_loss += loss.item() / args.accumulation
+        (loss / parts).backward()
+        ref_loss += loss.item() / parts
     errors = {
         name: float((grads[name] - p.grad).norm() / p.grad.norm().clamp(min=1e-12))
         for name, p in reference.named_parameters()
@@ -89,6 +103,7 @@ def main(argv=None):
             "head_grad_norm": float(reference.head.weight.grad.norm()),
             "world": world,
             "micro_steps": engine.micro_steps,
+            "group_sizes": group_sizes,
         }
         Path(args.out).write_text(json.dumps(result))
     engine.destroy()  # a batch's next scenario builds its own
