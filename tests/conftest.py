@@ -188,34 +188,43 @@ def demo_data():
     return ASSETS / "demo-data"
 
 
-def module_fixture_users(items):
-    """{module name: its tests that use a module-scoped fixture}: such a fixture runs once per
-    worker that runs one of them, so they belong on one worker (a trained model is not trained twice)."""
-    groups = {}
-    for item in items:
-        definitions = getattr(item, "_fixtureinfo", None)
-        scopes = {d[-1].scope for d in definitions.name2fixturedefs.values()} if definitions else set()
-        if "module" in scopes:
-            groups.setdefault(item.module.__name__, []).append(item)
-    return groups
+def xdist_group_of(item):
+    """The xdist group of a test: "scenario_launch" for the users of the session's shared scenario
+    launch, its module's name for the users of a module-scoped fixture (such a fixture runs once
+    per worker that runs one of its tests, so they belong on one worker), else None."""
+    if "scenario_launch" in getattr(item, "fixturenames", ()):
+        return "scenario_launch"
+    definitions = getattr(item, "_fixtureinfo", None)
+    scopes = {d[-1].scope for d in definitions.name2fixturedefs.values()} if definitions else set()
+    return item.module.__name__ if "module" in scopes else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup, tests/pytest.ini)
+def pytest_itemcollected(item):
+    """Each test's xdist_group marker, set as it is collected: before any pytest_collection_modifyitems
+    hook, so pytest-xdist's (which reads the groups, --dist loadgroup in tests/pytest.ini) sees it
+    whatever order pytest calls those hooks in (under pytest 9.2 a tryfirst conftest hook came too
+    late, and the groups were silently ignored: module fixtures ran on both workers)."""
+    group = xdist_group_of(item)
+    if group is not None:
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which marks a grouped test's id with "@group"
 def pytest_collection_modifyitems(config, items):
-    """Tests that share a module-scoped fixture run on one xdist worker (xdist_group = their module).
-    `@pytest.mark.gpu` tests need CUDA: skipped when torch.cuda.is_available() is False.
-    EMBEDTRAIN_GPU_TESTS_ON_CPU=1 runs them on the CPU instead, to check the tests themselves on a
-    machine without a GPU (it proves nothing about the GPU)."""
+    """The grouped tests go out first (a worker refuses to run when --dist loadgroup would drop the
+    groups, rather than silently run every module fixture on both workers); `@pytest.mark.gpu` tests
+    need CUDA: skipped when torch.cuda.is_available() is False. EMBEDTRAIN_GPU_TESTS_ON_CPU=1 runs
+    them on the CPU instead, to check the tests themselves on a machine without a GPU (it proves
+    nothing about the GPU)."""
     import torch
 
-    grouped = set()
-    shared = {item.module.__name__ for item in items if "scenario_launch" in getattr(item, "fixturenames", ())}
-    for module, users in module_fixture_users(items).items():
-        for item in users:  # the modules of the shared scenario launch: one group, one launch per size
-            item.add_marker(pytest.mark.xdist_group("scenario_launch" if module in shared else module))
-            grouped.add(item)
-    # the groups (long: a fixture and its tests) go out to the workers first, single tests fill the
-    # tail, so that no worker is left alone with a long group at the end (stable: order kept within)
+    grouped = {item for item in items if item.get_closest_marker("xdist_group") is not None}
+    lost = [item.nodeid for item in grouped if "@" not in item.nodeid]
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup") and lost:
+        raise pytest.UsageError(
+            f"pytest-xdist's --dist loadgroup did not apply the xdist_group of {lost[0]} (pytest "
+            f"{pytest.__version__}): install the test extra's pytest (`pip install -e '.[test]'`, pytest<9.2)"
+        )
     items.sort(key=lambda item: item not in grouped)
     if torch.cuda.is_available() or os.environ.get("EMBEDTRAIN_GPU_TESTS_ON_CPU") == "1":
         return
