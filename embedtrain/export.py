@@ -35,7 +35,7 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
-from embedtrain.file_modes import apply_umask
+from embedtrain.file_modes import published_folder
 from embedtrain.kinds import kind_files, recorded_kind
 from embedtrain.model import bidirectional
 from embedtrain.model.distill import PROJECTION_FOLDER, PROJECTION_PREFIX
@@ -307,22 +307,9 @@ def export_checkpoint(
     base = step_folder / "base_model"
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{step_folder} lacks base_model/config.json: not a complete embedtrain checkpoint")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with published_folder(out, overwrite) as tmp:  # the folder appears complete or not at all
         write_export(step_folder, base, tmp, dtype, max_shard_gb, adapter_only, base_model, keep_projection)
-        apply_umask(tmp)  # safetensors writes 0600: a shared folder's users could not read the model
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the folder appears complete or not at all
-    return out
+    return Path(out)
 
 
 def reranker_names(named_tensors):

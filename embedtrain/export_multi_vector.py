@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
 from embedtrain.export import MODELING_FILE, hf_config_dict, write_shards
-from embedtrain.file_modes import apply_umask
+from embedtrain.file_modes import published_folder
 from embedtrain.model import bidirectional
 from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.multi_vector import MultiVectorSettings, expansion_token_id
@@ -84,13 +84,8 @@ def export_multi_vector(
     PromptPolicy (default: the one recorded in backbone_folder). padding_side: the tokenizer's in
     the export (default: as in backbone_folder's tokenizer_config.json, else right). The folder
     appears complete or not at all."""
-    backbone_folder, out = Path(backbone_folder), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    backbone_folder = Path(backbone_folder)
+    with published_folder(out, overwrite, "overwrite=True") as tmp:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         head = {}
         write_shards(split_head(named_tensors(module_state), head), tmp, torch_dtype, int(max_shard_gb * 2**30))
@@ -116,14 +111,7 @@ def export_multi_vector(
         write_json(tmp / "tokenizer_config.json", {**saved, "padding_side": tokenizer.padding_side})
         policy = prompt_policy or model_policy(backbone_folder)
         write_multi_vector_files(tmp, tokenizer, head["weight"], settings, policy)
-        apply_umask(tmp)  # safetensors writes 0600: a shared folder's users could not read the model
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return Path(out)
 
 
 def write_multi_vector_files(folder, tokenizer, head_weight, settings, policy):

@@ -8,7 +8,9 @@ folder, before the rename that publishes it.
 """
 
 import os
+import shutil
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -43,3 +45,26 @@ def apply_umask(folder, umask=None):
                 os.chmod(path, mode)
             except PermissionError:
                 pass
+
+
+@contextmanager
+def published_folder(out, overwrite, replace_with="--overwrite"):
+    """Write a folder that appears complete or not at all: yields `OUT.partial` (made empty) to write
+    into; when the block ends, gives it the user's umask and renames it to `out` (replacing an
+    existing `out`); when the block raises, removes it. An existing `out` without `overwrite` is a
+    FileExistsError naming `replace_with` (the option or argument that allows it)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass {replace_with} to replace it")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        apply_umask(tmp)  # safetensors writes 0600: a shared folder's users could not read the model
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from embedtrain.errors import MergeError
 from embedtrain.export import write_shards
-from embedtrain.file_modes import apply_umask
+from embedtrain.file_modes import published_folder
 
 IGNORED_CONFIG_KEYS = ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
 
@@ -65,26 +65,23 @@ def merge(out, models, weights=None, dtype="float32", overwrite=False, max_shard
         raise MergeError(f"--weights: {len(models)} weights summing to 1 expected, got {weights}")
     names = list(check_compatible(models))
     files = [weight_files(m) for m in models]
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(models[0], tmp, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
 
     def averaged():
         for name in names:
             yield name, sum(w * read_tensor(f, name).to(torch.float32) for w, f in zip(weights, files))
 
-    write_shards(
-        averaged(), tmp, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], int(max_shard_gb * 2**30)
-    )
-    (tmp / "merge.json").write_text(json.dumps({"models": [str(m) for m in models], "weights": weights}, indent=2))
-    apply_umask(tmp)  # as an export's: the user's umask, not safetensors' 0600
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    with published_folder(out, overwrite) as tmp:  # as an export's: complete or absent, the user's umask
+        shutil.copytree(
+            models[0],
+            tmp,
+            ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"),
+            dirs_exist_ok=True,
+        )
+        write_shards(
+            averaged(), tmp, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], int(max_shard_gb * 2**30)
+        )
+        (tmp / "merge.json").write_text(json.dumps({"models": [str(m) for m in models], "weights": weights}, indent=2))
+    return Path(out)
 
 
 def merge_command(out, models, weights=None, dtype="float32", overwrite=False):

@@ -147,6 +147,27 @@ def built_once(tmp_path_factory, name, build):
     return folder
 
 
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`embedtrain ARGS` in this process through click's CliRunner: (exit code, output). The error
+    path's distributed.shutdown (which ends the process with os._exit) becomes a SystemExit."""
+    from click.testing import CliRunner
+
+    import embedtrain.distributed
+    from embedtrain.cli import main
+
+    def exit_instead(exit_code=0, wait_for_peers=True):
+        raise SystemExit(exit_code)
+
+    monkeypatch.setattr(embedtrain.distributed, "shutdown", exit_instead)
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        return result.exit_code, result.output
+
+    return run
+
+
 def check_cli(*args):
     result = embedtrain_cli(*args)
     assert result.returncode == 0, f"embedtrain {' '.join(map(str, args))}:\n{result.stderr[-3000:]}"

@@ -15,33 +15,14 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from test_formats import SUBSET, write_beir, write_corpus_json, write_jsonl
 
 from conftest import ASSETS, embedtrain_cli
-from embedtrain.cli import main
 from embedtrain.data.teacher import TeacherCache, embeddings_file, hashes_file
 from embedtrain.errors import DataError
 
 DEMO = ASSETS / "demo-data"
 CORRUPT = r"{file}: not a readable parquet file, it is truncated or corrupt \(.+\); replace it with a complete copy"
-
-
-@pytest.fixture
-def run_cli(monkeypatch):
-    """`embedtrain ARGS` in this process: (exit code, output)."""
-    import embedtrain.distributed
-
-    def exit_instead(exit_code=0, wait_for_peers=True):
-        raise SystemExit(exit_code)
-
-    monkeypatch.setattr(embedtrain.distributed, "shutdown", exit_instead)
-
-    def run(*args):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        return result.exit_code, result.output
-
-    return run
 
 
 def error_line(output):

@@ -22,24 +22,6 @@ DEMO = ASSETS / "demo-data"
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    """`embedtrain ARGS` in this process: (exit code, output), with the error line's os._exit turned
-    into a SystemExit."""
-    import embedtrain.distributed
-
-    def exit_instead(exit_code=0, wait_for_peers=True):
-        raise SystemExit(exit_code)
-
-    monkeypatch.setattr(embedtrain.distributed, "shutdown", exit_instead)
-
-    def run(*args):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        return result.exit_code, result.output
-
-    return run
-
-
-@pytest.fixture
 def folders(tiny_export, tmp_path):
     """The folders users mistake for a model: the run the export came from (read only), one of its
     step folders, and an export whose config.json is missing (a copy)."""
