@@ -13,9 +13,9 @@ from embedtrain.version import __version__  # noqa: F401 (embedtrain.__version__
 
 
 def __getattr__(name):
-    """`embedtrain.BiEncoder` / `embedtrain.Reranker` / `embedtrain.MultiVectorEncoder`
+    """`embedtrain.BiEncoder` / `embedtrain.Reranker` / `embedtrain.MultiVectorEncoder` / `embedtrain.SparseEncoder`
     (embedtrain.inference) on first use: `import embedtrain` stays cheap (no torch, no transformers)."""
-    if name in ("BiEncoder", "Reranker", "MultiVectorEncoder"):
+    if name in ("BiEncoder", "Reranker", "MultiVectorEncoder", "SparseEncoder"):
         from embedtrain import inference
 
         return getattr(inference, name)

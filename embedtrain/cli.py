@@ -69,7 +69,8 @@ def main():
     "never: start fresh (refused if the run folder has checkpoints); PATH: a run or step folder.",
 )
 def train(recipe, overrides, output_dir, resume):
-    """Train an embedding model (bi-encoder), or a reranker (model.kind=reranker: the *_reranker recipes).
+    """Train an embedding model (bi-encoder), a reranker (model.kind=reranker: the *_reranker recipes), or a
+    multi-vector ColBERT model (model.kind=multi_vector: the *_colbert recipes).
 
     A run that fails before its first checkpoint removes the run folder if it created it.
 
@@ -152,7 +153,8 @@ def prepare(src, out, subsets, input_format, sources, skip_bad_rows, workers, sh
 @click.option(
     "--adapter-only",
     is_flag=True,
-    help="LoRA runs: write the adapter in peft's format (plus tokenizer and prompts) instead of the merged model.",
+    help="LoRA runs: write the adapter in peft's format (plus tokenizer and prompts) instead of the merged model "
+    "(not for multi-vector runs, whose projection is trained beside the adapter).",
 )
 @click.option(
     "--base-model",
@@ -529,23 +531,44 @@ def plan(recipe, overrides, nodes, gpus_per_node, gpu_memory, mfu, peak_tflops, 
     show_default=True,
     help="First-stage candidates per query rescored by --rerank (over 100: the first stage searches deeper).",
 )
+@click.option(
+    "--first-stage",
+    default=None,
+    metavar="DENSE_MODEL|bm25",
+    help="Instead of searching the whole corpus with MODEL, rescore each query's top --first-stage-k from this "
+    "first stage with MODEL (by its own scores: MaxSim, term-weight or embedding dot products) and report those "
+    "reordered lists. The first stage: an exported "
+    "dense model (its own prompts) or bm25 (Okapi BM25 over lowercase words, k1 1.2, b 0.75).",
+)
+@click.option(
+    "--first-stage-k",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Candidates per query from --first-stage.",
+)
 @storage_option(
     "float32",
     "float16 moved the tiny model's nDCG@10 on the demo data by up to 7e-4 (docs/evaluation.md): use it when "
     "float32 would not fit the disk.",
 )
 @rerank_batch_and_inference_options
-def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, rerank, rerank_top_k, **run_options):
-    """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search), optionally
-    reranked by a reranker (--rerank).
+def evaluate(
+    model, data, output, batch_size, query_prompt, dim, work_dir, rerank, rerank_top_k, first_stage, **run_options
+):
+    """nDCG@10, Recall@10, Recall@100 and MRR@10 of an exported model (exact search: dense, multi-vector
+    by MaxSim, sparse by dot product with its mean non-zeros), or of its reranking of a first stage's
+    top k (--first-stage), optionally reranked by a reranker (--rerank).
 
     \b
     DATA: a subset folder or folder of subsets (dataset layout: pos_doc are the relevant documents),
           or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv).
     The metrics JSON goes to stdout (and --output). With --rerank its "subsets"/"mean" are the first
     stage's, "reranked" holds the reranked ones, and a side-by-side table goes to stderr.
+    With --first-stage they are MODEL's reordered lists and "first_stage" holds the first stage's.
     Example:  embedtrain eval exported/tiny /data/heldout --output metrics.json
     Rerank:   embedtrain eval exported/tiny /data/heldout --rerank exported/tiny_reranker --rerank-top-k 50
+    ColBERT:  embedtrain eval exported/tiny_colbert /data/heldout --first-stage exported/tiny --first-stage-k 100
     Sharded:  torchrun --nproc_per_node 8 -m embedtrain.cli eval exported/1b /data/heldout
     """
     from embedtrain.eval import eval_command
@@ -561,7 +584,8 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, reran
             work_dir,
             rerank=rerank,
             rerank_top_k=rerank_top_k,
-            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size, storage
+            first_stage=first_stage,
+            **run_options,  # device, dtype, query_chunk, corpus_chunk, rerank_batch_size, storage, first_stage_k
         )
 
 
@@ -601,7 +625,8 @@ def evaluate(model, data, output, batch_size, query_prompt, dim, work_dir, reran
 )
 @rerank_batch_and_inference_options
 def mine(model, data, out, top_k, margin, batch_size, rerank, rerank_margin, **run_options):
-    """Re-mine hard negatives with a model, written as ranked neg_doc in the dataset's layout.
+    """Re-mine hard negatives with a model (dense, or multi-vector by MaxSim), written as ranked neg_doc
+    in the dataset's layout.
 
     \b
     Example:  embedtrain mine exported/tiny /data/embed-nemotron-dataset-v1 /data/remined --top-k 20

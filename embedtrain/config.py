@@ -32,7 +32,9 @@ ASSET_PREFIX = "assets:"
 @dataclass
 class ModelConfig:
     path: str = ""  # local checkpoint folder; "assets:NAME" is a folder shipped with embedtrain
-    kind: str = "embedding"  # embedding (bi-encoder) | reranker (cross-encoder: one score per pair)
+    # embedding (bi-encoder) | reranker (cross-encoder: one score per pair) | multi_vector (ColBERT: one
+    # vector per token, MaxSim) | sparse (SPLADE: one weight per vocabulary term)
+    kind: str = "embedding"
     pooling: str = "avg"  # avg | cls | last | weighted_avg
     normalize: bool = True
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention (block-sparse packed rows)
@@ -41,6 +43,10 @@ class ModelConfig:
     # LoRA adapters on a frozen base (peft; `pip install embedtrain[lora]`): None = full fine-tuning;
     # {r, alpha, dropout, target_modules}, omitted keys from LORA_DEFAULTS ({} = all defaults)
     lora: dict | None = None
+    # model.kind=multi_vector: its settings (embedtrain.config.resolve_multi_vector; {} = all defaults)
+    multi_vector: dict | None = None
+    # model.kind=sparse: its settings (embedtrain.config.resolve_sparse; {} = all defaults)
+    sparse: dict | None = None
 
 
 # NV-Embed (arXiv:2405.17428, section 4.1): rank 16, alpha 32, dropout 0.1, every linear projection
@@ -195,7 +201,7 @@ class Config:
 
 
 CHOICES = {
-    "model.kind": ("embedding", "reranker"),
+    "model.kind": ("embedding", "reranker", "multi_vector", "sparse"),
     "model.pooling": ("avg", "cls", "last", "weighted_avg"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "model.padding_side": ("right", "left"),
@@ -438,6 +444,8 @@ def validate(config):
             f"loss.inbatch_negatives applies to rerankers (model.kind=reranker), not model.kind={config.model.kind}: "
             "an embedding model's local and global pools already hold every passage of the batch"
         )
+    validate_multi_vector(config)
+    validate_sparse(config)
     if config.model.lora is not None:
         config.model.lora = resolve_lora(config.model.lora, config.model.kind)
     if config.loss.distill is not None:
@@ -530,7 +538,8 @@ def resolve_lora(lora, kind="embedding"):
             )
     if not resolved["target_modules"] or len(set(resolved["target_modules"])) != len(resolved["target_modules"]):
         raise ConfigError(f"model.lora.target_modules must name distinct modules, got {resolved['target_modules']}")
-    if kind != "embedding":
+    # multi_vector: its token projection, a new head, is trained in full beside the adapter (model/lora.py)
+    if kind not in ("embedding", "multi_vector"):
         raise ConfigError(
             f"model.lora applies to embedding models; model.kind={kind} would also need its scoring head trained"
         )
@@ -539,6 +548,175 @@ def resolve_lora(lora, kind="embedding"):
     if importlib.util.find_spec("peft") is None:
         raise ConfigError("model.lora needs the peft package, an optional extra: pip install embedtrain[lora]")
     return resolved
+
+
+# model.kind=multi_vector (ColBERT late interaction: Khattab and Zaharia 2020, arXiv 2004.12832). The
+# query and document lengths are data.query_max_length and data.passage_max_length.
+MULTI_VECTOR_DEFAULTS = {
+    "dim": 128,  # width of each token vector: the projection's (ColBERT's and PyLate's default)
+    # null, or {attend: true|false}: queries cut and filled to exactly data.query_max_length tokens with the
+    # tokenizer's mask token (else eos), which the other tokens attend to only with attend: true (ColBERT: false)
+    "query_expansion": None,
+    "skiplist": "punctuation",  # document tokens not scored: punctuation (ColBERT's: string.punctuation) | none
+}
+MULTI_VECTOR_SKIPLISTS = ("punctuation", "none")
+
+
+def resolve_multi_vector(value):
+    """model.multi_vector with every key checked and the omitted ones filled from
+    MULTI_VECTOR_DEFAULTS (the resolved values are what the run folder records). The lengths are not
+    here: data.query_max_length and data.passage_max_length own them (with query_expansion the
+    query length is the expansion length)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.multi_vector: expected a mapping of settings, got {value!r}")
+    unknown = sorted(set(value) - set(MULTI_VECTOR_DEFAULTS))
+    if unknown:
+        length = " (the query and document lengths are data.query_max_length and data.passage_max_length)"
+        raise ConfigError(
+            f"model.multi_vector.{unknown[0]}: unknown key{did_you_mean(unknown[0], MULTI_VECTOR_DEFAULTS)}; "
+            f"model.multi_vector takes {', '.join(MULTI_VECTOR_DEFAULTS)}" + (length if "length" in unknown[0] else "")
+        )
+    resolved = {**MULTI_VECTOR_DEFAULTS, **value}
+    resolved["dim"] = _coerce(resolved["dim"], int, "model.multi_vector.dim")
+    if resolved["dim"] <= 0:
+        raise ConfigError(f"model.multi_vector.dim must be a positive width, got {resolved['dim']}")
+    if resolved["skiplist"] not in MULTI_VECTOR_SKIPLISTS:
+        raise ConfigError(
+            f"model.multi_vector.skiplist: {resolved['skiplist']!r} is not one of {', '.join(MULTI_VECTOR_SKIPLISTS)}"
+        )
+    expansion = resolved["query_expansion"]
+    if expansion is not None:
+        if not isinstance(expansion, dict):
+            raise ConfigError(
+                f"model.multi_vector.query_expansion: expected null or {{attend: true|false}}, got {expansion!r}"
+            )
+        extra = sorted(set(expansion) - {"attend"})
+        if extra:
+            hint = " (the expansion length is data.query_max_length)" if extra[0] == "length" else ""
+            raise ConfigError(
+                f"model.multi_vector.query_expansion.{extra[0]}: unknown key; query_expansion takes attend{hint}"
+            )
+        attend = _coerce(expansion.get("attend", False), bool, "model.multi_vector.query_expansion.attend")
+        resolved["query_expansion"] = {"attend": attend}
+    return resolved
+
+
+def validate_multi_vector(config):
+    """model.multi_vector resolved for model.kind=multi_vector and refused for any other kind, and
+    the settings the MaxSim loss and collator do not implement refused, each naming its key."""
+    kind = config.model.kind
+    if kind != "multi_vector":
+        if config.model.multi_vector is not None:
+            raise ConfigError(f"model.multi_vector applies to model.kind=multi_vector, not model.kind={kind}")
+        return
+    config.model.multi_vector = resolve_multi_vector(config.model.multi_vector or {})
+    for key, value in (
+        ("loss.query_negatives", config.loss.query_negatives),
+        ("loss.matryoshka_dims", config.loss.matryoshka_dims),
+        ("loss.distill", config.loss.distill),
+    ):
+        if value:
+            raise ConfigError(f"{key} is not supported for multi-vector models (model.kind=multi_vector); unset it")
+    expansion = config.model.multi_vector["query_expansion"]
+    if expansion is not None and not expansion["attend"] and config.data.packing:
+        raise ConfigError(
+            "model.multi_vector.query_expansion.attend=false with data.packing=true: a packed row cannot hold "
+            "expansion tokens that are scored but not attended to; set data.packing=false, or attend: true"
+        )
+
+
+# model.kind=sparse (SPLADE). The FLOPS weights are the SPLADE authors' for SPLADE-max (SPLADE v2,
+# arXiv 2109.10086), as their sentence-transformers training sets them: lambda_q 6e-4, lambda_d 8e-4
+# (github.com/naver/splade, training_with_sentence_transformers/losses.py, MultipleNegativesRankingLossSplade,
+# over a 30k-term BERT vocabulary). The weights warm up quadratically (SPLADE, arXiv 2107.05720)
+# over flops_warmup_steps; None: a third of train.max_steps, as SPLADE reaches its weights at step
+# 50k of 150k (naver/splade conf/train/config/splade.yaml: nb_iterations 150000).
+# inference_free_queries: queries as a learned weight per vocabulary term, no encoder (sentence-
+# transformers' SparseStaticEmbedding; Geng et al., arXiv 2411.04403). Their FLOPS weight then
+# defaults to 0: a query's terms are its tokens whatever the table holds, so FLOPS cannot sparsify
+# it (it would only shrink the weights), and inference-free SPLADE regularises the documents only.
+SPARSE_DEFAULTS = {
+    # weight of FLOPS(queries) in the loss, after the warm-up (SPLADE's lambda_q); 0 with inference-free queries
+    "flops_query_weight": 6e-4,
+    "flops_document_weight": 8e-4,  # weight of FLOPS(documents) (SPLADE's lambda_d)
+    # optimizer steps over which both weights grow as (step / T)^2; None: train.max_steps // 3; 0: none
+    "flops_warmup_steps": None,
+    # queries as a learned weight per vocabulary term (initialised to 1), no encoder: the export's
+    # query route is sentence-transformers' SparseStaticEmbedding
+    "inference_free_queries": False,
+    # inference_free_queries: the table's peak learning rate, on train.lr's schedule (None: 1e-3, the
+    # rate sentence-transformers' SparseEncoderTrainingArguments gives SparseStaticEmbedding as its
+    # learning_rate_mapping example; at a backbone's train.lr the table of ones barely moves)
+    "query_table_lr": None,
+}
+
+
+def resolve_sparse(value, max_steps=None):
+    """model.sparse with every key checked and the omitted ones filled from SPARSE_DEFAULTS (the
+    resolved values are what the run folder records); flops_warmup_steps None becomes a third of
+    `max_steps` (train.max_steps) when given."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.sparse: expected a mapping of settings, got {value!r}")
+    unknown = sorted(set(value) - set(SPARSE_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"model.sparse.{unknown[0]}: unknown key{did_you_mean(unknown[0], SPARSE_DEFAULTS)}; "
+            f"model.sparse takes {', '.join(SPARSE_DEFAULTS)}"
+        )
+    resolved = {**SPARSE_DEFAULTS, **value}
+    resolved["inference_free_queries"] = _coerce(
+        resolved["inference_free_queries"], bool, "model.sparse.inference_free_queries"
+    )
+    if resolved["inference_free_queries"] and "flops_query_weight" not in value:
+        resolved["flops_query_weight"] = 0.0  # see SPARSE_DEFAULTS: the documents only
+    for key in ("flops_query_weight", "flops_document_weight"):
+        resolved[key] = _coerce(resolved[key], float, f"model.sparse.{key}")
+        if resolved[key] < 0:
+            raise ConfigError(f"model.sparse.{key} must be >= 0 (0: no FLOPS regularisation), got {resolved[key]}")
+    warmup = resolved["flops_warmup_steps"]
+    if warmup is None and max_steps is not None:
+        warmup = max_steps // 3
+    if warmup is not None:
+        warmup = _coerce(warmup, int, "model.sparse.flops_warmup_steps")
+        if warmup < 0:
+            raise ConfigError(f"model.sparse.flops_warmup_steps must be >= 0 (0: no warm-up), got {warmup}")
+    resolved["flops_warmup_steps"] = warmup
+    table_lr = resolved["query_table_lr"]
+    if table_lr is not None and not resolved["inference_free_queries"]:
+        raise ConfigError(
+            "model.sparse.query_table_lr applies to inference-free queries (model.sparse.inference_free_queries: "
+            "true); without them queries are encoded by the backbone at train.lr"
+        )
+    if resolved["inference_free_queries"]:
+        table_lr = _coerce(1e-3 if table_lr is None else table_lr, float, "model.sparse.query_table_lr")
+        if table_lr <= 0:
+            raise ConfigError(f"model.sparse.query_table_lr must be > 0, got {table_lr}")
+    resolved["query_table_lr"] = table_lr
+    return resolved
+
+
+def validate_sparse(config):
+    """model.sparse resolved for model.kind=sparse and refused for any other kind, and the settings a
+    sparse model does not support refused, each naming its key. model.pooling and model.normalize do
+    not apply (the term weights are max-pooled and never normalised) and are ignored."""
+    kind = config.model.kind
+    if kind != "sparse":
+        if config.model.sparse is not None:
+            raise ConfigError(f"model.sparse applies to model.kind=sparse, not model.kind={kind}")
+        return
+    config.model.sparse = resolve_sparse(config.model.sparse or {}, config.train.max_steps)
+    for key, value in (
+        ("loss.matryoshka_dims", config.loss.matryoshka_dims),
+        ("loss.distill", config.loss.distill),
+        ("model.lora", config.model.lora),
+    ):
+        if value is not None:
+            raise ConfigError(f"{key} is not supported for sparse models (model.kind=sparse); unset it")
+    if config.model.sparse["inference_free_queries"] and config.loss.query_negatives:
+        raise ConfigError(
+            "loss.query_negatives=true with model.sparse.inference_free_queries=true: the other queries would be "
+            "candidates weighed by the query table, which no document is; set loss.query_negatives=false"
+        )
 
 
 def resolve_distill(distill, kind="embedding"):

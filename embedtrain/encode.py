@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedtrain.errors import EncodeError, UsageError
-from embedtrain.inference import BiEncoder, MultiVectorEncoder
+from embedtrain.inference import BiEncoder, MultiVectorEncoder, SparseEncoder
 from embedtrain.inference.batching import encode_texts, prompt_text
 from embedtrain.inference.loading import model_kind
+from embedtrain.inference.sparse_index import mean_nonzeros, write_sparse_vectors
 from embedtrain.inference.token_index import write_token_embeddings
 
 
@@ -55,6 +56,13 @@ def write_embeddings(path, embeddings, texts):
         raise EncodeError(f"--output {path}: expected a .npy or .parquet file")
 
 
+def check_prompt(prompt, model_dir):
+    """--prompt names one of the model's prompts (query or document) or is not given: one check for
+    every kind of model encode writes."""
+    if prompt is not None and prompt not in ("query", "document"):
+        raise EncodeError(f"--prompt {prompt}: expected query or document (the prompts of {model_dir})")
+
+
 def encode_file(
     model_dir,
     input_path,
@@ -72,8 +80,7 @@ def encode_file(
     """Embed every text of `input_path` (prompt: "query", "document" or None) into `output_path`."""
     texts = read_texts(input_path)  # before the model loads: a bad file fails in a second
     model = BiEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
-    if prompt is not None and prompt not in ("query", "document"):
-        raise EncodeError(f"--prompt {prompt}: expected query or document (the prompts of {model_dir})")
+    check_prompt(prompt, model_dir)
     max_length = max_length or model.max_seq_length
     limit = model.module.backbone.config.max_position_embeddings
     if max_length > limit:
@@ -95,7 +102,14 @@ def encode_file(
     return embeddings
 
 
-def encode_multi_vector_file(
+# model kind: (its API class, the writer of its .npz, what the file holds)
+NPZ_KINDS = {
+    "multi_vector": (MultiVectorEncoder, write_token_embeddings, "token embeddings"),
+    "sparse": (SparseEncoder, write_sparse_vectors, "CSR term weights"),
+}
+
+
+def encode_npz_file(
     model_dir,
     input_path,
     output_path,
@@ -109,35 +123,49 @@ def encode_multi_vector_file(
     device=None,
     dtype=None,
 ):
-    """A multi-vector (ColBERT) model's token embeddings of every text of `input_path` into
-    `output_path` (.npz: embeddings, offsets; embedtrain.inference.token_index). prompt "query"
-    encodes queries (expanded), otherwise documents (skiplist dropped). Returns the per-text arrays."""
+    """Every text of `input_path` into `output_path` with a model of NPZ_KINDS: a multi-vector
+    (ColBERT) model's token embeddings (.npz: embeddings, offsets; inference/token_index) or a sparse
+    (SPLADE) model's term weights (.npz in CSR form: indices, values, offsets; inference/sparse_index).
+    prompt "query" encodes queries (expanded, query length), otherwise documents (skiplist dropped).
+    Returns what the model's `encode` returns: per-text arrays, or SparseVectors."""
+    kind = model_kind(model_dir)
+    model_class, write, holds = NPZ_KINDS[kind]
+    name = kind.replace("_", "-")
     if Path(output_path).suffix != ".npz":
-        raise EncodeError(f"--output {output_path}: a multi-vector model writes token embeddings to a .npz file")
+        raise EncodeError(f"--output {output_path}: a {name} model writes {holds} to a .npz file")
     given = {"--dim": dim, "--max-tokens": max_tokens, "--chunk-overlap": chunk_overlap}
     given["--long-documents"] = None if long_documents == "truncate" else long_documents
-    refused = [name for name, value in given.items() if value]
+    refused = [option for option, value in given.items() if value]
     if refused:
-        raise EncodeError(f"{', '.join(refused)}: not available for a multi-vector model ({model_dir})")
+        raise EncodeError(f"{', '.join(refused)}: not available for a {name} model ({model_dir})")
     texts = read_texts(input_path)
-    if prompt is not None and prompt not in ("query", "document"):
-        raise EncodeError(f"--prompt {prompt}: expected query or document (the prompts of {model_dir})")
-    model = MultiVectorEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
-    arrays = model.encode(texts, prompt=prompt, batch_size=batch_size, max_length=max_length, progress=True)
-    write_token_embeddings(output_path, arrays)
-    return arrays
+    check_prompt(prompt, model_dir)
+    model = model_class.from_pretrained(model_dir, device=device, dtype=dtype)
+    encoded = model.encode(texts, prompt=prompt, batch_size=batch_size, max_length=max_length, progress=True)
+    write(output_path, encoded)
+    return encoded
 
 
 def encode_command(model_dir, input_path, output_path, *args, **kwargs):
     """`embedtrain encode` without --teacher-cache: a folder as `output_path` is refused before the
     model loads; then encode_file (same arguments) and a line saying what was written; a
-    multi-vector model's token embeddings go to .npz (encode_multi_vector_file)."""
+    multi-vector model's token embeddings and a sparse model's CSR term weights go to .npz
+    (encode_npz_file)."""
     if Path(output_path).is_dir():
         raise UsageError(f"--output {output_path} is a folder; expected a .npy or .parquet file.")
-    if model_kind(model_dir) == "multi_vector":
-        arrays = encode_multi_vector_file(model_dir, input_path, output_path, *args, **kwargs)
+    kind = model_kind(model_dir)
+    if kind == "multi_vector":
+        arrays = encode_npz_file(model_dir, input_path, output_path, *args, **kwargs)
         tokens = sum(len(a) for a in arrays)
         print(f"wrote {tokens} token embeddings of {len(arrays)} texts to {output_path}", flush=True)
+        return
+    if kind == "sparse":
+        vectors = encode_npz_file(model_dir, input_path, output_path, *args, **kwargs)
+        print(
+            f"wrote sparse vectors of {vectors.count} texts ({mean_nonzeros(vectors):.1f} non-zero terms per text "
+            f"on average) to {output_path}",
+            flush=True,
+        )
         return
     embeddings = encode_file(model_dir, input_path, output_path, *args, **kwargs)
     print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output_path}", flush=True)

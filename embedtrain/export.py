@@ -11,6 +11,11 @@ template becomes the tokenizer's chat template (chat_template.jinja), which Cros
 renders a (query, passage) pair through, and the export checks that the rendering gives exactly the
 tokens embedtrain scores.
 
+A multi-vector model (model.kind=multi_vector) is written in sentence-transformers' MultiVectorEncoder
+format (export_multi_vector.py): the backbone's shards as above, its token projection (held out of
+the shards, ExportFormat.held) as a Dense module, with the lengths, query expansion and skiplist the
+run recorded in base_model/multi_vector.json.
+
 ZeRO-3 checkpoints are consolidated as a stream: every rank's fp32 partition file is memory-mapped
 and each parameter is assembled from its W slices, then written; peak host memory is about one
 safetensors shard plus one parameter, never the whole model.
@@ -19,7 +24,9 @@ A LoRA run (model.lora) is exported merged, in the same released format: the bas
 streamed from the base model folder (the run's model.path, or --base-model) and each targeted
 weight becomes W + (alpha / r) B A, in fp32 before the cast to --dtype. The adapter comes from the
 checkpoint's adapter_model.safetensors; its recorded base fingerprint must match the base read,
-or the export stops (a merge into another base would silently be another model). With
+or the export stops (a merge into another base would silently be another model). A head trained in
+full beside the adapter (a multi-vector model's projection) comes from the checkpoint's
+trained_head.safetensors and is written as the format writes it. With
 `adapter_only` the folder holds the adapter in peft's format, loadable on the bidirectional base
 with peft.PeftModel.from_pretrained, plus the tokenizer, prompts and the modeling file.
 """
@@ -28,6 +35,7 @@ import json
 import shutil
 import string
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -35,6 +43,10 @@ import yaml
 from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
+from embedtrain.export_files import MODELING_FILE, hf_config_dict, write_shards  # noqa: F401 (re-exported)
+from embedtrain.export_multi_vector import HEAD_KEY as MULTI_VECTOR_HEAD
+from embedtrain.export_multi_vector import write_multi_vector_files
+from embedtrain.export_sparse import masked_lm_config, masked_lm_names, sparse_export_files
 from embedtrain.file_modes import published_folder
 from embedtrain.kinds import kind_files, recorded_kind
 from embedtrain.model import bidirectional
@@ -49,46 +61,25 @@ from embedtrain.model.lora import (
     base_fingerprint,
     merge_lora,
     read_adapter,
+    read_head,
     recorded_base,
 )
+from embedtrain.model.multi_vector import MultiVectorSettings
 from embedtrain.model.reranker import HEAD_KEY, RERANKER_ARCHITECTURE
+from embedtrain.model.sparse import LM_HEAD_KEY, QUERY_TABLE_KEY
 from embedtrain.prompts import MODEL_METADATA, model_policy
 from embedtrain.train.checkpoint import load_checkpoint_file, rank_files, resolve_checkpoint, zero3_full_tensors
 from embedtrain.version import __version__
 
-MODELING_FILE = "llama_bidirectional_model.py"
 BACKBONE_PREFIX = "backbone."
 HEAD_PARAMETER = "head.weight"  # a reranker's scoring head (model/reranker.py)
+SPARSE_PARAMETERS = (LM_HEAD_KEY, QUERY_TABLE_KEY)  # a sparse model's LM head and query table (model/sparse.py)
 ST_POOLING = {
     "avg": "pooling_mode_mean_tokens",
     "cls": "pooling_mode_cls_token",
     "last": "pooling_mode_lasttoken",
     "weighted_avg": "pooling_mode_weightedmean_tokens",
 }
-
-
-def hf_config_dict(model_config):
-    """config.json contents. Llama: `llama_bidirec` with the modeling file (auto_map); also writes
-    rope_theta / rope_scaling at the top level: transformers 4.x does not read 5.x's rope_parameters
-    and would silently fall back to its default theta. Other families: their stock model_type and
-    model class with is_causal false, no remote code (embedtrain.model.families)."""
-    config = dict(model_config)
-    family = family_of(config.get("model_type"))
-    config["architectures"] = [family.architecture]
-    config["is_causal"] = False
-    if family.stock_export:
-        return config
-    config["model_type"] = "llama_bidirec"
-    config["auto_map"] = {
-        "AutoConfig": f"{MODELING_FILE[:-3]}.LlamaBidirectionalConfig",
-        "AutoModel": f"{MODELING_FILE[:-3]}.LlamaBidirectionalModel",
-    }
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-        if rope.get("rope_type", "default") != "default":
-            config["rope_scaling"] = rope
-    return config
 
 
 def checkpoint_parameters(folder, projection=None):
@@ -109,43 +100,12 @@ def checkpoint_parameters(folder, projection=None):
         if name.startswith(BACKBONE_PREFIX):
             found = True
             yield name[len(BACKBONE_PREFIX) :], tensor
-        elif name == HEAD_PARAMETER:
+        elif name == HEAD_PARAMETER or name in SPARSE_PARAMETERS or name == MULTI_VECTOR_HEAD:
             yield name, tensor
         elif projection is not None and name.startswith(PROJECTION_PREFIX):
             projection[name[len(PROJECTION_PREFIX) :]] = tensor
     if not found:
         raise CheckpointError(f"{folder}: no '{BACKBONE_PREFIX}*' weights in the checkpoint (not an embedtrain run?)")
-
-
-def write_shards(named_tensors, folder, dtype, max_shard_bytes):
-    """Write safetensors shards of at most `max_shard_bytes` as tensors arrive; index if several."""
-    shards, current, size, weight_map = [], {}, 0, {}
-
-    def flush():
-        nonlocal current, size
-        if current:
-            name = f"shard-{len(shards):05d}.tmp"
-            save_file(current, str(folder / name), metadata={"format": "pt"})
-            shards.append((name, list(current)))
-            current, size = {}, 0
-
-    total = 0
-    for name, tensor in named_tensors:
-        tensor = tensor.to(dtype).contiguous()
-        if size and size + tensor.nbytes > max_shard_bytes:
-            flush()
-        current[name] = tensor
-        size += tensor.nbytes
-        total += tensor.nbytes
-    flush()
-    for index, (tmp, names) in enumerate(shards):
-        final = "model.safetensors" if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        (folder / tmp).rename(folder / final)
-        weight_map.update({n: final for n in names})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return total
 
 
 def sentence_transformers_files(folder, config, prompts, max_seq_length, projection=None):
@@ -585,6 +545,12 @@ def write_export(
             f"{step_folder}: --keep-projection is not supported for LoRA runs (the merged export reads the "
             "adapter, not the projection); export without it"
         )
+    if adapter_only and lora is not None and form.held:
+        raise CheckpointError(
+            f"{step_folder}: --adapter-only is not supported for a LoRA run of model.kind={kind.name}: its "
+            f"{', '.join(form.held)} is trained in full beside the adapter and peft's adapter folder has no place for "
+            "it; export without --adapter-only (the adapter merged into the base, the head included)"
+        )
     if lora is None and (adapter_only or base_model):
         raise CheckpointError(
             f"{step_folder} is not a LoRA run (model.lora is unset): --adapter-only and --base-model apply to LoRA "
@@ -593,11 +559,13 @@ def write_export(
     if adapter_only:  # the base's weights are not read: the folder names the base, peft loads it
         base_path = Path(base_model or run_config["model"]["path"])
         return write_adapter_export(step_folder, base, tmp, run_config, base_path)
-    if lora is not None:
-        parameters = merged_lora_parameters(step_folder, lora_base(run_config, base_model))
+    if lora is not None:  # the merged backbone, then the format's head trained beside the adapter
+        head = [(name, tensor) for name, tensor in read_head(step_folder).items() if name in form.held]
+        parameters = chain(merged_lora_parameters(step_folder, lora_base(run_config, base_model)), head)
     else:
         parameters = checkpoint_parameters(step_folder, projection)
-    write_shards(form.names(parameters), tmp, torch_dtype, int(max_shard_gb * 2**30))
+    held = {}  # the format's `held` tensors (a multi-vector projection), kept out of the shards
+    write_shards(form.names(divert(parameters, form.held, held)), tmp, torch_dtype, int(max_shard_gb * 2**30))
     config = form.config(hf_config_dict(json.loads((base / "config.json").read_text())))
     config["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -613,7 +581,7 @@ def write_export(
         if item.name not in ("config.json", "prompts.json", *kind_files()):
             shutil.copy(item, tmp / item.name)
     step = int(step_folder.name.split("_")[-1])
-    form.files(tmp, config, run_config, step, policy, metadata, settings)
+    form.files(tmp, config, run_config, step, policy, metadata, settings, **({"held": held} if form.held else {}))
 
 
 def embedding_export_files(folder, config, run_config, step, policy, metadata, settings=None):
@@ -639,16 +607,42 @@ class ExportFormat:
     embedtrain.kinds): export.py sits above the kinds (tests/test_layers.py), so the writers live here.
     `names`: the checkpoint's (name, tensor) pairs -> the format's; `config`: the backbone's
     config.json dict -> the format's; `files`: (folder, config, run_config, step, prompt policy,
-    metadata, the kind's base_model settings) -> its remaining files and model card."""
+    metadata, the kind's base_model settings) -> its remaining files and model card. `held`: names of
+    checkpoint tensors that are no backbone weight (a multi-vector model's projection): kept out of
+    the shards and handed to `files` as held={name: tensor}."""
 
     names: object
     config: object
     files: object
+    held: tuple = ()
+
+
+def divert(named_tensors, names, into):
+    """The (name, tensor) pairs less those whose name is in `names`, which go into the dict `into`."""
+    for name, tensor in named_tensors:
+        if name in names:
+            into[name] = tensor
+        else:
+            yield name, tensor
+
+
+def multi_vector_export_files(folder, config, run_config, step, policy, metadata, settings, held):
+    """A multi-vector model's sentence-transformers MultiVectorEncoder modules (export_multi_vector.py:
+    the projection as a Dense module, the skiplist, query expansion and lengths of its recorded
+    settings, base_model/multi_vector.json), its embedtrain.json and model card."""
+    if MULTI_VECTOR_HEAD not in held:
+        raise CheckpointError(f"multi-vector export: no {MULTI_VECTOR_HEAD} in the checkpoint (not a multi-vector run)")
+    multi_vector = MultiVectorSettings.from_dict(settings)
+    write_multi_vector_files(folder, load_tokenizer(folder), held[MULTI_VECTOR_HEAD], multi_vector, policy)
 
 
 EXPORT_FORMATS = {
     "sentence_transformer": ExportFormat(lambda named: named, lambda config: config, embedding_export_files),
     "cross_encoder": ExportFormat(reranker_names, reranker_config_dict, cross_encoder_export_files),
+    "sparse": ExportFormat(masked_lm_names, masked_lm_config, sparse_export_files, held=(QUERY_TABLE_KEY,)),
+    "multi_vector": ExportFormat(
+        lambda named: named, lambda config: config, multi_vector_export_files, held=(MULTI_VECTOR_HEAD,)
+    ),
 }
 
 

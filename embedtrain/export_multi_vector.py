@@ -28,10 +28,9 @@ import torch
 from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
-from embedtrain.export import MODELING_FILE, hf_config_dict, write_shards
+from embedtrain.export_files import MODELING_FILE, hf_config_dict, save_tokenizer, write_json, write_shards
 from embedtrain.file_modes import published_folder
 from embedtrain.model import bidirectional
-from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.multi_vector import MultiVectorSettings, expansion_token_id
 from embedtrain.prompts import MODEL_METADATA, PromptPolicy, model_policy
 from embedtrain.version import __version__
@@ -101,14 +100,7 @@ def export_multi_vector(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if "auto_map" in config:  # Llama's own classes; stock families need no remote code
             shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
-        tokenizer_config = backbone_folder / "tokenizer_config.json"
-        side = padding_side or (
-            json.loads(tokenizer_config.read_text()).get("padding_side") if tokenizer_config.is_file() else None
-        )
-        tokenizer = load_tokenizer(backbone_folder, side or "right")
-        tokenizer.save_pretrained(tmp)
-        saved = json.loads((tmp / "tokenizer_config.json").read_text())  # transformers 5 leaves the side out
-        write_json(tmp / "tokenizer_config.json", {**saved, "padding_side": tokenizer.padding_side})
+        tokenizer = save_tokenizer(backbone_folder, tmp, padding_side)
         policy = prompt_policy or model_policy(backbone_folder)
         write_multi_vector_files(tmp, tokenizer, head["weight"], settings, policy)
     return Path(out)
@@ -175,10 +167,6 @@ def write_multi_vector_files(folder, tokenizer, head_weight, settings, policy):
     metadata = {**policy.to_dict(), "kind": KIND, **settings.to_dict(), "embedtrain_version": __version__}
     write_json(folder / MODEL_METADATA, metadata)
     (folder / "README.md").write_text(model_card(settings, policy))
-
-
-def write_json(path, value):
-    Path(path).write_text(json.dumps(value, indent=2) + "\n")
 
 
 def model_card(settings, policy):

@@ -190,6 +190,40 @@ def matryoshka(loss_at_dim, dims=None, weights=None):
     return sum(weight * loss for weight, loss in zip(weights, losses)), losses
 
 
+# --- sparse (SPLADE): term-weight vectors over the vocabulary --------------------------------------
+#
+# Shapes: B texts, V vocabulary terms (term weights >= 0, mostly 0).
+
+
+def flops_regularizer(weights_BV):
+    """The FLOPS regulariser (Paria et al., 2020, "Minimizing FLOPs to learn efficient sparse
+    representations", arXiv 2004.05665), as SPLADE uses it (Formal et al., 2021, arXiv 2107.05720):
+
+        FLOPS = sum over terms j of (mean over the batch's B texts of |w_ij|)^2,
+
+    in fp32: a smooth stand-in for the expected number of multiplications of a dot product with
+    an inverted index (the probability that term j is active in two texts, squared). Squaring the
+    batch mean rather than summing |w| (an L1 penalty) pushes hardest on terms that many texts
+    use, which make the longest posting lists."""
+    return weights_BV.float().abs().mean(dim=0).square().sum()
+
+
+def flops_warmup(weight, step, warmup_steps):
+    """The FLOPS weight at optimizer step `step` (1-based: the first step is 1): SPLADE's quadratic
+    warm-up, weight x min(1, (step / warmup_steps)^2) (arXiv 2107.05720, section 4: the weight
+    grows quadratically until a given step, then stays constant), so that sparsity is enforced
+    only after the ranking loss has shaped the representations. warmup_steps 0: no warm-up."""
+    if warmup_steps <= 0:
+        return float(weight)
+    return float(weight) * min(1.0, (step / warmup_steps) ** 2)
+
+
+def nonzero_terms(weights_BV):
+    """The mean number of terms with a weight > 0 per text (a float tensor, no gradient)."""
+    with torch.no_grad():
+        return (weights_BV > 0).float().sum(dim=-1).mean()
+
+
 # --- multi-vector (ColBERT late interaction): MaxSim scores of token embeddings ------------------
 #
 # Shapes: T query tokens, L document tokens per row (padded; the masks say which are scored).

@@ -5,6 +5,9 @@ model and keep the top K documents that are not positives and score at most `mar
 lowest positive score (NV-Retriever's TopK-PercPos: candidates above 95 % of the positive are
 likely false negatives). They are written as the ranked `neg_doc` of OUT, in the same layout.
 
+A multi-vector (ColBERT) model mines by exact MaxSim the same way (embedtrain.token_retrieval: token
+embeddings in on-disk blocks, the ceiling margin x the lowest positive MaxSim score).
+
 Host memory does not grow with the corpus (embedtrain.retrieval): the corpus is streamed from
 corpus.parquet into an on-disk float16 matrix (--storage float32: exact float32 vectors, twice the
 disk), positives are looked up with Arrow's hash index, and scoring runs in query_chunk x
@@ -33,9 +36,9 @@ from embedtrain.data.hub import resolve_dataset
 from embedtrain.data.nemotron import read_metadata, subset_folders
 from embedtrain.data.shards import MANIFEST
 from embedtrain.errors import DataError
-from embedtrain.eval import free_device_memory, score_candidates_sharded
-from embedtrain.inference import BiEncoder, Reranker
-from embedtrain.inference.loading import require_kind
+from embedtrain.eval import free_device_memory, pair_scorer, score_candidates_sharded
+from embedtrain.inference import BiEncoder, MultiVectorEncoder, Reranker
+from embedtrain.inference.loading import model_kind, require_kind
 from embedtrain.retrieval import (
     ParquetTexts,
     doc_lists,
@@ -45,6 +48,7 @@ from embedtrain.retrieval import (
     search,
     search_sharded,
 )
+from embedtrain.token_retrieval import encode_to_blocks, maxsim_ceilings, maxsim_search_sharded
 
 WORK_FOLDER = ".embedtrain-mine"  # under OUT while mining, removed at the end
 
@@ -81,8 +85,9 @@ def negatives_column(rows, doc_ids, column_type):
 
 def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, corpus_chunk, device, storage="float16"):
     """(queries table, (Q, top_k) negative rows, doc ids) of one subset on rank 0; (None, None, None)
-    on the other ranks; `encoder` an embedtrain.inference.BiEncoder, `storage` the dtype of the
-    on-disk embeddings (retrieval.encode_to_file). Every rank must call it."""
+    on the other ranks; `encoder` an embedtrain.inference.BiEncoder or MultiVectorEncoder, `storage`
+    the dtype of the on-disk embeddings (retrieval.encode_to_file, token_retrieval.encode_to_blocks).
+    Every rank must call it."""
     query_prompt, document_prompt = encoder.prompt_policy.for_subset(read_metadata(folder))
     corpus_file, queries_file = folder / "corpus.parquet", folder / "queries.parquet"
     doc_ids = read_columns(corpus_file, ["id"]).column("id").combine_chunks()
@@ -90,27 +95,37 @@ def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, c
     positives = doc_lists(
         queries.column("pos_doc"), doc_ids, lambda q: f"{folder.name}: {queries_file} row {q} pos_doc"
     )
-    docs = encode_to_file(
-        encoder.module,
-        encoder.tokenizer,
-        ParquetTexts(corpus_file, "text", document_prompt),
-        work / "corpus",
-        batch_size,
-        encoder.max_seq_length,
-        progress=True,
-        desc=f"{folder.name} corpus",
-        storage=storage,
-    )
-    query_vectors = encode_to_file(
-        encoder.module,
-        encoder.tokenizer,
-        ParquetTexts(queries_file, "question", query_prompt),
-        work / "queries",
-        batch_size,
-        encoder.max_seq_length,
-        progress=True,
-        desc=f"{folder.name} queries",
-        storage=storage,
+    sources = {
+        "corpus": ParquetTexts(corpus_file, "text", document_prompt),
+        "queries": ParquetTexts(queries_file, "question", query_prompt),
+    }
+    find_negatives = maxsim_negatives if isinstance(encoder, MultiVectorEncoder) else dense_negatives
+    options = {"batch_size": batch_size, "query_chunk": query_chunk, "corpus_chunk": corpus_chunk}
+    rows = find_negatives(encoder, sources, work, positives, top_k, margin, device=device, storage=storage, **options)
+    distributed.barrier()
+    if distributed.rank() != 0:
+        return None, None, None
+    return queries, rows, doc_ids
+
+
+def dense_negatives(
+    encoder, sources, work, positives, top_k, margin, batch_size, query_chunk, corpus_chunk, device, storage
+):
+    """The (Q, top_k) mined rows of a dense model on rank 0 (None elsewhere): embeddings in
+    MatrixFiles under `work` (removed after), exact search without positives, under the ceilings."""
+    docs, query_vectors = (
+        encode_to_file(
+            encoder.module,
+            encoder.tokenizer,
+            sources[part],
+            work / part,
+            batch_size,
+            encoder.max_seq_length,
+            progress=True,
+            desc=f"{work.name} {part}",
+            storage=storage,
+        )
+        for part in ("corpus", "queries")
     )
     ceilings = positive_ceilings(query_vectors, docs, positives, margin, device=device)
     _, rows = search_sharded(
@@ -125,11 +140,40 @@ def mine_subset(folder, encoder, work, top_k, margin, batch_size, query_chunk, c
         device=device,
     )
     distributed.barrier()
-    if distributed.rank() != 0:
-        return None, None, None
-    docs.remove()
-    query_vectors.remove()
-    return queries, rows, doc_ids
+    if distributed.rank() == 0:
+        docs.remove()
+        query_vectors.remove()
+    return rows
+
+
+def maxsim_negatives(
+    encoder, sources, work, positives, top_k, margin, batch_size, query_chunk, corpus_chunk, device, storage
+):
+    """The same for a multi-vector model: token embeddings in TokenBlocks (embedtrain.token_retrieval),
+    exact MaxSim search without positives, under margin x the lowest positive MaxSim score
+    (`corpus_chunk` unused: the MaxSim search holds at most losses.MAXSIM_BLOCK_ELEMENTS similarities)."""
+    docs, query_tokens = (
+        encode_to_blocks(
+            encoder,
+            sources[part],
+            work / part,
+            batch_size,
+            is_query=part == "queries",
+            storage=storage,
+            progress=True,
+            desc=f"{work.name} {part}",
+        )
+        for part in ("corpus", "queries")
+    )
+    ceilings = maxsim_ceilings(query_tokens, docs, positives, margin, device=device)
+    _, rows = maxsim_search_sharded(
+        query_tokens, docs, top_k, work, query_chunk=query_chunk, exclude=positives, ceilings=ceilings, device=device
+    )
+    distributed.barrier()
+    if distributed.rank() == 0:
+        docs.remove()
+        query_tokens.remove()
+    return rows
 
 
 def mine(
@@ -154,10 +198,13 @@ def mine(
     `rerank`: an exported reranker folder; the mined negatives are then filtered with it
     (`rerank_subset`), and each subset's mining.json also holds "rerank", "rerank_margin",
     "rerank_scored" (negatives scored) and "rerank_dropped" (negatives dropped)."""
-    require_kind(model_dir, "embedding", "MODEL")
+    multi_vector = model_kind(model_dir) == "multi_vector"
+    if not multi_vector:
+        require_kind(model_dir, "embedding", "MODEL")
     if rerank is not None:
         require_kind(rerank, "reranker", "--rerank")
-    encoder = BiEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
+    loader = MultiVectorEncoder if multi_vector else BiEncoder
+    encoder = loader.from_pretrained(model_dir, device=device, dtype=dtype)
     device = encoder.device
     out = Path(out)
     written = {}
@@ -289,12 +336,11 @@ def rerank_subset(target, reranker, margin, batch_size, query_chunk, work):
     if width == 0:  # nothing was mined
         return {"rerank_scored": 0, "rerank_dropped": 0} if distributed.rank() == 0 else None
     scores = score_candidates_sharded(
-        reranker,
+        pair_scorer(reranker, batch_size),
         table.column("question").to_pylist(),
         np.hstack([negatives, positives]),
         ParquetTexts(corpus_file, "text"),
         work,
-        batch_size,
         query_chunk,
         progress=True,
         desc=f"{target.name} rerank",

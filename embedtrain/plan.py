@@ -16,6 +16,21 @@ Memory per GPU under ZeRO-3 with bf16 (bytes):
   GradCache      with train.grad_cache_chunk_size C < micro, activations are those of C queries
                  and the step does one more forward (x 5/4 with checkpointing, x 4/3 without);
   gather buffers the global pool: W x B x G x D fp32 embeddings, forward and gradient;
+  multi-vector  (model.kind=multi_vector, ColBERT) token embeddings instead of the pool's: every query
+                and passage of the micro-batch at the micro-batch's token width (the larger max length:
+                the loss pads both sides to one width) x dim fp32, and their gradient (GradCache's cache
+                is the same set); under global the gathered pool, W x B x G x passage tokens x dim x 4,
+                and its gradient; the MaxSim scores: one block of losses.MAXSIM_BLOCK_ELEMENTS fp32
+                similarities plus, for the backward, an int64 best-token index per (query token, pool
+                passage);
+  sparse        (model.kind=sparse, SPLADE) the LM head's vocabulary logits of every token of a
+                forward (GradCache: a chunk's), 2 x tokens x vocab x bytes (the logits, which the
+                max over tokens keeps for its backward, and their gradient; bf16: 2 bytes): for a
+                128k vocabulary the largest activation by far (Llama 3.2 1B: 0.5 MB per token,
+                against 34 h = 70 kB per layer). The (B, V) fp32 term-weight vectors of the
+                micro-batch's queries and passages, and their gradient, replace the D-wide embeddings
+                of the pool (x W under global, queries included: FLOPS gathers them); an untied LM
+                head adds its model states; its matmul adds 6 h V FLOPs per token;
   reserve        2 GiB (CUDA context, NCCL) and 10 % fragmentation.
   LoRA          (model.lora) the base is frozen: 2 P / N for its bf16 weights plus 18 P_lora / N for
                  the adapter (its gradients, fp32 master and Adam moments are the only ones there are).
@@ -58,6 +73,7 @@ import yaml
 
 from embedtrain.autoconfig import GIB, Hardware, activation_bytes, auto_deepspeed_json, model_state_bytes, with_reserve
 from embedtrain.config import load_config, recipe_path
+from embedtrain.losses import MAXSIM_BLOCK_ELEMENTS
 from embedtrain.shape import Shape
 
 NVLINK_GBPS = 3600.0  # H100 SXM NVLink 4: 900 GB/s both directions -> 450 GB/s = 3,600 Gb/s each way
@@ -119,6 +135,8 @@ SHAPES = {  # public architecture facts of the recipes' base models (docs/recipe
 }
 RECIPE_SHAPES = {
     "llama3_2_1b": "llama-3.2-1b",
+    "llama3_2_1b_sparse": "llama-3.2-1b",
+    "llama3_2_1b_colbert": "llama-3.2-1b",
     "llama_embed_nemotron_8b": "llama-3.1-8b",
     "ministral3_3b": "ministral3-3b",
     "qwen3_0_6b": "qwen3-0.6b",
@@ -158,25 +176,50 @@ def memory_per_gpu(
     score_bytes_per_layer=0.0,
     lora_params=0,
     stage=3,
+    sparse_logit_bytes=0,
+    token_embeddings=None,
 ):
     """Bytes per GPU by component, for micro-batch `micro` queries per GPU; activations are held
     for `activation_queries` of them at a time (GradCache chunks; default all). With `lora_params`
     adapter parameters the base is frozen: its bf16 weights (2 bytes) have no gradient, master copy
-    or Adam moments; the adapter has all of them (18 bytes)."""
+    or Adam moments; the adapter has all of them (18 bytes). `sparse_logit_bytes`: a sparse model's
+    bytes per vocabulary logit (0: not a sparse model; module docstring). `token_embeddings`: a
+    multi-vector model's (token width of a micro-batch, passage tokens, dim) (multi_vector_bytes)."""
     states = model_state_bytes(shape, gpus, stage, lora_params, offload)
     tokens = (activation_queries or micro) * tokens_per_query
     h, layers = shape.hidden_size, shape.num_hidden_layers
     activations = activation_bytes(shape, tokens, layers if checkpointing else 0)
-    pool = gpus * micro * passages_per_query * h * 4 * 2 if global_pool else micro * passages_per_query * h * 8
+    width, rows = (shape.vocab_size, passages_per_query + 1) if sparse_logit_bytes else (h, passages_per_query)
+    pool = gpus * micro * rows * width * 4 * 2 if global_pool else micro * rows * width * 8
     parts = {
         "model states": states,
         "gathered layers": 4 * shape.largest_layer_params if stage == 3 else 0.0,
         "activations": activations,
         "embedding pool": pool,
     }
+    if sparse_logit_bytes:
+        parts["vocabulary logits"] = sparse_logit_bytes * 2 * tokens * shape.vocab_size
+        if not shape.tie_word_embeddings:  # the LM head is trained too: states in proportion to its size
+            parts["model states"] += states * shape.vocab_size * h / shape.params
     if score_bytes_per_layer:
         parts["attention scores"] = score_bytes_per_layer * (1 if checkpointing else layers)
+    if token_embeddings:
+        parts.update(multi_vector_bytes(gpus, micro, passages_per_query, global_pool, *token_embeddings))
     return with_reserve(parts)
+
+
+def multi_vector_bytes(gpus, micro, passages_per_query, global_pool, width, passage_tokens, dim):
+    """A multi-vector model's token-embedding memory (module docstring) in place of the embedding
+    pool: the micro-batch's (1 + G) sequences per query at `width` tokens (the loss pads the queries
+    and passages of a micro-batch to one width) x dim fp32, and their gradient (the GradCache cache
+    holds the same); under `global` the gathered pool of every rank's passages at `passage_tokens`
+    and its gradient; the MaxSim similarities of one block (losses.MAXSIM_BLOCK_ELEMENTS fp32) and,
+    for the backward, the best document token of every (query token, pool passage) pair (int64)."""
+    local = micro * (1 + passages_per_query) * width * dim * 4 * 2
+    pool_passages = (gpus if global_pool else 1) * micro * passages_per_query
+    gathered = pool_passages * passage_tokens * dim * 4 * 2 if global_pool else 0
+    scores = MAXSIM_BLOCK_ELEMENTS * 4 + micro * width * pool_passages * 8
+    return {"embedding pool": local + gathered, "MaxSim scores": scores}
 
 
 def default_bandwidth_gbps(nodes):
@@ -249,11 +292,21 @@ def plan(
     forward_flops = global_batch * (
         shape.forward_flops_per_token(lq, lora) * lq + group * shape.forward_flops_per_token(lp, lora) * lp
     )
+    sparse = config.model.kind == "sparse"
+    # multi-vector: the loss pads a micro-batch's queries and passages to one width (the longer max length)
+    multi_vector = config.model.multi_vector if config.model.kind == "multi_vector" else None
+    token_embeddings = (max(lq, lp), lp, multi_vector["dim"]) if multi_vector else None
+    if lora and multi_vector:  # its projection is trained in full beside the adapter (model/lora.py)
+        lora_params += shape.hidden_size * multi_vector["dim"]
+    if sparse:  # the LM head's matmul over every token: 2 h V forward, 6 h V with the backward
+        step_flops += global_batch * tokens_per_query * 6 * shape.hidden_size * shape.vocab_size
+        forward_flops += global_batch * tokens_per_query * 2 * shape.hidden_size * shape.vocab_size
     chunk = config.train.grad_cache_chunk_size
     eager = config.model.attn_implementation == "eager"
     bandwidth_gbps = bandwidth_gbps or default_bandwidth_gbps(nodes)
     decision = auto_plan(config, shape, nodes, gpus_per_node, gpu_memory_gib)
     stage, param_bytes, grad_bytes = communication_dtypes(config, decision)
+    logit_bytes = param_bytes if sparse else 0  # the LM head's logits are in the parameters' dtype
     options = []
     for offload in ("none", "optimizer", "optimizer+params"):
         for checkpointing in (False, True):
@@ -274,6 +327,8 @@ def plan(
                     scores,
                     lora_params,
                     stage,
+                    logit_bytes,
+                    token_embeddings=token_embeddings,
                 )
                 # forwards repeated: checkpointing's recompute, GradCache's no-grad pass (full
                 # fine-tuning: x 4/3 each with 1/3 of the step's FLOPs in the forward; LoRA: x 3/2)

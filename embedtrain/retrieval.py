@@ -390,6 +390,50 @@ def positive_ceilings(queries, docs, positives, margin, device="cpu", chunk=4096
 # ---------------------------------------------------------------- search
 
 
+class RunningTopK:
+    """The k best (score, corpus row) of each of n queries, over corpus blocks scored one after
+    another (`add`): the block's scores above a query's ceiling or at its excluded rows become -inf,
+    then merge with the best so far (torch.topk). Shared by the dense search here and the MaxSim
+    search (embedtrain.token_retrieval), so both exclude and cut the same way."""
+
+    def __init__(self, n, k, device="cpu", ceilings=None, excluded=None):
+        self.k, self.device = k, torch.device(device)
+        self.ceilings = None if ceilings is None else torch.as_tensor(np.asarray(ceilings, np.float32)).to(device)
+        self.excluded = excluded  # (query index, corpus row) int64 tensors on `device`, or None
+        self.scores = torch.full((n, 0), float("-inf"), device=device)
+        self.rows = torch.zeros((n, 0), dtype=torch.long, device=device)
+
+    def add(self, scores, d0):
+        """Merge the (n, B) float32 scores of corpus rows d0..d0+B (changed in place by the masks)."""
+        if self.ceilings is not None:
+            scores.masked_fill_(scores > self.ceilings[:, None], float("-inf"))
+        if self.excluded is not None:
+            excluded_q, excluded_d = self.excluded
+            inside = (excluded_d >= d0) & (excluded_d < d0 + scores.shape[1])
+            scores[excluded_q[inside], excluded_d[inside] - d0] = float("-inf")
+        merged_scores = torch.cat([self.scores, scores], dim=1)
+        merged_rows = torch.cat(
+            [self.rows, torch.arange(d0, d0 + scores.shape[1], device=self.device).expand(len(scores), -1)], dim=1
+        )
+        top = merged_scores.topk(min(self.k, merged_scores.shape[1]), dim=1)
+        self.scores, self.rows = top.values, merged_rows.gather(1, top.indices)
+
+    def result(self):
+        """(scores (n, k) float32, rows (n, k) int64) numpy, best first; rows -1 where nothing scored."""
+        rows = self.rows.masked_fill(self.scores == float("-inf"), -1)
+        return self.scores.cpu().numpy(), rows.cpu().numpy()
+
+
+def chunk_exclusions(exclude, q0, q1, device="cpu"):
+    """(query index within the chunk, corpus row) tensors of queries q0..q1 of a CSR (offsets, rows)
+    exclusion list, or None without one."""
+    if exclude is None:
+        return None
+    offsets, rows = exclude
+    excluded_q = torch.from_numpy(np.repeat(np.arange(q1 - q0), np.diff(offsets[q0 : q1 + 1]))).to(device)
+    return excluded_q, torch.from_numpy(rows[offsets[q0] : offsets[q1]]).to(device)
+
+
 @torch.no_grad()
 def search(
     queries,
@@ -423,58 +467,35 @@ def search(
     for q0 in tqdm(chunks, desc="search", unit="chunk", disable=not progress):
         q1 = min(q_stop, q0 + query_chunk)
         block_q = torch.from_numpy(queries.read(q0, q1)).to(device)
-        ceiling = None if ceilings is None else torch.from_numpy(np.asarray(ceilings[q0:q1], np.float32)).to(device)
-        excluded_q = excluded_d = None
-        if exclude is not None:
-            offsets, rows = exclude
-            excluded_q = torch.from_numpy(np.repeat(np.arange(q1 - q0), np.diff(offsets[q0 : q1 + 1]))).to(device)
-            excluded_d = torch.from_numpy(rows[offsets[q0] : offsets[q1]]).to(device)
-        best_scores = torch.full((q1 - q0, 0), float("-inf"), device=device)
-        best_rows = torch.zeros((q1 - q0, 0), dtype=torch.long, device=device)
+        top = RunningTopK(
+            q1 - q0,
+            k,
+            device,
+            None if ceilings is None else ceilings[q0:q1],
+            chunk_exclusions(exclude, q0, q1, device),
+        )
         for d0 in range(0, len(docs), corpus_chunk):
             scores = block_q @ torch.from_numpy(docs.read(d0, d0 + corpus_chunk)).to(device).T
             largest = max(largest, scores.numel())
-            if ceiling is not None:
-                scores.masked_fill_(scores > ceiling[:, None], float("-inf"))
-            if excluded_d is not None:
-                inside = (excluded_d >= d0) & (excluded_d < d0 + scores.shape[1])
-                scores[excluded_q[inside], excluded_d[inside] - d0] = float("-inf")
-            merged_scores = torch.cat([best_scores, scores], dim=1)
-            merged_rows = torch.cat(
-                [best_rows, torch.arange(d0, d0 + scores.shape[1], device=device).expand(q1 - q0, -1)], dim=1
-            )
-            top = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-            best_scores, best_rows = top.values, merged_rows.gather(1, top.indices)
-        best_rows = best_rows.masked_fill(best_scores == float("-inf"), -1)
-        all_scores[q0 - q_start : q1 - q_start] = best_scores.cpu().numpy()
-        all_rows[q0 - q_start : q1 - q_start] = best_rows.cpu().numpy()
+            top.add(scores, d0)
+        all_scores[q0 - q_start : q1 - q_start], all_rows[q0 - q_start : q1 - q_start] = top.result()
     return all_scores, all_rows, largest
 
 
-def search_sharded(queries, docs, k, work_dir, query_chunk=256, progress=False, **options):
-    """`search` over all queries, each rank taking a contiguous run of query chunks; the results go
-    through two MatrixFiles in `work_dir` (shared by the ranks). Returns (scores, rows) for every
-    query on rank 0, (None, None) elsewhere. Every rank must call it."""
-    n = len(queries)
+def sharded_results(search_range, n, k, work_dir, query_chunk=256):
+    """Run `search_range((start, stop))` -> (scores (q, k) float32, rows (q, k) int64) on each rank's
+    contiguous run of `query_chunk`-query chunks of n queries; the results go through two
+    MatrixFiles in `work_dir` (shared by the ranks). Returns (scores, rows) for every query on rank
+    0, (None, None) elsewhere. Every rank must call it; `k` is the width the search returns."""
     if distributed.world_size() == 1:
-        scores, rows, _ = search(queries, docs, k, query_chunk=query_chunk, progress=progress, **options)
-        return scores, rows
-    k = min(k, len(docs))
+        return search_range((0, n))
     work_dir = Path(work_dir)
     if distributed.rank() == 0:
         MatrixFile.create(work_dir / "topk-scores", (n, k), "float32")
         MatrixFile.create(work_dir / "topk-rows", (n, k), "int64")
     distributed.barrier()
     start, stop = rank_range(n, query_chunk)
-    scores, rows, _ = search(
-        queries,
-        docs,
-        k,
-        query_range=(start, stop),
-        query_chunk=query_chunk,
-        progress=progress and distributed.rank() == 0,
-        **options,
-    )
+    scores, rows = search_range((start, stop))
     score_file, row_file = MatrixFile.open(work_dir / "topk-scores"), MatrixFile.open(work_dir / "topk-rows")
     score_file.write(start, scores)
     row_file.write(start, rows)
@@ -485,6 +506,25 @@ def search_sharded(queries, docs, k, work_dir, query_chunk=256, progress=False, 
     score_file.remove()
     row_file.remove()
     return result
+
+
+def search_sharded(queries, docs, k, work_dir, query_chunk=256, progress=False, **options):
+    """`search` over all queries, each rank taking a contiguous run of query chunks (sharded_results).
+    Returns (scores, rows) for every query on rank 0, (None, None) elsewhere. Every rank must call it."""
+
+    def search_range(query_range):
+        scores, rows, _ = search(
+            queries,
+            docs,
+            k,
+            query_range=query_range,
+            query_chunk=query_chunk,
+            progress=progress and distributed.rank() == 0,
+            **options,
+        )
+        return scores, rows
+
+    return sharded_results(search_range, len(queries), min(k, len(docs)), work_dir, query_chunk)
 
 
 # ---------------------------------------------------------------- metrics

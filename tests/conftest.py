@@ -187,6 +187,23 @@ def tiny_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_colbert_export(tmp_path_factory):
+    """The tiny_colbert recipe (model.kind=multi_vector) with query expansion (attend: true, packed)
+    trained 4 steps, one log line every 2, and exported with `embedtrain export`: the model folder;
+    beside it `run/` (the run) and `train.log` (the training command's stdout). For every test that
+    needs some exported multi-vector model."""
+
+    def build(root):
+        steps = ["--set", "train.max_steps=4", "--set", "logging.every=2", "--set", "train.save_every=0"]
+        expansion = ["--set", "model.multi_vector.query_expansion={attend: true}"]
+        train = check_cli("train", "--config", "tiny_colbert", "--output-dir", root / "run", *steps, *expansion)
+        (root / "train.log").write_text(train.stdout)
+        check_cli("export", root / "run", root / "model")
+
+    return built_once(tmp_path_factory, "tiny_colbert_export", build) / "model"
+
+
+@pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory):
     """The tiny recipe as shipped (10 steps) trained and exported: `run/`, `model/` and the training
     command's stdout in `train.log`, for every test that needs a trained model."""
@@ -197,6 +214,24 @@ def tiny_trained(tmp_path_factory):
         check_cli("export", root / "run", root / "model")
 
     return built_once(tmp_path_factory, "tiny_trained", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_sparse_trained(tmp_path_factory):
+    """The tiny_sparse recipe (model.kind=sparse) with inference-free queries (the learned query table)
+    trained 4 steps, one log line each, the FLOPS weight warming up over those 4 steps, and exported:
+    `run/` (its checkpoint at step 4), `model/` (a sentence-transformers SparseEncoder folder in the
+    Router layout) and the training command's stdout in `train.log`, for every test that needs a
+    trained sparse model."""
+
+    def build(root):
+        steps = ["--set", "train.max_steps=4", "--set", "logging.every=1", "--set", "model.sparse.flops_warmup_steps=4"]
+        steps += ["--set", "model.sparse.inference_free_queries=true"]
+        train = check_cli("train", "--config", "tiny_sparse", "--output-dir", root / "run", *steps)
+        (root / "train.log").write_text(train.stdout)
+        check_cli("export", root / "run", root / "model")
+
+    return built_once(tmp_path_factory, "tiny_sparse_trained", build)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ LAYERS = [
     ),
     ("inference", ("embedtrain.inference",)),
     ("data", ("embedtrain.data",)),
-    ("retrieval", ("embedtrain.retrieval",)),
+    ("retrieval", ("embedtrain.retrieval", "embedtrain.token_retrieval", "embedtrain.bm25")),
     ("config", ("embedtrain.config", "embedtrain.autoconfig")),
     ("train", ("embedtrain.train", "embedtrain.kinds")),  # the kinds call train/step.py; the loop calls them
     (
@@ -42,6 +42,8 @@ LAYERS = [
             "embedtrain.mine",
             "embedtrain.export",
             "embedtrain.export_multi_vector",
+            "embedtrain.export_files",
+            "embedtrain.export_sparse",
             "embedtrain.merge",
             "embedtrain.plan",
             "embedtrain.teacher_cache",

@@ -2,12 +2,17 @@
 and only the adapter has optimizer state; the adapter saved under ZeRO-3 on 2 ranks is the trained
 one, not empty (DeepSpeed issue 7900); the merged export, the adapter on its base (peft) and the
 in-process encoder give the same embeddings, and the merged model is not the untuned base
-(sentence-transformers issue 3246); a killed LoRA run resumes exactly; config errors name the key."""
+(sentence-transformers issue 3246); a killed LoRA run resumes exactly; config errors name the key.
+A multi-vector LoRA run (the session's shared launch) trains the adapter and its projection only,
+saves both, resumes both, and exports a MultiVectorEncoder folder that encodes as the in-process
+module and loads in sentence-transformers."""
 
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,6 +60,9 @@ def test_lora_config_defaults_and_refusals(monkeypatch):
         load_config("tiny", ["model.lora.rank=8"])
     with pytest.raises(ConfigError, match="model.lora applies to embedding models"):
         load_config("tiny", ["model.kind=reranker", "model.lora={}"])
+    with pytest.raises(ConfigError, match=r"model\.lora .*model\.kind=sparse"):
+        load_config("tiny_sparse", ["model.lora={}"])
+    assert load_config("tiny_colbert", ["model.lora={}"]).model.lora == LORA_DEFAULTS  # its projection trains too
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(ConfigError, match=r"model.lora needs the peft package.*pip install embedtrain\[lora\]"):
@@ -69,6 +77,7 @@ shared_scenarios(
         "dropout": ["--grad-cache", "2", "--dropout", "0.1"],  # first: its RNG use must not reach the others
         "stage 3": ["--stage", "3"],
         "stage 2": ["--stage", "2"],
+        "multi-vector": ["--multi-vector"],  # tiny_colbert with model.lora: 2 steps, export, resume
     },
 )
 
@@ -101,6 +110,53 @@ def test_lora_dropout_is_live_and_grad_cache_replays_it(lora_parity):
     result = lora_parity["dropout"]
     assert result["replay_error"] == 0.0, result
     assert result["max_rel_error"] > 1e-2, result
+
+
+def test_multi_vector_lora_trains_saves_resumes_and_exports_the_projection(lora_parity):
+    """tiny_colbert with model.lora, 2 steps on 2 ranks (ZeRO-3) through the training loop: the
+    projection is trained with the adapter (it moved from its seeded start; the optimizer holds
+    exactly the two) while every base weight stays model.path's; the checkpoint's
+    trained_head.safetensors holds the trained projection, and a run resumed from it gathers the
+    same adapter and projection; `embedtrain export` merges the adapter and writes the projection:
+    the folder's token embeddings equal the in-process module's (relative 1e-4) and
+    sentence-transformers' MultiVectorEncoder loads it with the same ones."""
+    from sentence_transformers import MultiVectorEncoder as STMultiVectorEncoder
+
+    result = lora_parity["multi-vector"]
+    assert result["heads"] == ["head.linear.weight"] and result["head_saved_equal"], result
+    assert result["head_moved"] > 1e-4 and result["lora_b_moved"] > 0, result
+    assert result["base_max_diff"] == 0.0 and result["frozen_count"] > 0, result
+    assert result["head_numel"] == 32 * 64  # dim x the tiny model's hidden size
+    assert result["optimizer_master_numel"] == result["lora_numel"] + result["head_numel"], result
+    assert result["resumed_keys_equal"] and result["resumed_max_diff"] == 0.0, result
+
+    export = Path(result["export"])
+    saved = torch.load(export.parent / "embeddings.pt", weights_only=False)
+    theirs = STMultiVectorEncoder(str(export), device="cpu", trust_remote_code=True)
+    st = {
+        "queries": [t.float().numpy() for t in theirs.encode_query(saved["queries"])],
+        "passages": [t.float().numpy() for t in theirs.encode_document(saved["passages"])],
+    }
+    for side in ("queries", "passages"):
+        for got, exported, loaded in zip(saved["in_process"][side], saved["exported"][side], st[side]):
+            assert got.shape == exported.shape == loaded.shape
+            np.testing.assert_allclose(exported, got, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(loaded, got, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_vector_lora_export_refuses_adapter_only(tmp_path):
+    """--adapter-only cannot carry the trained projection: refused, naming the option and the head
+    (a checkpoint folder as the export reads it, no run needed)."""
+    from embedtrain.export import write_export
+
+    step = tmp_path / "checkpoints" / "step_1"
+    (step / "base_model").mkdir(parents=True)
+    (step / "base_model" / "multi_vector.json").write_text(json.dumps({"kind": "multi_vector"}))
+    (step / "config.yaml").write_text("model: {path: x, kind: multi_vector, lora: {r: 4}}\n")
+    with pytest.raises(
+        CheckpointError, match=r"--adapter-only is not supported .*multi_vector: its head.linear.weight"
+    ):
+        write_export(step, step / "base_model", tmp_path / "out", "float32", 5.0, adapter_only=True)
 
 
 def tiny_shape():

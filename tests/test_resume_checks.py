@@ -159,3 +159,22 @@ def test_a_checkpoint_without_the_settings_is_not_compared_but_warned_about():
         "[embedtrain] warning: ckpt/step_50 does not record data.mixing, data.length_bucketing, "
         "data.subset_weights, data.mixing_temperature, optim.min_lr_ratio (an older checkpoint): not compared on resume"
     ]
+
+
+@pytest.mark.parametrize(
+    "recipe, before, after, words",
+    [
+        ("tiny", [], ["model.kind=multi_vector"], "model.kind: embedding -> multi_vector"),
+        ("tiny_colbert", [], ["model.multi_vector={dim: 16}"], "model.multi_vector.dim: 32 -> 16"),
+        ("tiny_sparse", [], ["model.sparse={inference_free_queries: true}"], "inference_free_queries: false -> true"),
+        ("tiny", [], ["model.lora={}"], "model.lora: unset -> "),
+    ],
+)
+def test_a_change_of_the_model_is_refused_whatever_the_opt_ins(recipe, before, after, words):
+    """The checkpoint's parameters belong to one model: another kind, width, query table or adapter
+    would not load into it (DeepSpeed's own error, after the model is built), so the resume says which
+    setting changed before anything loads, with or without the opt-ins."""
+    opt_ins = ["train.resume_new_data_order=true", "train.resume_new_schedule=true"]
+    message = refusal(saved(*before, recipe=recipe), *after, *opt_ins, recipe=recipe)
+    assert "the model would change" in message and words in message, message
+    assert check(saved(recipe=recipe), recipe=recipe) == []

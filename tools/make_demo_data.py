@@ -501,15 +501,20 @@ def make_classification(rng: random.Random, query_count: int) -> tuple[list[dict
     return corpus, queries
 
 
-def write_subset(out_dir: Path, subset: str, corpus: list[dict], queries: list[dict]) -> None:
-    subset_dir = out_dir / subset
+def write_subset(out_dir: Path, subset: str, corpus: list[dict], queries: list[dict], info=None) -> None:
+    """OUT/<subset> in the embed-nemotron layout: dataset_metadata.json, corpus.parquet (id, text) and
+    queries.parquet (question_id, question, corpus_id, pos_doc, neg_doc). `info`: the subset's
+    query_instruction and task_type (default: the demo subset's, METADATA). Other tools that write
+    the layout (tools/reranker_shortcuts.py) call this writer."""
+    subset_dir = Path(out_dir) / subset
     subset_dir.mkdir(parents=True, exist_ok=True)
+    info = METADATA[subset] if info is None else info
     metadata = {
         "corpus_id": subset,
         "class": "TextQADataset",
-        "query_instruction": METADATA[subset]["query_instruction"],
+        "query_instruction": info["query_instruction"],
         "passage_instruction": "",
-        "task_type": METADATA[subset]["task_type"],
+        "task_type": info["task_type"],
         "ids_only": False,
     }
     (subset_dir / "dataset_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")

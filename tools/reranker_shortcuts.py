@@ -35,21 +35,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
-DOC_REF = pa.struct([("id", pa.string())])
-CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
-QUERIES_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("question", pa.string()),
-        ("corpus_id", pa.string()),
-        ("pos_doc", pa.list_(DOC_REF)),
-        ("neg_doc", pa.list_(DOC_REF)),
-    ]
-)
+sys.path.insert(0, str(REPO / "tools"))
+
+from make_demo_data import write_subset  # noqa: E402  (the one writer of the dataset layout)
+
 MINED = 3  # mined negatives per held-out query in (a), as the recipe trains with (loss.hard_negatives)
 FIRST_STAGE = 20  # TF-IDF candidates reranked in (c)
 MAX_WORDS = 80  # passages cut to this many words (the recipe's pair_max_length is 128 tokens)
@@ -161,17 +152,6 @@ def write_dataset(out, rows, negatives=8):
     passages = [passage for _, _, passage in rows]
     vectorizer, matrix = tfidf(passages)
     mined = mined_negatives(rank_by_tfidf(vectorizer, matrix, [q for _, q, _ in rows]), range(len(rows)), negatives)
-    folder = Path(out) / "PythonDocs"
-    folder.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "corpus_id": "PythonDocs",
-        "class": "TextQADataset",
-        "query_instruction": "",
-        "passage_instruction": "",
-        "task_type": "Retrieval",
-        "ids_only": False,
-    }
-    (folder / "dataset_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     corpus = [{"id": f"d_{i}", "text": text} for i, text in enumerate(passages)]
     queries = [
         {
@@ -183,8 +163,7 @@ def write_dataset(out, rows, negatives=8):
         }
         for i, (_, query, _) in enumerate(rows)
     ]
-    pq.write_table(pa.Table.from_pylist(corpus, schema=CORPUS_SCHEMA), folder / "corpus.parquet")
-    pq.write_table(pa.Table.from_pylist(queries, schema=QUERIES_SCHEMA), folder / "queries.parquet")
+    write_subset(Path(out), "PythonDocs", corpus, queries, {"query_instruction": "", "task_type": "Retrieval"})
 
 
 def embedtrain(*args):

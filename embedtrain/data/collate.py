@@ -8,6 +8,7 @@ import sys
 import torch
 
 from embedtrain.data.nemotron import content_hash
+from embedtrain.model.multi_vector import expanded_query_batch
 from embedtrain.model.packing import pack_rows, padded_inputs
 from embedtrain.prompts import training_policy
 
@@ -256,6 +257,68 @@ def inbatch_negative_donors(positive_hash_QK, count, seed):
     order_QN = keys_QQ.argsort(dim=1)[:, :n]
     own_QN = torch.arange(num_queries)[:, None].expand(-1, n)
     return torch.where(allowed_QQ.gather(1, order_QN), order_QN, own_QN)
+
+
+class MultiVectorCollator(Collator):
+    """Collator's batches for a multi-vector (ColBERT) model (model.kind=multi_vector), plus:
+
+    - skip_ids: the token ids the loss does not score in passages (the document skiplist,
+      model/multi_vector.skiplist_ids; empty for none), applied to the passages' token embeddings;
+    - with query expansion (`expansion`: {"length", "attend", "token_id"}), every query cut and
+      filled to exactly `length` tokens with the expansion token on the tokenizer's padding side
+      (model/multi_vector.expanded_query_batch, as the export's sentence-transformers model and
+      embedtrain.MultiVectorEncoder encode queries). With attend=True the expanded queries are
+      ordinary sequences (packed or padded like the passages); with attend=False (padded batches
+      only: config.validate_multi_vector refuses data.packing) each encoder call also carries
+      score_mask (S, L): the expansion positions are scored but not attended to.
+    """
+
+    def __init__(self, tokenizer, data_config, subsets, chunk_size=0, one_row=False, expansion=None, skip_ids=()):
+        super().__init__(tokenizer, data_config, subsets, chunk_size, None, one_row)
+        self.expansion = expansion
+        self.skip_ids = torch.tensor(list(skip_ids), dtype=torch.long)
+
+    def expanded(self, query_ids):
+        """(the queries' token lists expanded to the expansion length, their real token counts)."""
+        length = self.expansion["length"]
+        ids, _, _ = expanded_query_batch(
+            query_ids, length, self.expansion["token_id"], True, self.tokenizer.padding_side
+        )
+        return ids.tolist(), [min(len(ids_), length) for ids_ in query_ids]
+
+    def example_tokens(self, examples):
+        counts = super().example_tokens(examples)
+        if self.expansion is None:
+            return counts
+        query_ids, _ = self.tokenize(examples)
+        return [count - len(ids) + self.expansion["length"] for count, ids in zip(counts, query_ids)]
+
+    def __call__(self, examples, chunks=None):
+        batch = super().__call__(examples, chunks)
+        batch["skip_ids"] = self.skip_ids
+        return batch
+
+    def encoder_inputs(self, sequences, num_queries):
+        if self.expansion is None:
+            return super().encoder_inputs(sequences, num_queries)
+        queries, real = self.expanded(sequences[:num_queries])
+        part = super().encoder_inputs(queries + list(sequences[num_queries:]), num_queries)
+        if self.expansion["attend"]:
+            return part
+        # padded (the config refuses packing here): every expanded position is scored, and the
+        # expansion positions, the first (left padding) or last (right) of a query row's scored
+        # positions, are not attended to
+        inputs = part["inputs"]
+        scored_SL = inputs.attention_mask.bool()
+        order_SL = scored_SL.long().cumsum(-1) - 1  # index among the row's scored positions
+        expansion_S = torch.tensor([self.expansion["length"] - n for n in real] + [0] * (len(sequences) - num_queries))
+        if self.tokenizer.padding_side == "left":
+            attended_SL = scored_SL & (order_SL >= expansion_S[:, None])
+        else:
+            attended_SL = scored_SL & (order_SL < (scored_SL.sum(-1) - expansion_S)[:, None])
+        part["inputs"] = padded_inputs(inputs.input_ids, attended_SL.to(inputs.attention_mask.dtype))
+        part["score_mask"] = scored_SL
+        return part
 
 
 def encoder_parts(batch):

@@ -5,5 +5,6 @@ inference), below retrieval, the commands and training's evaluation."""
 
 from embedtrain.inference.api import BiEncoder, Reranker
 from embedtrain.inference.multi_vector import MultiVectorEncoder
+from embedtrain.inference.sparse import SparseEncoder
 
-__all__ = ["BiEncoder", "MultiVectorEncoder", "Reranker"]
+__all__ = ["BiEncoder", "MultiVectorEncoder", "Reranker", "SparseEncoder"]

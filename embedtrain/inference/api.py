@@ -11,7 +11,23 @@ from embedtrain.inference.batching import encode_texts, prompt_text, score_pairs
 from embedtrain.inference.loading import encoder_parts, reranker_parts
 
 
-class BiEncoder:
+class EncoderModel:
+    """What the models that encode texts share (BiEncoder, MultiVectorEncoder, SparseEncoder): the eval-mode
+    `module` they hold (set by the subclass), its device and the width of the vectors it returns."""
+
+    @property
+    def device(self):
+        return next(self.module.parameters()).device
+
+    @property
+    def width(self):
+        """The width of the vectors `encode` returns (per text, or per token for a multi-vector model)
+        without `dim`: the module's (a kept projection's output width, a multi-vector projection's dim,
+        a sparse model's vocabulary size)."""
+        return self.module.width
+
+
+class BiEncoder(EncoderModel):
     """An embedding model ready for `encode`: `module` (eval mode), `tokenizer`, `prompt_policy`
     (embedtrain.prompts.PromptPolicy), `max_seq_length` (tokens per text by default) and
     `name_or_path` (the folder it was loaded from)."""
@@ -33,15 +49,6 @@ class BiEncoder:
         A reranker folder is refused with a message naming its kind.
         """
         return cls(**encoder_parts(path, dtype=dtype, device=device))
-
-    @property
-    def device(self):
-        return next(self.module.parameters()).device
-
-    @property
-    def width(self):
-        """The width of the vectors `encode` returns without `dim` (a kept projection's output width)."""
-        return self.module.width
 
     def encode(self, texts, prompt=None, batch_size=32, max_length=None, dim=None, normalize=True, progress=False):
         """Embeddings of `texts` as a float32 numpy array (N, D) on the host, in input order (one

@@ -58,10 +58,10 @@ def resolve_dtype(dtype=None, device="cpu"):
 def model_kind(path):
     """What a folder given as a model holds, the one classification every loader uses (encode, eval,
     mine, rerank, BiEncoder/Reranker.from_pretrained): "reranker", "multi_vector" (a ColBERT model,
-    embedtrain/export_multi_vector.py), "adapter" (a LoRA adapter
-    exported alone), "embedding", "run" (a training run folder, its checkpoints folder or one of its
-    step folders: not loadable until exported), "missing" (not a folder) or "unknown" (a folder
-    without config.json, so no model of any kind)."""
+    embedtrain/export_multi_vector.py), "sparse" (a SPLADE model, embedtrain/export_sparse.py),
+    "adapter" (a LoRA adapter exported alone), "embedding", "run" (a training run folder, its
+    checkpoints folder or one of its step folders: not loadable until exported), "missing" (not a
+    folder) or "unknown" (a folder without config.json, so no model of any kind)."""
     path = Path(path)
     if not path.is_dir():
         return "missing"
@@ -71,6 +71,8 @@ def model_kind(path):
         return "reranker"
     if is_multi_vector_folder(path):
         return "multi_vector"
+    if is_sparse_folder(path):
+        return "sparse"
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return "adapter"
     if not (path / "config.json").is_file():
@@ -83,6 +85,13 @@ def is_multi_vector_folder(path):
     config_sentence_transformers.json names MultiVectorEncoder (embedtrain/export_multi_vector.py)."""
     st_config = Path(path) / "config_sentence_transformers.json"
     return st_config.is_file() and json.loads(st_config.read_text()).get("model_type") == "MultiVectorEncoder"
+
+
+def is_sparse_folder(path):
+    """Whether a model folder holds a sparse (SPLADE) model: sentence-transformers'
+    config_sentence_transformers.json names SparseEncoder (embedtrain/export_sparse.py)."""
+    st_config = Path(path) / "config_sentence_transformers.json"
+    return st_config.is_file() and json.loads(st_config.read_text()).get("model_type") == "SparseEncoder"
 
 
 def is_run_folder(path):
@@ -101,7 +110,9 @@ KIND_USES = {
     "reranker": "a reranker (cross-encoder): it scores (query, passage) pairs and does not embed texts; use it "
     "with embedtrain rerank, eval/mine --rerank or embedtrain.Reranker.from_pretrained",
     "multi_vector": "a multi-vector (ColBERT) model: it embeds every token and scores by MaxSim; use it with "
-    "embedtrain.MultiVectorEncoder.from_pretrained",
+    "embedtrain encode / eval / mine or embedtrain.MultiVectorEncoder.from_pretrained",
+    "sparse": "a sparse (SPLADE) model: it weighs vocabulary terms and scores by dot product; use it with "
+    "embedtrain encode / eval or embedtrain.SparseEncoder.from_pretrained",
     "adapter": "a LoRA adapter without its base (embedtrain export --adapter-only): export the run merged "
     "(embedtrain export RUN OUT) to encode with it, or load it with peft on the base",
 }

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embedtrain.errors import ModelError
+from embedtrain.inference.api import EncoderModel
 from embedtrain.inference.batching import BLOCK, prompt_text, token_budget_batches
 from embedtrain.inference.loading import folder_tokenizer, require_kind, resolve_device, resolve_dtype
 from embedtrain.inference.token_index import flatten, maxsim_search, padded_block
@@ -145,7 +146,7 @@ def encode_tokens(encoder, texts, prompt="", is_query=False, batch_size=32, max_
     return out
 
 
-class MultiVectorEncoder:
+class MultiVectorEncoder(EncoderModel):
     """A multi-vector (ColBERT) model ready for `encode` and `score`: `module` (eval mode), `tokenizer`,
     `prompt_policy`, `settings` (MultiVectorSettings), `expansion_id` (the query expansion token)
     and `name_or_path`."""
@@ -163,14 +164,6 @@ class MultiVectorEncoder:
         """An exported multi-vector folder ready for `encode`, in eval mode; device and dtype as
         BiEncoder.from_pretrained's. A folder of another kind is refused with a message naming it."""
         return cls(**multi_vector_parts(path, dtype=dtype, device=device))
-
-    @property
-    def device(self):
-        return next(self.module.parameters()).device
-
-    @property
-    def width(self):
-        return self.module.width
 
     def encode(self, texts, prompt=None, is_query=None, batch_size=32, max_length=None, progress=False):
         """Token embeddings of `texts`: a list of float32 (n_i, D) arrays in input order (one string

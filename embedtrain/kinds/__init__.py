@@ -6,11 +6,15 @@ from pathlib import Path
 
 from embedtrain.errors import ConfigError
 from embedtrain.kinds.dense import DenseKind
+from embedtrain.kinds.multi_vector import MultiVectorKind
 from embedtrain.kinds.reranker import RerankerKind
+from embedtrain.kinds.sparse import SparseKind
 
 KINDS = {
     "embedding": DenseKind(),
     "reranker": RerankerKind(),
+    "multi_vector": MultiVectorKind(),
+    "sparse": SparseKind(),
 }
 DEFAULT = "embedding"  # the kind of a config or checkpoint that names none (written before model.kind)
 

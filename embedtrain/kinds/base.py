@@ -26,6 +26,9 @@ class ModelKind:
     # the settings that cut a training example into token sequences: a resume that changes one
     # changes the data order (train/resume_checks.py)
     length_keys = ()
+    # the settings (beyond model.kind and model.lora) that decide which parameters exist: a resume
+    # may not change them (train/resume_checks.py)
+    model_keys = ()
     eval_note = ""  # after the in-training eval line: what the metrics are of, when not a corpus search
 
     def check_family(self, family, config):
@@ -62,6 +65,11 @@ class ModelKind:
         """In-training evaluation on every rank: {subset: metrics, "mean": metrics} on rank 0, None
         elsewhere (metrics as embedtrain.retrieval.metrics gives them)."""
         raise NotImplementedError
+
+    def learning_rates(self, config):
+        """{parameter name prefix: peak learning rate} of the parameters this kind trains at a rate of
+        their own (the others train at train.lr); optim.schedule scales every rate alike."""
+        return {}
 
     def base_model_files(self, config):
         """{file name: JSON object} this kind adds to <run>/base_model (copied into every checkpoint):

@@ -14,7 +14,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, SequenceClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, MaskedLMOutput, SequenceClassifierOutput
 
 # transformers 5's attention functions read is_causal from the module when no mask is given
 MASKLESS_IS_BIDIRECTIONAL = int(transformers.__version__.split(".")[0]) >= 5
@@ -251,3 +251,36 @@ class LlamaBidirectionalForSequenceClassification(LlamaPreTrainedModel):
         if labels is not None:  # one relevance target per pair (num_labels 1), as transformers' regression
             loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class LlamaBidirectionalForMaskedLM(LlamaPreTrainedModel):
+    """Sparse lexical (SPLADE) model as a fill-mask model: every token's vocabulary logits, the
+    bidirectional backbone's states through the LM head. sentence-transformers' SparseEncoder loads it
+    (AutoModelForMaskedLM) and max-pools log(1 + relu(logit)) over the tokens (SpladePooling).
+
+    With `config.tie_word_embeddings` the head IS the input embedding matrix (no lm_head weight
+    stored); the logits are computed from it directly rather than through transformers' weight
+    tying, whose declaration differs between 4.x and 5.x."""
+
+    config_class = LlamaBidirectionalConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaBidirectionalModel(config)
+        if not getattr(config, "tie_word_embeddings", False):
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def head_weight(self):
+        return (
+            self.model.embed_tokens.weight
+            if getattr(self.config, "tie_word_embeddings", False)
+            else self.lm_head.weight
+        )
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        hidden_BLD = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds
+        ).last_hidden_state
+        weight = self.head_weight()
+        return MaskedLMOutput(logits=nn.functional.linear(hidden_BLD.to(weight.dtype), weight))

@@ -9,6 +9,13 @@ the adapted model starts as the base.
 The adapter folder is peft's own format (adapter_model.safetensors + adapter_config.json), loadable
 with `peft.PeftModel.from_pretrained(base, folder)` where `base` is the bidirectional backbone
 (`embedtrain.model.load_backbone(path)`): keys `base_model.model.<module>.lora_A.weight`.
+
+A head built beside the backbone with no pretrained weights to adapt (a multi-vector model's token
+projection) is trained in full next to the adapter, as peft does for its `modules_to_save` ("modules
+apart from adapter layers to be set as trainable and saved in the final checkpoint", peft's
+LoraConfig) and NV-Embed (Lee et al. 2024, arXiv 2405.17428) for its new latent-attention pooling
+layer on a LoRA-tuned Mistral-7B. Its weights go to a file of their own, trained_head.safetensors
+(training names, fp32), so that the adapter folder stays what peft loads onto the bare backbone.
 This module holds no distributed code; train/checkpoint.py gathers the ZeRO-3 partitions.
 """
 
@@ -28,6 +35,9 @@ LORA_PARAMETER = re.compile(rf"\.lora_([AB])\.{ADAPTER_NAME}\.weight$")
 # next to the adapter in a checkpoint: the base it was trained on (peft warns about unknown keys
 # in adapter_config.json, so embedtrain's own record is a file of its own)
 ADAPTER_BASE = "adapter_base.json"
+# next to the adapter: the trained parameters outside the backbone (trained_parameters), by training name
+HEAD_WEIGHTS = "trained_head.safetensors"
+BACKBONE_PREFIX = "backbone."  # the backbone's parameters in the trained module (kinds' build_module)
 
 
 def peft_config(lora, base_path=None, inference_mode=False):
@@ -73,6 +83,21 @@ def lora_parameters(module):
     return [(name, param) for name, param in module.named_parameters() if LORA_PARAMETER.search(name)]
 
 
+def head_parameters(module):
+    """(name, parameter) of every trained parameter of `module` outside its backbone (a multi-vector
+    projection: `head.linear.weight`), trained in full beside the adapter; [] for a plain encoder."""
+    return [
+        (name, param)
+        for name, param in module.named_parameters()
+        if param.requires_grad and not name.startswith(BACKBONE_PREFIX)
+    ]
+
+
+def trained_parameters(module):
+    """(name, parameter) of what a LoRA run trains: the adapter, then any head outside the backbone."""
+    return lora_parameters(module) + head_parameters(module)
+
+
 def adapter_key(name):
     """A training parameter name (`backbone.layers.0.self_attn.q_proj.lora_A.default.weight`, with
     or without the `backbone.` prefix) -> peft's saved key
@@ -82,14 +107,20 @@ def adapter_key(name):
 
 
 def write_adapter(folder, tensors, lora, base_path, fingerprint=None):
-    """adapter_model.safetensors (fp32, peft's keys) + adapter_config.json into `folder`.
-    `tensors`: {training parameter name: full tensor}."""
+    """adapter_model.safetensors (fp32, peft's keys) + adapter_config.json into `folder`, and the
+    trained head (HEAD_WEIGHTS, training names) when there is one.
+    `tensors`: {training parameter name: full tensor} (trained_parameters')."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {
-        adapter_key(name): tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()
-    }
+
+    def fp32(tensor):
+        return tensor.detach().to("cpu", torch.float32).contiguous()
+
+    weights = {adapter_key(name): fp32(tensor) for name, tensor in tensors.items() if LORA_PARAMETER.search(name)}
+    head = {name: fp32(tensor) for name, tensor in tensors.items() if not LORA_PARAMETER.search(name)}
     save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if head:
+        save_file(head, str(folder / HEAD_WEIGHTS), metadata={"format": "pt"})
     config = peft_config(lora, base_path, inference_mode=True).to_dict()
     config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -103,6 +134,13 @@ def read_adapter(folder):
     """(tensors by peft key, adapter_config dict) of an adapter folder."""
     folder = Path(folder)
     return load_file(str(folder / ADAPTER_WEIGHTS)), json.loads((folder / ADAPTER_CONFIG).read_text())
+
+
+def read_head(folder):
+    """{training name: fp32 tensor} of the head trained beside the adapter in a checkpoint folder
+    (write_adapter); {} when the run trained the adapter alone."""
+    path = Path(folder) / HEAD_WEIGHTS
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def recorded_base(folder):

@@ -7,7 +7,9 @@ Resume picks the newest complete checkpoint; export insists on the one `latest` 
 A LoRA run (model.lora) saves the DeepSpeed state of the adapter only: the frozen base is left out
 (exclude_frozen_parameters; otherwise ZeRO-3 writes every rank's base partition and ZeRO-2 the
 whole base, twice) and comes back from model.path. The adapter itself is also written in peft's
-format (adapter_model.safetensors + adapter_config.json), gathered from the ranks' fp32 partitions."""
+format (adapter_model.safetensors + adapter_config.json), gathered from the ranks' fp32 partitions,
+and a head trained in full beside it (a multi-vector projection) as trained_head.safetensors
+(model/lora.py); the DeepSpeed state holds both, as the run's trained parameters."""
 
 import json
 import random
@@ -23,7 +25,7 @@ import yaml
 from embedtrain import distributed
 from embedtrain.errors import CheckpointError
 from embedtrain.file_modes import apply_umask
-from embedtrain.model.lora import ADAPTER_BASE, base_fingerprint, lora_parameters, recorded_base, write_adapter
+from embedtrain.model.lora import ADAPTER_BASE, base_fingerprint, recorded_base, trained_parameters, write_adapter
 
 
 def write_base_model(run_dir, backbone_config, tokenizer, prompt_policy, extras=None):
@@ -228,16 +230,17 @@ PARTIAL = ".partial"
 
 
 def gather_adapter(engine):
-    """{name: full fp32 tensor on the host} of every LoRA weight; every rank calls it, in the same
-    order. Read from the optimizer's fp32 master copy (under ZeRO the parameter is a partition, or
-    in bf16 a rounded copy; the DeepSpeed state export and resume use the same masters). Reading
+    """{name: full fp32 tensor on the host} of every LoRA weight and of a head trained beside the
+    adapter (model/lora.trained_parameters); every rank calls it, in the same order. Read from the
+    optimizer's fp32 master copy (under ZeRO the parameter is a partition, or in bf16 a rounded
+    copy; the DeepSpeed state export and resume use the same masters). Reading
     `param.data` under ZeRO-3 would give empty placeholders: the empty adapter of DeepSpeed issue
     7900. Without a master copy (no ZeRO, fp32) the gathered parameter is the weight."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     tensors = {}
-    for name, param in lora_parameters(engine.module):
+    for name, param in trained_parameters(engine.module):
         full = safe_get_full_fp32_param(param)
         if full is None:
             with deepspeed.zero.GatheredParameters([param]):

@@ -50,17 +50,25 @@ def enable_activation_checkpointing(backbone, use_reentrant=False, every=1):
         layer.gradient_checkpointing = index % every == 0
 
 
-def parameter_groups(model, weight_decay):
+def parameter_groups(model, weight_decay, learning_rates=None):
     """AdamW groups over the trainable parameters only (a frozen LoRA base gets no optimizer state):
-    matrices decay; norms (1-D) and biases do not. An empty group (LoRA: no 1-D weights) is left out."""
-    decay, no_decay = [], []
+    matrices decay; norms (1-D) and biases do not. `learning_rates` ({name prefix: lr}, the model
+    kind's learning_rates): the parameters under a prefix form groups of their own with that "lr"
+    (the others take the optimizer's). An empty group (LoRA: no 1-D weights) is left out."""
+    learning_rates = learning_rates or {}
+    groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 params are flattened placeholders
-        (no_decay if len(shape) < 2 or name.endswith(".bias") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+        decays = not (len(shape) < 2 or name.endswith(".bias"))
+        lr = next((rate for prefix, rate in learning_rates.items() if name.startswith(prefix)), None)
+        groups.setdefault((lr, decays), []).append(param)
+    ordered = sorted(groups, key=lambda key: (key[0] is not None, key[0] or 0.0, not key[1]))
+    return [
+        {"params": groups[lr, decays], "weight_decay": weight_decay if decays else 0.0, **({"lr": lr} if lr else {})}
+        for lr, decays in ordered
+    ]
 
 
 def lr_multiplier(step, warmup_steps, max_steps, schedule, min_ratio):
@@ -135,7 +143,7 @@ def build_optimizer(encoder, config, ds_config):
     per parameter tensor and none of their temporaries (the non-fused step's were the 1B recipe's
     peak memory on an H100, issue 26); DeepSpeed's ZeRO optimizers wrap it like any client
     optimizer, whose param groups they point at their fp32 partitions. The CPU keeps the plain one."""
-    groups = parameter_groups(encoder, config.optim.weight_decay)
+    groups = parameter_groups(encoder, config.optim.weight_decay, kind_of(config).learning_rates(config))
     adam = dict(lr=config.train.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
     if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam

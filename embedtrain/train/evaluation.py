@@ -4,6 +4,10 @@ Every rank encodes a contiguous slice of the texts with the training engine (und
 must run the same number of forwards, so slices are padded to equal length), the embeddings are
 gathered, and rank 0 scores with the same exact search and metrics as `embedtrain eval`.
 
+A multi-vector model (model.kind=multi_vector) is evaluated the same way on its token embeddings:
+every rank encodes its slice as the export encodes (query expansion, document skiplist), the ragged
+token embeddings are gathered, and rank 0 ranks the corpus by exact MaxSim (inference/token_index.py).
+
 A reranker (model.kind=reranker) cannot search a corpus; its evaluation reranks a fixed first-stage
 list instead: for each held-out query, its pos_doc plus its neg_doc (the dataset's mined negatives),
 at most eval.rerank_candidates documents, in an order shuffled per query (seeded by the query id) so
@@ -21,6 +25,8 @@ import torch
 from embedtrain import distributed
 from embedtrain.data.nemotron import read_metadata, subset_folders
 from embedtrain.errors import DataError
+from embedtrain.inference.multi_vector import encode_tokens
+from embedtrain.inference.token_index import flatten, maxsim_search, unflatten
 from embedtrain.retrieval import metrics, read_columns, read_subset, top_k, with_mean
 
 
@@ -102,13 +108,16 @@ def encode_sharded(engine, tokenizer, texts, batch_size, max_length):
     return gathered.cpu().numpy()
 
 
-def evaluate_in_training(engine, tokenizer, sources, batch_size, max_length):
-    """{subset: metrics} on rank 0 (None elsewhere); the engine is back in training mode after."""
+def evaluate_in_training(engine, tokenizer, sources, batch_size, max_length, query_side=None):
+    """{subset: metrics} on rank 0 (None elsewhere); the engine is back in training mode after.
+    `query_side`: the (engine, tokenizer) that encode the queries when not these (a sparse model's
+    inference-free query table, embedtrain/kinds/sparse.py)."""
     engine.eval()
     results = {}
+    query_engine, query_tokenizer = query_side or (engine, tokenizer)
     for name, (query_ids, query_texts, doc_ids, doc_texts, qrels) in sources.items():
         docs = encode_sharded(engine, tokenizer, doc_texts, batch_size, max_length)
-        queries = encode_sharded(engine, tokenizer, query_texts, batch_size, max_length)
+        queries = encode_sharded(query_engine, query_tokenizer, query_texts, batch_size, max_length)
         if distributed.rank() == 0:
             results[name] = metrics(dict(zip(query_ids, top_k(queries, docs, doc_ids))), qrels)
     engine.train()
@@ -138,3 +147,43 @@ def rerank_in_training(engine, tokenizer, sources, batch_size, max_length):
         return None
     summary = with_mean(results)
     return {**summary["subsets"], "mean": summary["mean"]}
+
+
+@torch.no_grad()
+def encode_tokens_sharded(encoder, texts, is_query, batch_size):
+    """A multi-vector engine's token embeddings of `texts` (inference/multi_vector.encode_tokens:
+    lengths, query expansion, document skiplist as the export encodes them), computed rank-sharded
+    (every rank as many forwards) and gathered on every rank: (flat (tokens, D) float32, offsets)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    per_rank = math.ceil(len(texts) / world)
+    mine = texts[rank * per_rank : (rank + 1) * per_rank]
+    real = len(mine)
+    arrays = encode_tokens(encoder, mine + ["."] * (per_rank - real), "", is_query, batch_size)[:real]
+    flat, offsets = flatten(arrays, encoder.settings.dim)
+    device = encoder.module.device
+    flat = distributed.gather_no_grad(torch.from_numpy(flat).to(device)).cpu().numpy()
+    lengths = distributed.gather_no_grad(torch.from_numpy(np.diff(offsets)).to(device)).cpu().numpy()
+    return flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def maxsim_in_training(encoder, sources, batch_size, k=100):
+    """{subset: metrics, "mean": metrics} of a multi-vector engine on rank 0 (None elsewhere): every
+    held-out query against the subset's whole corpus by exact MaxSim (inference/token_index.py's
+    block search), the metrics of `evaluate_in_training`. `encoder`: the engine with the tokenizer,
+    settings and expansion token (as inference.MultiVectorEncoder holds them). Every rank must call
+    it; the engine is back in training mode after."""
+    engine = encoder.module
+    engine.eval()
+    results = {}
+    for name, (query_ids, query_texts, doc_ids, doc_texts, qrels) in sources.items():
+        docs, doc_offsets = encode_tokens_sharded(encoder, doc_texts, False, batch_size)
+        queries, query_offsets = encode_tokens_sharded(encoder, query_texts, True, batch_size)
+        if distributed.rank() == 0:
+            _, rows = maxsim_search(unflatten(queries, query_offsets), docs, doc_offsets, k)
+            rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, rows.tolist())}
+            results[name] = metrics(rankings, qrels)
+    engine.train()
+    if distributed.rank() != 0:
+        return None
+    results["mean"] = with_mean(results)["mean"]
+    return results

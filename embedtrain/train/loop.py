@@ -644,6 +644,18 @@ DISTILL_TERMS = (  # (name in the log line, TensorBoard scalar): the distillatio
 )
 
 
+SPARSE_TERMS = (  # (name in the log line, TensorBoard scalar, format): a sparse model's sparsity
+    ("nnz q", "train/nonzero_query", ".1f"),  # mean terms with weight > 0 per query
+    ("nnz d", "train/nonzero_document", ".1f"),  # per document (passage)
+    ("flops", "train/flops_loss", ".4f"),  # the weighted FLOPS terms in the loss (train/sparse_loss.py)
+)
+
+
+def sparsity_text(scalars):
+    """The log line's sparsity figures, for the stats that the step reported (a sparse model's)."""
+    return "".join(f"  {name} {scalars[key]:{spec}}" for name, key, spec in SPARSE_TERMS if key in scalars)
+
+
 def loss_text(loss, scalars):
     """The log line's loss and, under distillation, its terms: all means over the same logging
     window (new_window), so the weighted terms add up to the loss."""
@@ -686,7 +698,7 @@ def log_window(engine, writer, done, step_stats, window, config):
         device = f"  MFU {scalars['perf/mfu']:.1%}  {scalars['perf/peak_memory_gib']:.1f} GiB" if on_gpu else ""
         print(  # distillation: its terms too, so runs with different weights can be compared
             f"[embedtrain] step {done}: {loss_text(loss, scalars)}  "
-            f"acc {scalars.get('train/accuracy', 0):.3f}  "
+            f"acc {scalars.get('train/accuracy', 0):.3f}{sparsity_text(scalars)}  "
             f"lr {scalars['train/lr']:.2e}  {scalars['perf/tokens_per_s']:,.0f} tok/s  "
             f"{scalars['perf/real_tokens_per_s']:,.0f} real tok/s  pad-eff {scalars['perf/padding_efficiency']:.3f}  "
             f"{step_time:.2f} s/step{device}  ETA {eta}",

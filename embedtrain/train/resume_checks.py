@@ -28,6 +28,11 @@ train.max_steps, optim.warmup_steps, optim.schedule and optim.min_lr_ratio would
 from the resumed step on (max_steps and min_lr_ratio only count with a decaying schedule). train.lr
 is different: the optimizer and scheduler states of the checkpoint hold it, so a new value would be
 ignored; a change is refused with or without the opt-in.
+
+The model: the checkpoint holds the weights and optimizer state of one model, so the settings that
+decide which parameters exist are refused outright: model.kind, model.lora and each kind's
+model_keys (the multi-vector projection's width, the sparse model's inference-free query table).
+A run of another model starts from an export of this one (model.path).
 """
 
 import copy
@@ -68,6 +73,14 @@ def order_settings(tree):
     kind = _get(tree, "model.kind")
     keys += kind_named(None if kind is UNKNOWN else kind).length_keys
     return {key: _get(tree, key) for key in keys}
+
+
+def model_settings(tree):
+    """{config key: value} of the settings that decide the model's parameters (a config tree without
+    model.kind is the default kind's, as kinds.kind_named reads it)."""
+    kind = _get(tree, "model.kind")
+    kind = kind_named(None if kind is UNKNOWN else kind)
+    return {"model.kind": kind.name, **{key: _get(tree, key) for key in ("model.lora", *kind.model_keys)}}
 
 
 def schedule_settings(tree):
@@ -143,6 +156,12 @@ def check_resume_settings(saved_config, saved_stream, config, folder):
     order = _changes(saved_order, now_order, unknown)
     schedule = _changes(schedule_settings(saved), schedule_settings(now), unknown)
     lr = _changes({"train.lr": _get(saved, "train.lr")}, {"train.lr": config.train.lr}, unknown)
+    model = _changes(model_settings(saved), model_settings(now), unknown)
+    if model:
+        problems.append(
+            f"the model would change ({', '.join(model)}): the checkpoint holds another model's weights and "
+            "optimizer state; keep these settings to resume, or start a new run from an export of it (model.path)"
+        )
     if order and not config.train.resume_new_data_order:
         problems.append(
             f"the data order would change ({', '.join(order)}): keep these settings to resume, or set "

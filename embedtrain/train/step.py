@@ -50,11 +50,13 @@ def encode_micro_batch(encoder, batch, device):
     return torch.cat([q for q, _ in parts]), torch.cat([p for _, p in parts])
 
 
-def contrastive_loss(encoder, batch, loss_config, device, group=None, uniform=False):
+def contrastive_loss(encoder, batch, loss_config, device, group=None, uniform=False, loss_fn=None):
     """Encode one micro-batch with a DeepSpeed engine or a plain Encoder; return (loss, stats).
-    `uniform`: every rank's micro-batch has this one's size (the training loop's always do)."""
+    `uniform`: every rank's micro-batch has this one's size (the training loop's always do).
+    `loss_fn`: the loss of the embeddings, embeddings_loss's signature (default embeddings_loss; a
+    sparse model's adds its FLOPS terms, train/sparse_loss.py)."""
     queries_QD, passages_PD = encode_micro_batch(encoder, batch, device)
-    return embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group, uniform)
+    return (loss_fn or embeddings_loss)(queries_QD, passages_PD, batch, loss_config, device, group, uniform)
 
 
 def embeddings_loss(queries_QD, passages_PD, batch, loss_config, device, group=None, uniform=False):
@@ -80,7 +82,9 @@ def micro_batch_queries(batch):
     return batch["positive_hash"].shape[0]
 
 
-def micro_batch_backward(engine, batch, loss_config, accumulation, chunk_size=0, group=None, boundary=None):
+def micro_batch_backward(
+    engine, batch, loss_config, accumulation, chunk_size=0, group=None, boundary=None, loss_fn=None
+):
     """engine.backward for one micro-batch, plain or (chunk_size true: the chunk size, or any true
     value for chunks cut by train.micro_batch_tokens) through GradCache; returns (loss, stats).
 
@@ -88,21 +92,23 @@ def micro_batch_backward(engine, batch, loss_config, accumulation, chunk_size=0,
     its loss (with equal micro-batches the accumulation steps; with a token budget S / q for a
     micro-step of q of the rank's S queries, so the step's gradient is the whole share's mean, as
     one large batch's). The loss is divided here (scale_wrt_gas=False), never by DeepSpeed's
-    gradient_accumulation_steps. `boundary`: see grad_cache.set_boundary. The caller calls
-    engine.step() after it, as after engine.backward."""
+    gradient_accumulation_steps. `boundary`: see grad_cache.set_boundary. `loss_fn`: as in
+    contrastive_loss (under GradCache it runs once on the cached embeddings of the whole
+    micro-batch). The caller calls engine.step() after it, as after engine.backward."""
+    loss_fn = loss_fn or embeddings_loss
     if chunk_size:
         return grad_cache_backward(
             engine,
             encoder_parts(batch),
             lambda part: encode_part(engine, part, engine.device),
-            lambda queries_QD, passages_PD: embeddings_loss(
+            lambda queries_QD, passages_PD: loss_fn(
                 queries_QD, passages_PD, batch, loss_config, engine.device, group, uniform=True
             ),
             accumulation,
             boundary,
         )
     set_boundary(engine, boundary)
-    loss, stats = contrastive_loss(engine, batch, loss_config, engine.device, group, uniform=True)
+    loss, stats = contrastive_loss(engine, batch, loss_config, engine.device, group, uniform=True, loss_fn=loss_fn)
     engine.backward(loss / accumulation, scale_wrt_gas=False)
     return loss, stats
 

@@ -6,6 +6,10 @@
         --two-positives --step 1                                       # sibling positives, cycled
     torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global \
         --distill                                                      # distillation: all four terms
+    torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global \
+        --sparse                                                       # a sparse (SPLADE) model: InfoNCE + FLOPS
+    torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --out r.json --negatives global \
+        --multi-vector plain --grad-cache 1                            # ColBERT: MaxSim InfoNCE, GradCache
     torchrun --standalone --nproc_per_node 2 tests/workers/grad_parity.py --scenarios batch.json
                                           # several runs in one launch (tests/workers/scenario_batch.py)
 
@@ -20,6 +24,7 @@ pooled loss masked them.
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,12 +39,14 @@ from embedtrain.config import deepspeed_config, load_config
 from embedtrain.data.collate import Collator, known_positive_hashes
 from embedtrain.data.nemotron import content_hash
 from embedtrain.data.stream import Sampler, StepBatches
+from embedtrain.kinds import kind_of
 from embedtrain.losses import duplicate_positive_mask
 from embedtrain.model.encoder import load_tokenizer
-from embedtrain.train import grad_cache
+from embedtrain.train import grad_cache, sparse_loss
 from embedtrain.train import step as step_module
 from embedtrain.train.engine import build_encoder, build_engine
 from embedtrain.train.loop import open_dataset
+from embedtrain.train.multi_vector_loss import multi_vector_loss
 from embedtrain.train.step import contrastive_loss, micro_batch_backward
 
 
@@ -142,6 +149,13 @@ class SyntheticTeacher:
         return torch.stack(rows).numpy()
 
 
+def write_tied_copy(model_path, folder):
+    """A copy of the checkpoint folder whose config.json ties the LM head to the input embeddings."""
+    shutil.copytree(model_path, folder, dirs_exist_ok=True)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    (Path(folder) / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+
+
 def relative_errors(grads, reference):
     errors = {}
     for name, ref in reference.items():
@@ -184,6 +198,30 @@ def main(argv=None):
     )
     parser.add_argument("--compile", action="store_true", help="train.compile=true (each decoder layer compiled)")
     parser.add_argument(
+        "--sparse",
+        action="store_true",
+        help="model.kind=sparse: InfoNCE over term-weight dot products (temperature 1) + FLOPS at weights 0.1, "
+        "no warm-up; the DeepSpeed side through the kind's backward",
+    )
+    parser.add_argument(
+        "--multi-vector",
+        choices=["plain", "expand", "expand-attend"],
+        default=None,
+        help="model.kind=multi_vector: MaxSim InfoNCE through the kind's collator and backward; expand: queries "
+        "expanded with unattended tokens (padded batches), expand-attend: attended expansion (packed)",
+    )
+    parser.add_argument(
+        "--rank-flops", action="store_true", help="with --sparse: FLOPS over the rank's own vectors (must be caught)"
+    )
+    parser.add_argument(
+        "--tied-head", action="store_true", help="with --sparse: the LM head tied to the input embeddings"
+    )
+    parser.add_argument(
+        "--inference-free",
+        action="store_true",
+        help="with --sparse: inference-free queries (the learned query table) through the kind's collator",
+    )
+    parser.add_argument(
         "--auto-zero3",
         action="store_true",
         help="deepspeed.config=auto at ZeRO-3 (decoder layers as leaf modules), checkpointing every 2nd layer",
@@ -212,6 +250,25 @@ def main(argv=None):
     ]
     if args.model:
         overrides.append(f"model.path={args.model}")
+    if args.multi_vector:
+        overrides += ["model.kind=multi_vector", "model.multi_vector.dim=16", "loss.temperature=1.0"]
+        if args.multi_vector != "plain":
+            attend = str(args.multi_vector == "expand-attend").lower()
+            overrides += [f"model.multi_vector.query_expansion={{attend: {attend}}}", "data.query_max_length=48"]
+            overrides += [] if attend == "true" else ["data.packing=false"]
+    if args.tied_head:  # the tiny Llama with tie_word_embeddings: true (its own lm_head is then unused)
+        tied = Path(args.out).parent / "tied-llama"
+        distributed.run_on_main(lambda: write_tied_copy(load_config("tiny").model.path, tied))
+        overrides.append(f"model.path={tied}")
+    if args.sparse:
+        overrides += [
+            "model.kind=sparse",
+            "loss.temperature=1.0",
+            "model.sparse.flops_query_weight=0.1",
+            "model.sparse.flops_document_weight=0.1",
+            "model.sparse.flops_warmup_steps=0",
+            *(["model.sparse.inference_free_queries=true"] if args.inference_free else []),
+        ]
     teacher = None
     if args.distill:
         teacher = SyntheticTeacher()
@@ -235,6 +292,8 @@ def main(argv=None):
     torch.manual_seed(0)
     dataset = open_dataset(config.data, config.train.output_dir)
     collator = Collator(load_tokenizer(config.model.path), config.data, dataset.info, args.grad_cache, teacher)
+    if args.multi_vector or args.inference_free:  # the kind's collator: skiplist ids, query expansion; query table
+        collator = kind_of(config).make_collator(collator.tokenizer, config, dataset.info, False)
     teacher_dim = teacher.dim if teacher is not None else None
     sampler = Sampler(dataset.subset_sizes(), global_batch, 0)
 
@@ -283,6 +342,8 @@ def main(argv=None):
         grad_cache.RngState.restore = lambda self: None
     if args.detached:
         distributed.gather_with_grad = detached_gather
+    if args.rank_flops:  # the FLOPS terms over the rank's own vectors only (must fail under global)
+        sparse_loss.flops_batch = lambda queries_QV, passages_PV, *rest: (queries_QV, passages_PV)
 
     engine = build_engine(
         config,
@@ -303,11 +364,14 @@ def main(argv=None):
     step_module.duplicate_positive_mask = recording_mask  # the DeepSpeed pass's masks, for --two-positives
     losses, terms, replay = [], [], 0.0
     for index, batch in enumerate(micro_batches(rank, world, args.micro)):
-        loss, stats = micro_batch_backward(engine, batch, config.loss, args.accumulation, args.grad_cache)
+        if args.sparse or args.multi_vector:  # the training loop's call: the kind's backward
+            loss, stats = kind_of(config).backward(engine, batch, config, args.accumulation)
+        else:
+            loss, stats = micro_batch_backward(engine, batch, config.loss, args.accumulation, args.grad_cache)
         if index < args.accumulation - 1:
             engine.step()  # inside the accumulation window: no update; the last step is left out
         losses.append(loss.item())
-        terms.append({k: float(v) for k, v in stats.items() if k.startswith(("distill_", "loss_contrastive"))})
+        terms.append({k: float(v) for k, v in stats.items() if k.startswith(("distill_", "loss_", "flops", "nonzero"))})
         replay = max(replay, float(stats.get("grad_cache_replay_error", 0.0)))
     step_module.duplicate_positive_mask = duplicate_positive_mask
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
@@ -322,9 +386,13 @@ def main(argv=None):
     config.train.compile = False
     config.loss.negatives = "local" if args.negatives == "global" else args.negatives
     reference = build_encoder(config, torch.float32, teacher_dim=teacher_dim)
+    loss_fn = sparse_loss.sparse_loss_at(config.model.sparse, 1) if args.sparse else None
     ref_loss = 0.0
     for batch in reference_micro_batches():
-        loss, _ = contrastive_loss(reference, batch, config.loss, "cpu")
+        if args.multi_vector:
+            loss, _ = multi_vector_loss(reference, batch, config.loss, "cpu")
+        else:
+            loss, _ = contrastive_loss(reference, batch, config.loss, "cpu", loss_fn=loss_fn)
         (loss / args.accumulation).backward()
         ref_loss += loss.item() / args.accumulation
     errors = relative_errors(grads, {n: p.grad for n, p in reference.named_parameters()})
@@ -353,6 +421,7 @@ def main(argv=None):
                     "loss_terms": terms,
                     "backbone": type(engine.module.backbone).__name__,
                     "parameters": sorted(errors),
+                    "grad_norms": {name: float(p.grad.norm()) for name, p in reference.named_parameters()},
                     **masking,
                 },
                 f,
@@ -363,11 +432,21 @@ def main(argv=None):
 def run_restoring(argv):
     """main(argv), then the functions a scenario patches (--no-replay, --detached, the recording
     mask) put back, so that the next scenario of a batch runs unpatched."""
-    saved = grad_cache.RngState.restore, distributed.gather_with_grad, step_module.duplicate_positive_mask
+    saved = (
+        grad_cache.RngState.restore,
+        distributed.gather_with_grad,
+        step_module.duplicate_positive_mask,
+        sparse_loss.flops_batch,
+    )
     try:
         main(argv)
     finally:
-        grad_cache.RngState.restore, distributed.gather_with_grad, step_module.duplicate_positive_mask = saved
+        (
+            grad_cache.RngState.restore,
+            distributed.gather_with_grad,
+            step_module.duplicate_positive_mask,
+            sparse_loss.flops_batch,
+        ) = saved
 
 
 scenario_entry = run_restoring  # what tests/workers/scenario_batch.py runs for an entry naming this worker

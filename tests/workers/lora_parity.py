@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --out r.json [--stage 2]
     torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --out r.json --grad-cache 2 --dropout 0.1
+    torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --out r.json --multi-vector
     torchrun --standalone --nproc_per_node 2 tests/workers/lora_parity.py --scenarios batch.json
                                           # several runs in one launch (tests/workers/scenario_batch.py)
 
@@ -11,6 +12,13 @@ base from embedtrain.model.load_backbone, peft.get_peft_model with the same seed
 forward/backward on the whole global batch (no DeepSpeed, no checkpointing). After the optimizer
 step it counts the optimizer state (the fp32 master partitions and Adam moments) over all ranks.
 Rank 0 writes the worst relative error over the adapter weights and the counts.
+
+--multi-vector instead trains tiny_colbert with model.lora for 2 steps through the training loop
+(ZeRO-3, its checkpoint at step 2), then: the frozen base weights against model.path, the projection
+against its seeded initial value, the optimizer state's size, the in-process module's token
+embeddings against `embedtrain export`'s folder (both saved to embeddings.pt beside --out, for the
+test to compare them and sentence-transformers' with), and a second run resumed from step_2 whose
+gathered adapter and projection must be the saved ones.
 """
 
 import argparse
@@ -60,6 +68,96 @@ def optimizer_state_numel(engine):
     return masters, sum(t.numel() for t in moments), len(moments)
 
 
+QUERIES = ["Who is Shilin Linlofo?", "Which architect works with copper, and where?"]
+PASSAGES = [
+    "Shilin Linlofo is a chemist.",
+    "Dorbra Ostmorven (born 1948 in Bergen) is an architect best known for works made of copper.",
+]
+
+
+def multi_vector_lora(args):
+    """The --multi-vector scenario (module docstring); returns rank 0's result, None elsewhere."""
+    import deepspeed
+
+    from embedtrain.export import export_checkpoint
+    from embedtrain.inference import MultiVectorEncoder
+    from embedtrain.kinds.multi_vector import multi_vector_settings, seed_projection
+    from embedtrain.model.lora import BaseWeights, head_parameters, read_head
+    from embedtrain.prompts import model_policy
+    from embedtrain.train.loop import train
+
+    out = Path(args.out).parent
+    overrides = [
+        "train.max_steps=2",
+        "train.save_every=0",
+        "logging.every=1",
+        "train.lr=2e-3",  # no warm-up, a visible step for the adapter and the projection
+        "optim.warmup_steps=0",
+        "model.lora={r: 4, alpha: 8}",  # dropout 0.1: eval mode must switch it off for the export's parity
+    ]
+    config = load_config("tiny_colbert", overrides, output_dir=str(out / "run"))
+    engine = train(config)
+    trained = gather_adapter(engine)  # what the checkpoint holds: the adapter and the projection
+    heads = [name for name, _ in head_parameters(engine.module)]
+    head_numel = sum(trained[name].numel() for name in heads)
+    lora_numel = sum(t.numel() for name, t in trained.items() if name not in heads)
+    masters, _, _ = (int(c) for c in all_reduced(optimizer_state_numel(engine)))
+
+    base = dict(BaseWeights(config.model.path).items())
+    frozen = [(name, p) for name, p in engine.module.named_parameters() if not p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen]):
+        base_diff = max(
+            float((p.detach().cpu() - base[name.removeprefix("backbone.").replace(".base_layer", "")]).abs().max())
+            for name, p in frozen
+        )
+    initial = torch.nn.Linear(engine.module.backbone.config.hidden_size, config.model.multi_vector["dim"], bias=False)
+    seed_projection(initial, config.train.seed)
+
+    engine.eval()  # LoRA dropout off, as in the export
+    tokenizer = load_tokenizer(config.model.path, config.model.padding_side)
+    policy = model_policy(Path(config.train.output_dir) / "base_model")
+    in_process = MultiVectorEncoder(engine, tokenizer, policy, multi_vector_settings(config))
+    ours = {"queries": in_process.encode_query(QUERIES), "passages": in_process.encode_document(PASSAGES)}
+    step = Path(config.train.output_dir) / "checkpoints" / "step_2"
+    result = None
+    if engine.global_rank == 0:
+        exported = MultiVectorEncoder.from_pretrained(export_checkpoint(config.train.output_dir, out / "export"))
+        theirs = {"queries": exported.encode_query(QUERIES), "passages": exported.encode_document(PASSAGES)}
+        torch.save(
+            {"in_process": ours, "exported": theirs, "queries": QUERIES, "passages": PASSAGES}, out / "embeddings.pt"
+        )
+        saved_head = read_head(step)
+        result = {
+            "heads": heads,
+            "head_saved_equal": sorted(saved_head) == heads
+            and all(torch.equal(saved_head[name], trained[name]) for name in heads),
+            "head_moved": float((trained[heads[0]] - initial.weight.detach()).abs().max()) if heads else 0.0,
+            "lora_b_moved": min(float(t.abs().max()) for name, t in trained.items() if ".lora_B." in name),
+            "base_max_diff": base_diff,
+            "frozen_count": len(frozen),
+            "optimizer_master_numel": masters,
+            "lora_numel": lora_numel,
+            "head_numel": head_numel,
+            "export": str(out / "export"),
+        }
+    torch.distributed.barrier()  # the export exists before the resumed run reads the run folder
+    engine.destroy()
+
+    resumed = train(load_config("tiny_colbert", overrides, output_dir=str(out / "run")))  # train.resume: auto
+    again = gather_adapter(resumed)
+    resumed.destroy()
+    if result is not None:
+        result["resumed_keys_equal"] = sorted(again) == sorted(trained)
+        result["resumed_max_diff"] = max(float((again[name] - trained[name]).abs().max()) for name in trained)
+    return result
+
+
+def all_reduced(values):
+    counts = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(counts)
+    return counts.tolist()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -68,9 +166,15 @@ def main(argv=None):
     parser.add_argument("--grad-cache", type=int, default=0, help="GradCache chunk size (queries)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (GradCache replays it)")
     parser.add_argument("--model", default=None, help="model.path (default: the tiny recipe's tiny Llama)")
+    parser.add_argument("--multi-vector", action="store_true", help="the multi-vector LoRA run (module docstring)")
     args = parser.parse_args(argv)
 
     rank, world, _ = distributed.init_distributed()
+    if args.multi_vector:
+        result = multi_vector_lora(args)
+        if result is not None:
+            Path(args.out).write_text(json.dumps({**result, "world": world}))
+        return
     global_batch = world * args.micro
     overrides = [
         f"train.micro_batch_size={args.micro}",
