@@ -4,14 +4,17 @@ eval in blocks and exact sparse eval against brute-force rankings, a first stage
 every document against the full eval, BM25 against a hand computation, and mining against brute
 force."""
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from test_eval import make_demo_data
 
-from conftest import ASSETS
+from conftest import ASSETS, WORKERS, shared_scenarios
 from embedtrain.bm25 import bm25_scores, bm25_search
 from embedtrain.eval import candidate_scorer, distinct_spans, evaluate, subset_sources
 from embedtrain.export_sparse import export_sparse
@@ -26,6 +29,8 @@ from embedtrain.retrieval import ListTexts, metrics
 from embedtrain.token_retrieval import ListBlocks, TokenBlocks, maxsim_search
 
 SUBSETS = ("FEVER", "SciFact", "SyntheticClassificationData")
+# eval (multi-vector, sparse, over BM25) and mine on 2 ranks, in the session's shared 2-rank launch
+shared_scenarios(__name__, 2, "kind_eval_ranks.py", {"kinds": []})
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +229,19 @@ def test_candidate_runs_bounded_by_distinct_passages_score_as_one_run():
             assert len(np.unique(part[part >= 0])) <= limit or stop - start == 1
         np.testing.assert_array_equal(candidate_scorer(pair_scores, limit)(queries, rows, texts), whole)
         assert len(encoded) == len(spans)
+
+
+def test_eval_and_mine_of_multi_vector_and_sparse_models_on_two_ranks_equal_one_process(scenario_launch, tmp_path):
+    """tests/workers/kind_eval_ranks.py on 2 ranks (each encoding and scoring a share of every subset)
+    against the same calls in this process, on the same models and data: equal metrics, non-zero
+    counts, first-stage metrics, mined counts and mined negatives."""
+    two = scenario_launch(__name__, 2)["kinds"]
+    assert two["world"] == 2
+    spec = importlib.util.spec_from_file_location("kind_eval_ranks", WORKERS / "kind_eval_ranks.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    one = json.loads(json.dumps(worker.evaluations(Path(two["root"]), tmp_path)))
+    assert one.keys() == {"multi_vector", "sparse", "first_stage", "mined", "negatives"}
+    for key, value in one.items():
+        assert two[key] == value, key
+    assert any(negatives for rows in one["negatives"].values() for negatives in rows)
