@@ -69,8 +69,9 @@ def main():
     "never: start fresh (refused if the run folder has checkpoints); PATH: a run or step folder.",
 )
 def train(recipe, overrides, output_dir, resume):
-    """Train an embedding model (bi-encoder), a reranker (model.kind=reranker: the *_reranker recipes), or a
-    multi-vector ColBERT model (model.kind=multi_vector: the *_colbert recipes).
+    """Train an embedding model (bi-encoder), a reranker (model.kind=reranker: the *_reranker recipes), a
+    multi-vector ColBERT model (model.kind=multi_vector: the *_colbert recipes) or a sparse SPLADE model
+    (model.kind=sparse: the *_sparse recipes).
 
     A run that fails before its first checkpoint removes the run folder if it created it.
 

@@ -541,7 +541,8 @@ def resolve_lora(lora, kind="embedding"):
     # multi_vector: its token projection, a new head, is trained in full beside the adapter (model/lora.py)
     if kind not in ("embedding", "multi_vector"):
         raise ConfigError(
-            f"model.lora applies to embedding models; model.kind={kind} would also need its scoring head trained"
+            f"model.lora applies to embedding and multi-vector models; model.kind={kind} would also need its "
+            "scoring head trained"
         )
     import importlib.util
 

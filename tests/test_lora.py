@@ -58,7 +58,7 @@ def test_lora_config_defaults_and_refusals(monkeypatch):
     assert one_key == {**LORA_DEFAULTS, "r": 8, "dropout": 0.0}
     with pytest.raises(ConfigError, match="model.lora.rank: unknown key"):
         load_config("tiny", ["model.lora.rank=8"])
-    with pytest.raises(ConfigError, match="model.lora applies to embedding models"):
+    with pytest.raises(ConfigError, match="model.lora applies to embedding and multi-vector models; model.kind=rer"):
         load_config("tiny", ["model.kind=reranker", "model.lora={}"])
     with pytest.raises(ConfigError, match=r"model\.lora .*model\.kind=sparse"):
         load_config("tiny_sparse", ["model.lora={}"])
