@@ -506,16 +506,22 @@ def validate_token_budget(config):
         )
 
 
+def with_defaults(value, defaults, key, hint=""):
+    """A settings mapping `value` of config key `key` (model.lora ...) over its `defaults`, refusing
+    an unknown key with a did-you-mean, the keys it takes and `hint(unknown key)` when given."""
+    unknown = sorted(set(value) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]}: unknown key{did_you_mean(unknown[0], defaults)}; {key} takes {', '.join(defaults)}"
+            + (hint(unknown[0]) if hint else "")
+        )
+    return {**defaults, **value}
+
+
 def resolve_lora(lora, kind="embedding"):
     """model.lora with every key checked and the omitted ones filled from LORA_DEFAULTS (the resolved
     values are what the run folder records). Needs peft, an optional extra."""
-    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"model.lora.{unknown[0]}: unknown key{did_you_mean(unknown[0], LORA_DEFAULTS)}; "
-            f"model.lora takes {', '.join(LORA_DEFAULTS)}"
-        )
-    resolved = {**LORA_DEFAULTS, **lora}
+    resolved = with_defaults(lora, LORA_DEFAULTS, "model.lora")
     resolved["r"] = _coerce(resolved["r"], int, "model.lora.r")
     resolved["alpha"] = _coerce(resolved["alpha"], float, "model.lora.alpha")
     resolved["dropout"] = _coerce(resolved["dropout"], float, "model.lora.dropout")
@@ -570,14 +576,10 @@ def resolve_multi_vector(value):
     query length is the expansion length)."""
     if not isinstance(value, dict):
         raise ConfigError(f"model.multi_vector: expected a mapping of settings, got {value!r}")
-    unknown = sorted(set(value) - set(MULTI_VECTOR_DEFAULTS))
-    if unknown:
-        length = " (the query and document lengths are data.query_max_length and data.passage_max_length)"
-        raise ConfigError(
-            f"model.multi_vector.{unknown[0]}: unknown key{did_you_mean(unknown[0], MULTI_VECTOR_DEFAULTS)}; "
-            f"model.multi_vector takes {', '.join(MULTI_VECTOR_DEFAULTS)}" + (length if "length" in unknown[0] else "")
-        )
-    resolved = {**MULTI_VECTOR_DEFAULTS, **value}
+    length = " (the query and document lengths are data.query_max_length and data.passage_max_length)"
+    resolved = with_defaults(
+        value, MULTI_VECTOR_DEFAULTS, "model.multi_vector", lambda unknown: length if "length" in unknown else ""
+    )
     resolved["dim"] = _coerce(resolved["dim"], int, "model.multi_vector.dim")
     if resolved["dim"] <= 0:
         raise ConfigError(f"model.multi_vector.dim must be a positive width, got {resolved['dim']}")
@@ -658,13 +660,7 @@ def resolve_sparse(value, max_steps=None):
     `max_steps` (train.max_steps) when given."""
     if not isinstance(value, dict):
         raise ConfigError(f"model.sparse: expected a mapping of settings, got {value!r}")
-    unknown = sorted(set(value) - set(SPARSE_DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"model.sparse.{unknown[0]}: unknown key{did_you_mean(unknown[0], SPARSE_DEFAULTS)}; "
-            f"model.sparse takes {', '.join(SPARSE_DEFAULTS)}"
-        )
-    resolved = {**SPARSE_DEFAULTS, **value}
+    resolved = with_defaults(value, SPARSE_DEFAULTS, "model.sparse")
     resolved["inference_free_queries"] = _coerce(
         resolved["inference_free_queries"], bool, "model.sparse.inference_free_queries"
     )
@@ -723,13 +719,7 @@ def validate_sparse(config):
 def resolve_distill(distill, kind="embedding"):
     """loss.distill with every key checked and the omitted ones filled from DISTILL_DEFAULTS (the
     resolved values are what the run folder records)."""
-    unknown = sorted(set(distill) - set(DISTILL_DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"loss.distill.{unknown[0]}: unknown key{did_you_mean(unknown[0], DISTILL_DEFAULTS)}; "
-            f"loss.distill takes {', '.join(DISTILL_DEFAULTS)}"
-        )
-    resolved = {**DISTILL_DEFAULTS, **distill}
+    resolved = with_defaults(distill, DISTILL_DEFAULTS, "loss.distill")
     if not resolved["teacher_cache"]:
         raise ConfigError(
             "loss.distill.teacher_cache: required, the folder written by "

@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
-from embedtrain.export_files import MODELING_FILE, hf_config_dict, write_shards  # noqa: F401 (re-exported)
+from embedtrain.export_files import MODELING_FILE, hf_config_dict, write_model, write_shards  # noqa: F401 (re-exported)
 from embedtrain.export_multi_vector import HEAD_KEY as MULTI_VECTOR_HEAD
 from embedtrain.export_multi_vector import write_multi_vector_files
 from embedtrain.export_sparse import masked_lm_config, masked_lm_names, sparse_export_files
@@ -532,7 +531,6 @@ the released format (transformers and sentence-transformers load it without peft
 def write_export(
     step_folder, base, tmp, dtype, max_shard_gb, adapter_only=False, base_model=None, keep_projection=False
 ):
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     kind, settings = recorded_kind(base)  # the model kind, from its file in base_model (embedtrain.kinds)
     form = EXPORT_FORMATS[kind.export_format]
     run_config = yaml.safe_load((step_folder / "config.yaml").read_text())
@@ -565,12 +563,8 @@ def write_export(
     else:
         parameters = checkpoint_parameters(step_folder, projection)
     held = {}  # the format's `held` tensors (a multi-vector projection), kept out of the shards
-    write_shards(form.names(divert(parameters, form.held, held)), tmp, torch_dtype, int(max_shard_gb * 2**30))
     config = form.config(hf_config_dict(json.loads((base / "config.json").read_text())))
-    config["dtype"] = dtype
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if "auto_map" in config:  # Llama's own classes; stock families need no remote code
-        shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
+    config = write_model(form.names(divert(parameters, form.held, held)), config, tmp, dtype, max_shard_gb)
     policy = model_policy(base)
     metadata = {**policy.to_dict(), **(settings or {})}
     metadata["embedtrain_version"] = __version__  # which embedtrain wrote the folder (CHANGELOG.md)

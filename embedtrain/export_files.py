@@ -1,19 +1,24 @@
 """What every export format writes the same way: the backbone's weights as safetensors shards
-(`write_shards`), its config.json (`hf_config_dict`), its tokenizer with the padding side recorded
-(`save_tokenizer`), JSON files (`write_json`) and the name of the modeling file shipped beside
-Llama exports (`MODELING_FILE`, a copy of embedtrain/model/bidirectional.py). Below export.py and the
-format writers it names (export_multi_vector.py, export_sparse.py), which import these from here.
+(`write_shards`), its config.json (`hf_config_dict`; weights, config and modeling file together:
+`write_model`), its tokenizer with the padding side recorded (`save_tokenizer`), JSON files
+(`write_json`) and the name of the modeling file shipped beside Llama exports (`MODELING_FILE`, a
+copy of embedtrain/model/bidirectional.py). Below export.py and the format writers it names
+(export_multi_vector.py, export_sparse.py), which import these from here.
 """
 
 import json
+import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
+from embedtrain.model import bidirectional
 from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.families import family_of
 
 MODELING_FILE = "llama_bidirectional_model.py"
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # an export's dtype option
 
 
 def hf_config_dict(model_config):
@@ -71,8 +76,21 @@ def write_shards(named_tensors, folder, dtype, max_shard_bytes):
     return total
 
 
-def write_json(path, value):
-    Path(path).write_text(json.dumps(value, indent=2) + "\n")
+def write_json(path, value, sort_keys=False):
+    Path(path).write_text(json.dumps(value, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def write_model(named_tensors, config, folder, dtype, max_shard_gb):
+    """A model's weights and config.json in `folder`: the (name, tensor) pairs as safetensors shards
+    of at most `max_shard_gb` GB in `dtype` (EXPORT_DTYPES), `config` with that dtype recorded, and
+    the modeling file when the config's auto_map names it (Llama's own classes; the stock families
+    need no remote code). Returns the config written."""
+    write_shards(named_tensors, folder, EXPORT_DTYPES[dtype], int(max_shard_gb * 2**30))
+    config = {**config, "dtype": dtype}
+    write_json(Path(folder) / "config.json", config, sort_keys=True)
+    if "auto_map" in config:
+        shutil.copyfile(bidirectional.__file__, Path(folder) / MODELING_FILE)
+    return config
 
 
 def save_tokenizer(backbone_folder, folder, padding_side=None):

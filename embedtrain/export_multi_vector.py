@@ -20,7 +20,6 @@ streamed to the shards), so that a checkpoint's consolidated parameters can be h
 """
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,9 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
-from embedtrain.export_files import MODELING_FILE, hf_config_dict, save_tokenizer, write_json, write_shards
+from embedtrain.export_files import hf_config_dict, save_tokenizer, write_json, write_model
 from embedtrain.file_modes import published_folder
-from embedtrain.model import bidirectional
 from embedtrain.model.multi_vector import MultiVectorSettings, expansion_token_id
 from embedtrain.prompts import MODEL_METADATA, PromptPolicy, model_policy
 from embedtrain.version import __version__
@@ -85,9 +83,9 @@ def export_multi_vector(
     appears complete or not at all."""
     backbone_folder = Path(backbone_folder)
     with published_folder(out, overwrite, "overwrite=True") as tmp:
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         head = {}
-        write_shards(split_head(named_tensors(module_state), head), tmp, torch_dtype, int(max_shard_gb * 2**30))
+        config = hf_config_dict(json.loads((backbone_folder / "config.json").read_text()))
+        write_model(split_head(named_tensors(module_state), head), config, tmp, dtype, max_shard_gb)
         if "weight" not in head:
             raise CheckpointError(f"multi-vector export: no {HEAD_KEY} among the weights (not a multi-vector model?)")
         settings = settings or MultiVectorSettings(dim=head["weight"].shape[0])
@@ -95,11 +93,6 @@ def export_multi_vector(
             raise CheckpointError(
                 f"multi-vector export: the projection is {tuple(head['weight'].shape)}, settings.dim {settings.dim}"
             )
-        config = hf_config_dict(json.loads((backbone_folder / "config.json").read_text()))
-        config["dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if "auto_map" in config:  # Llama's own classes; stock families need no remote code
-            shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
         tokenizer = save_tokenizer(backbone_folder, tmp, padding_side)
         policy = prompt_policy or model_policy(backbone_folder)
         write_multi_vector_files(tmp, tokenizer, head["weight"], settings, policy)

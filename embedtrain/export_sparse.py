@@ -47,9 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from embedtrain.errors import CheckpointError
-from embedtrain.export_files import MODELING_FILE, hf_config_dict, save_tokenizer, write_json, write_shards
+from embedtrain.export_files import MODELING_FILE, hf_config_dict, save_tokenizer, write_json, write_model
 from embedtrain.file_modes import published_folder
-from embedtrain.model import bidirectional
 from embedtrain.model.encoder import load_tokenizer
 from embedtrain.model.sparse import LM_HEAD_KEY, QUERY_TABLE_KEY, SparseSettings
 from embedtrain.prompts import MODEL_METADATA, model_policy
@@ -119,7 +118,7 @@ def settle_tie(folder):
     config_file = Path(folder) / "config.json"
     config = json.loads(config_file.read_text())
     config["tie_word_embeddings"] = LM_HEAD_KEY not in stored_names(folder)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(config_file, config, sort_keys=True)
     return config
 
 
@@ -292,14 +291,10 @@ def export_sparse(
     backbone_folder = Path(backbone_folder)
     held = {}
     with published_folder(out, overwrite, "overwrite=True") as tmp:
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         config = masked_lm_config(hf_config_dict(json.loads((backbone_folder / "config.json").read_text())))
         pairs = masked_lm_names(held_apart(unprefixed(named_tensors(module_state)), held))
-        write_shards(pairs, tmp, torch_dtype, int(max_shard_gb * 2**30))
+        write_model(pairs, config, tmp, dtype, max_shard_gb)  # masked_lm_config names the modeling file
         settings = settings or SparseSettings(inference_free_queries=QUERY_TABLE_KEY in held)
-        config["dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(bidirectional.__file__, tmp / MODELING_FILE)
         save_tokenizer(backbone_folder, tmp, padding_side)
         policy = prompt_policy or model_policy(backbone_folder)
         write_json(tmp / MODEL_METADATA, policy.to_dict())

@@ -27,6 +27,18 @@ class EncoderModel:
         return self.module.width
 
 
+class QueryDocumentEncoder(EncoderModel):
+    """The encoders that encode queries and documents differently (MultiVectorEncoder: query
+    expansion, document skiplist; SparseEncoder: their lengths, an inference-free query table):
+    `encode(texts, prompt=None, is_query=None, ...)`, and its two shorthands here."""
+
+    def encode_query(self, texts, **options):
+        return self.encode(texts, prompt="query", is_query=True, **options)
+
+    def encode_document(self, texts, **options):
+        return self.encode(texts, prompt="document", is_query=False, **options)
+
+
 class BiEncoder(EncoderModel):
     """An embedding model ready for `encode`: `module` (eval mode), `tokenizer`, `prompt_policy`
     (embedtrain.prompts.PromptPolicy), `max_seq_length` (tokens per text by default) and

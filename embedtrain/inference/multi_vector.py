@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embedtrain.errors import ModelError
-from embedtrain.inference.api import EncoderModel
+from embedtrain.inference.api import QueryDocumentEncoder
 from embedtrain.inference.batching import BLOCK, prompt_text, token_budget_batches
 from embedtrain.inference.loading import folder_tokenizer, require_kind, resolve_device, resolve_dtype
 from embedtrain.inference.token_index import flatten, maxsim_search, padded_block
@@ -146,7 +146,7 @@ def encode_tokens(encoder, texts, prompt="", is_query=False, batch_size=32, max_
     return out
 
 
-class MultiVectorEncoder(EncoderModel):
+class MultiVectorEncoder(QueryDocumentEncoder):
     """A multi-vector (ColBERT) model ready for `encode` and `score`: `module` (eval mode), `tokenizer`,
     `prompt_policy`, `settings` (MultiVectorSettings), `expansion_id` (the query expansion token)
     and `name_or_path`."""
@@ -182,12 +182,6 @@ class MultiVectorEncoder(EncoderModel):
             progress,
         )
         return arrays[0] if single else arrays
-
-    def encode_query(self, texts, **options):
-        return self.encode(texts, prompt="query", is_query=True, **options)
-
-    def encode_document(self, texts, **options):
-        return self.encode(texts, prompt="document", is_query=False, **options)
 
     def score(self, queries, documents, batch_size=32):
         """(Q, P) float32 MaxSim of `queries` (texts, encoded as queries) against `documents` (texts)."""

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embedtrain.errors import ModelError
-from embedtrain.inference.api import EncoderModel
+from embedtrain.inference.api import QueryDocumentEncoder
 from embedtrain.inference.batching import BLOCK, prompt_text, token_budget_batches
 from embedtrain.inference.loading import folder_tokenizer, require_kind, resolve_device, resolve_dtype
 from embedtrain.inference.sparse_index import SparseVectors, build_index, concatenate, dot_scores, from_dense, search
@@ -146,7 +146,7 @@ def encode_sparse(encoder, texts, prompt="", is_query=False, batch_size=32, max_
     return concatenate(rows)
 
 
-class SparseEncoder(EncoderModel):
+class SparseEncoder(QueryDocumentEncoder):
     """A sparse (SPLADE) model ready for `encode` and `score`: `module` (a SparseModel in eval mode),
     `tokenizer`, `prompt_policy`, `settings` (SparseSettings) and `name_or_path`."""
 
@@ -173,12 +173,6 @@ class SparseEncoder(EncoderModel):
         return encode_sparse(
             self, texts, prompt_text(self.prompt_policy, prompt), is_query, batch_size, max_length, progress
         )
-
-    def encode_query(self, texts, **options):
-        return self.encode(texts, prompt="query", is_query=True, **options)
-
-    def encode_document(self, texts, **options):
-        return self.encode(texts, prompt="document", is_query=False, **options)
 
     def score(self, queries, documents, batch_size=32):
         """(Q, P) float32 dot products of `queries` (texts, encoded as queries) with `documents` (texts)."""

@@ -52,6 +52,12 @@ class ModelKind:
         pool; `boundary`: see train/grad_cache.set_boundary. The loop calls engine.step() after."""
         raise NotImplementedError
 
+    @staticmethod
+    def grad_cache(config, batch):
+        """Whether `backward` runs this micro-batch through GradCache: train.grad_cache_chunk_size is
+        set, or train.micro_batch_tokens cut it into chunks (the collator's "chunks")."""
+        return bool(config.train.grad_cache_chunk_size) or "chunks" in batch
+
     def budget_chunks(self, config):
         """Whether train.micro_batch_tokens cuts GradCache chunks (a query's loss needs the whole
         micro-batch, which must then stay train.micro_batch_size queries) rather than micro-steps."""

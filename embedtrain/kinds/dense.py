@@ -25,7 +25,7 @@ class DenseKind(ModelKind):
         return Collator(tokenizer, config.data, dataset_info, config.train.grad_cache_chunk_size, teacher, one_row)
 
     def backward(self, engine, batch, config, divisor, group=None, boundary=None):
-        grad_cache = config.train.grad_cache_chunk_size or "chunks" in batch  # chunks: the token budget's
+        grad_cache = self.grad_cache(config, batch)
         return micro_batch_backward(engine, batch, config.loss, divisor, grad_cache, group, boundary)
 
     def budget_chunks(self, config):

@@ -99,7 +99,7 @@ class MultiVectorKind(ModelKind):
         return MultiVectorCollator(tokenizer, config.data, dataset_info, chunk, one_row, expansion, skip)
 
     def backward(self, engine, batch, config, divisor, group=None, boundary=None):
-        grad_cache = bool(config.train.grad_cache_chunk_size) or "chunks" in batch  # chunks: the token budget's
+        grad_cache = self.grad_cache(config, batch)
         return multi_vector_backward(engine, batch, config.loss, divisor, grad_cache, group, boundary)
 
     def budget_chunks(self, config):

@@ -58,7 +58,7 @@ class SparseKind(ModelKind):
         return Collator(tokenizer, config.data, dataset_info, chunk_size, None, one_row)
 
     def backward(self, engine, batch, config, divisor, group=None, boundary=None):
-        grad_cache = config.train.grad_cache_chunk_size or "chunks" in batch  # chunks: the token budget's
+        grad_cache = self.grad_cache(config, batch)
         loss_fn = sparse_loss_at(config.model.sparse, engine.global_steps + 1)  # this step, 1-based
         return micro_batch_backward(engine, batch, config.loss, divisor, grad_cache, group, boundary, loss_fn)
 
